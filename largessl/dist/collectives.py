@@ -1,0 +1,92 @@
+"""Autograd-correct collectives. Every collective of the project lives here.
+
+Each function takes an explicit process ``group`` (``None`` = the default group), is the identity when
+torch.distributed is not initialised or the group has one member, and keeps the autograd graph.
+
+Gradient convention: every rank computes the *same* global loss from the reduced/gathered values.
+The backward of ``all_reduce_sum`` all-reduces (sums) the incoming gradients, and the backward of
+``all_gather_with_grad`` reduce-scatters (sums) them, so each rank's local gradient is W × the
+true one; DDP's gradient averaging (÷ W) then yields exactly the gradient of the global loss.
+Never use ``ReduceOp.AVG``: gloo does not implement it correctly; SUM and divide by the real count.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+from torch.distributed import ProcessGroup
+
+
+def is_distributed(group: ProcessGroup | None = None) -> bool:
+    """True when a process group is initialised and ``group`` has more than one member."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def get_world_size(group: ProcessGroup | None = None) -> int:
+    """Members of ``group``; 1 without torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(group)
+    return 1
+
+
+def get_rank(group: ProcessGroup | None = None) -> int:
+    """This process's rank in ``group``; 0 without torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(group)
+    return 0
+
+
+def all_reduce_sum(x: torch.Tensor, group: ProcessGroup | None = None) -> torch.Tensor:
+    """Sum of ``x`` over the ranks of ``group``, differentiable (backward sums gradients across ranks)."""
+    if not is_distributed(group):
+        return x
+    return dist_fn.all_reduce(x, op=dist.ReduceOp.SUM, group=group or dist.group.WORLD)
+
+
+def all_gather_with_grad(x: torch.Tensor, group: ProcessGroup | None = None) -> torch.Tensor:
+    """Concatenate ``x`` (same shape on every rank) along dim 0 in rank order, differentiable."""
+    if not is_distributed(group):
+        return x
+    parts = dist_fn.all_gather(x.contiguous(), group=group or dist.group.WORLD)
+    return torch.cat(parts, dim=0)
+
+
+def all_gather_no_grad(x: torch.Tensor, group: ProcessGroup | None = None) -> torch.Tensor:
+    """Concatenate ``x`` along dim 0 in rank order, outside autograd (metrics, evaluation features)."""
+    if not is_distributed(group):
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=0)
+
+
+def all_reduce_sum_no_grad(x: torch.Tensor, group: ProcessGroup | None = None) -> torch.Tensor:
+    """In-place sum of ``x`` across ranks outside autograd (counters, running statistics); returns ``x``."""
+    if is_distributed(group):
+        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
+    return x
+
+
+def global_count(n_local: int, device: torch.device, group: ProcessGroup | None = None) -> int:
+    """Total number of samples across ranks (a sync point; per-rank batches are equal by construction)."""
+    if not is_distributed(group):
+        return n_local
+    t = torch.tensor([n_local], dtype=torch.long, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return int(t.item())
+
+
+def broadcast_object(obj: object, src: int = 0, group: ProcessGroup | None = None) -> object:
+    """Broadcast a picklable object from ``src`` (e.g. a resume decision made on rank 0)."""
+    if not is_distributed(group):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=group)
+    return box[0]
+
+
+def barrier(group: ProcessGroup | None = None) -> None:
+    """Barrier over ``group`` (no-op for one process)."""
+    if is_distributed(group):
+        dist.barrier(group=group)

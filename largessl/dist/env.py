@@ -1,0 +1,192 @@
+"""Distributed bootstrap: read rank/world from torchrun, SLURM or a Kubernetes Indexed Job, then init.
+
+The environment is read once into a :class:`DistEnv` value and passed down explicitly; there are no
+module-level rank globals.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 29500
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = DEFAULT_PORT
+    source: str = "single"
+    """Which launcher the values came from: single, torchrun, slurm, k8s."""
+
+    @property
+    def is_main(self) -> bool:
+        """True on global rank 0."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        """True when more than one process takes part."""
+        return self.world_size > 1
+
+
+def _int(env: Mapping[str, str], key: str) -> int:
+    try:
+        return int(env[key])
+    except ValueError:
+        raise RuntimeError(f"environment variable {key}={env[key]!r} is not an integer") from None
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    """First host of a SLURM nodelist ("node[03-05,7],gpu1" → "node03") without calling scontrol."""
+    head = nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist
+    if "[" not in head:
+        return head
+    prefix, rest = head.split("[", 1)
+    first = rest.split(",")[0].split("-")[0].rstrip("]")
+    return prefix + first
+
+
+def _slurm_port(env: Mapping[str, str]) -> int:
+    """MASTER_PORT if set, else a port derived from the job id so concurrent jobs on a node differ."""
+    if "MASTER_PORT" in env:
+        return _int(env, "MASTER_PORT")
+    job = env.get("SLURM_JOB_ID", "")
+    return 20000 + int(job) % 20000 if job.isdigit() else DEFAULT_PORT
+
+
+def detect_env(environ: Mapping[str, str] | None = None) -> DistEnv:
+    """Read the process's place in the job from the environment (pure: pass ``environ`` to test).
+
+    Order: torchrun (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``), Kubernetes Indexed Job
+    (``JOB_COMPLETION_INDEX`` + ``LARGESSL_MASTER_SERVICE``, one pod per node running torchrun sets
+    torchrun's variables, so this branch is for one-process-per-pod jobs), SLURM (``SLURM_PROCID``…,
+    which submitit's TorchDistributedEnvironment also exports as torchrun-style variables), else one process.
+    """
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        world = _int(env, "WORLD_SIZE")
+        return DistEnv(
+            rank=_int(env, "RANK"),
+            world_size=world,
+            local_rank=_int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0,
+            local_world_size=_int(env, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in env else world,
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=_int(env, "MASTER_PORT") if "MASTER_PORT" in env else DEFAULT_PORT,
+            source="torchrun",
+        )
+    if "JOB_COMPLETION_INDEX" in env and "LARGESSL_WORLD_SIZE" in env:
+        service = env.get("LARGESSL_MASTER_SERVICE", "")
+        job = env.get("LARGESSL_JOB_NAME", "")
+        if not service or not job:
+            raise RuntimeError(
+                "Kubernetes Indexed Job detected (JOB_COMPLETION_INDEX set) but LARGESSL_MASTER_SERVICE or "
+                "LARGESSL_JOB_NAME is missing; render the manifest with `largessl launch k8s`"
+            )
+        index = _int(env, "JOB_COMPLETION_INDEX")
+        return DistEnv(
+            rank=index,
+            world_size=_int(env, "LARGESSL_WORLD_SIZE"),
+            local_rank=0,
+            local_world_size=1,
+            master_addr=env.get("MASTER_ADDR", f"{job}-0.{service}"),
+            master_port=_int(env, "MASTER_PORT") if "MASTER_PORT" in env else DEFAULT_PORT,
+            source="k8s",
+        )
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        nodelist = env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1"))
+        return DistEnv(
+            rank=_int(env, "SLURM_PROCID"),
+            world_size=_int(env, "SLURM_NTASKS"),
+            local_rank=_int(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0,
+            local_world_size=_int(env, "SLURM_NTASKS_PER_NODE")
+            if env.get("SLURM_NTASKS_PER_NODE", "").isdigit() else 1,
+            master_addr=env.get("MASTER_ADDR", _first_slurm_host(nodelist)),
+            master_port=_slurm_port(env),
+            source="slurm",
+        )
+    return DistEnv()
+
+
+def resolve_backend(requested: str, device: torch.device) -> str:
+    """nccl for CUDA, gloo for CPU; an explicit choice that cannot work raises."""
+    if requested == "auto":
+        return "nccl" if device.type == "cuda" else "gloo"
+    if requested == "nccl" and device.type != "cuda":
+        raise ValueError("dist.backend=nccl needs CUDA devices; use dist.backend=gloo (or auto) on CPU")
+    return requested
+
+
+def init_distributed(env: DistEnv, backend: str = "gloo", timeout_minutes: float = 30.0) -> None:
+    """Initialise the default process group for ``env`` (no-op for a single process)."""
+    if not env.distributed or dist.is_initialized():
+        return
+    try:
+        dist.init_process_group(
+            backend=backend,
+            init_method=f"tcp://{env.master_addr}:{env.master_port}",
+            rank=env.rank,
+            world_size=env.world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    except Exception as e:  # rendezvous failures come as many exception types
+        raise RuntimeError(
+            f"rendezvous failed for rank {env.rank}/{env.world_size} at {env.master_addr}:{env.master_port} "
+            f"({env.source}): {e}"
+        ) from e
+    log.info("process group ready: %s, rank %d of %d (%s)", backend, env.rank, env.world_size, env.source)
+
+
+def shutdown_distributed() -> None:
+    """Destroy the default process group if one exists."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free right now on ``host`` (for tests and single-node launches)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class RankFilter(logging.Filter):
+    """Lets every record through on rank 0 and only warnings and errors elsewhere, prefixed by rank."""
+
+    def __init__(self, rank: int) -> None:
+        super().__init__()
+        self.rank = rank
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.rank = self.rank
+        return self.rank == 0 or record.levelno >= logging.WARNING
+
+
+def setup_logging(env: DistEnv, level: str = "INFO") -> None:
+    """Install the rank filter once on the root handler (called by the CLI at bootstrap)."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_largessl", False):
+            root.removeHandler(h)
+    handler = logging.StreamHandler()
+    handler._largessl = True  # type: ignore[attr-defined]
+    handler.setFormatter(logging.Formatter("%(asctime)s [rank %(rank)s] %(levelname)s %(name)s: %(message)s",
+                                           "%H:%M:%S"))
+    handler.addFilter(RankFilter(env.rank))
+    root.addHandler(handler)
+    root.setLevel(getattr(logging, level))

@@ -1,0 +1,36 @@
+"""Encoder backbones: torchvision ResNets with the classifier removed (timm-like ``num_features``)."""
+
+from __future__ import annotations
+
+import logging
+
+import torchvision
+from torch import nn
+
+from largessl.models.config import ModelConfig
+from largessl.registry import Registry
+
+log = logging.getLogger(__name__)
+
+BACKBONES: Registry = Registry("backbone")
+for _name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"):
+    BACKBONES.add(_name, getattr(torchvision.models, _name))
+
+
+def build_backbone(cfg: ModelConfig) -> nn.Module:
+    """A torchvision ResNet whose ``fc`` is the identity, with ``num_features`` set; no weights are downloaded.
+
+    Its ``state_dict`` keys are torchvision's (minus ``fc``), so exported weights load into a plain
+    torchvision model built with the same ``small_input`` stem.
+    """
+    factory = BACKBONES.get(cfg.arch)
+    net = factory(weights=None, zero_init_residual=cfg.zero_init_residual)
+    if cfg.small_input:
+        # 32-64 px inputs: a 7x7/2 conv plus max-pool would shrink them to 8-16 px before stage 1.
+        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    net.num_features = net.fc.in_features
+    net.fc = nn.Identity()
+    if cfg.sync_bn:
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    return net

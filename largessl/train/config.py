@@ -1,0 +1,125 @@
+"""Optimisation, training-loop, checkpoint and logging configuration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule."""
+
+    name: Literal["lars", "sgd", "adamw"] = "lars"
+    """Optimizer for the backbone and heads."""
+    base_lr: float = 0.2
+    """Learning rate at a global batch of 256; the used lr is base_lr x global_batch_size / 256 (see scale_lr)."""
+    bias_norm_lr: float = 0.0048
+    """Base lr of biases and normalisation parameters (Barlow Twins' second group); 0 = same as base_lr."""
+    scale_lr: bool = True
+    """Scale learning rates linearly with global_batch_size / 256."""
+    weight_decay: float = 1.5e-6
+    """Weight decay (not applied to biases and normalisation parameters)."""
+    momentum: float = 0.9
+    """Momentum for LARS and SGD."""
+    eta: float = 1e-3
+    """LARS trust coefficient."""
+    betas: list[float] | None = None
+    """AdamW betas; None = (0.9, 0.999)."""
+    warmup_epochs: float = 10.0
+    """Linear warm-up length in epochs."""
+    final_lr_ratio: float = 0.001
+    """Cosine floor as a fraction of the peak lr."""
+    fixed_predictor_lr: bool = False
+    """Keep the SimSiam predictor's lr constant (no cosine decay), as in SimSiam."""
+
+    def validate(self) -> None:
+        """Check values that do not depend on other sections."""
+        if self.base_lr <= 0:
+            raise ValueError(f"optim.base_lr must be > 0 (got {self.base_lr})")
+        if self.weight_decay < 0:
+            raise ValueError("optim.weight_decay must be >= 0")
+        if self.warmup_epochs < 0:
+            raise ValueError("optim.warmup_epochs must be >= 0")
+        if not 0.0 <= self.final_lr_ratio <= 1.0:
+            raise ValueError("optim.final_lr_ratio must be in [0, 1]")
+        if self.betas is not None and len(self.betas) != 2:
+            raise ValueError(f"optim.betas must have two values (got {self.betas})")
+
+
+@dataclass
+class TrainConfig:
+    """Length, batch, precision and device of the run."""
+
+    run_dir: str = "runs/default"
+    """Run directory (config.yaml, metrics.jsonl, tb/, checkpoints/); rerunning on it resumes."""
+    global_batch_size: int = 2048
+    """Images per optimizer step summed over all ranks; per-rank batch = global / world size."""
+    epochs: float = 100.0
+    """Training length in epochs of the train manifest (ignored when num_steps > 0)."""
+    num_steps: int = 0
+    """Training length in optimizer steps; 0 = derived from epochs."""
+    seed: int = 0
+    """Seed for parameters, data order, augmentation and permutations."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Device; auto = cuda when available."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Backbone autocast dtype; auto = bf16 on GPU, fp32 on CPU. Losses and batch statistics stay fp32."""
+    channels_last: bool | None = None
+    """NHWC memory format for the backbone; None = on for CUDA."""
+    compile: bool = False
+    """torch.compile the backbone."""
+    deterministic: bool = False
+    """Deterministic kernels and data order (bitwise-reproducible resume on CPU)."""
+    log_every: int = 10
+    """Log metrics (metrics.jsonl, TensorBoard) every this many steps."""
+    collapse_every: int = 50
+    """Compute collapse metrics (std, corr, rank, RankMe, m_o/m_r) every this many steps."""
+    max_minutes: float = 0.0
+    """Stop (with a checkpoint) after this many minutes of training; 0 = no limit."""
+    grad_clip: float = 0.0
+    """Clip the global gradient norm to this value; 0 = off."""
+
+    def validate(self) -> None:
+        """Check values that do not depend on other sections."""
+        if self.global_batch_size < 2:
+            raise ValueError(f"train.global_batch_size must be >= 2 (got {self.global_batch_size})")
+        if self.num_steps < 0 or self.epochs < 0:
+            raise ValueError("train.num_steps and train.epochs must be >= 0")
+        if self.num_steps == 0 and self.epochs == 0:
+            raise ValueError("set train.epochs or train.num_steps to a positive value")
+        if self.log_every < 1 or self.collapse_every < 1:
+            raise ValueError("train.log_every and train.collapse_every must be >= 1")
+
+
+@dataclass
+class CheckpointConfig:
+    """When and where training state is saved."""
+
+    every_steps: int = 1000
+    """Save every this many optimizer steps (and at every epoch end and on signals)."""
+    at_epoch_end: bool = True
+    """Also save when an epoch ends."""
+    keep: int = 2
+    """Complete checkpoints kept (at least 2, so a corrupt latest one always has a fallback)."""
+    dir: str = ""
+    """Checkpoint directory or fsspec URL; empty = <run_dir>/checkpoints."""
+
+    def validate(self) -> None:
+        """Check values that do not depend on other sections."""
+        if self.every_steps < 1:
+            raise ValueError("checkpoint.every_steps must be >= 1")
+        if self.keep < 2:
+            raise ValueError(f"checkpoint.keep must be >= 2 (got {self.keep}): the previous checkpoint is the fallback")
+
+
+@dataclass
+class LogConfig:
+    """Logging and metric sinks."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Log level of rank 0 (other ranks log warnings and errors only)."""
+    tensorboard: bool = True
+    """Write TensorBoard scalars to <run_dir>/tb."""
+    progress: bool = True
+    """Show a progress bar with ETA and throughput on rank 0."""
