@@ -56,9 +56,38 @@ def all_gather_no_grad(x: torch.Tensor, group: ProcessGroup | None = None) -> to
     """Concatenate ``x`` along dim 0 in rank order, outside autograd (metrics, evaluation features)."""
     if not is_distributed(group):
         return x
+    x = x.detach().contiguous()
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, x.contiguous(), group=group)
+    dist.all_gather(parts, x, group=group)
     return torch.cat(parts, dim=0)
+
+
+def choose_gram_collective(n_global: int, gathered_cols: int, product_size: int) -> str:
+    """``all_gather`` when gathering N rows of ``gathered_cols`` floats moves less than the product, else ``all_reduce``."""
+    return "all_gather" if n_global * gathered_cols < product_size else "all_reduce"
+
+
+def global_gram(a: torch.Tensor, b: torch.Tensor | None = None, group: ProcessGroup | None = None,
+                collective: str = "auto") -> torch.Tensor:
+    """Σ over every rank's rows of aᵀb (Da×Db; b defaults to a), exact and differentiable either way.
+
+    ``all_gather`` moves the rows (N·(Da+Db) floats) and multiplies the gathered matrices on every rank;
+    ``all_reduce`` multiplies locally and sums the Da×Db products. ``auto`` picks whichever moves less.
+    """
+    if collective not in ("auto", "all_gather", "all_reduce"):
+        raise ValueError(f"collective must be auto, all_gather or all_reduce (got {collective!r})")
+    same = b is None or b is a
+    b = a if b is None else b
+    if not is_distributed(group):
+        return a.T @ b
+    if collective == "auto":
+        cols = a.shape[1] if same else a.shape[1] + b.shape[1]
+        collective = choose_gram_collective(a.shape[0] * get_world_size(group), cols, a.shape[1] * b.shape[1])
+    if collective == "all_gather":
+        ga = all_gather_with_grad(a, group)
+        gb = ga if same else all_gather_with_grad(b, group)
+        return ga.T @ gb
+    return all_reduce_sum(a.T @ b, group)
 
 
 def all_reduce_sum_no_grad(x: torch.Tensor, group: ProcessGroup | None = None) -> torch.Tensor:

@@ -1,14 +1,14 @@
 """Barlow Twins: Self-Supervised Learning via Redundancy Reduction (Zbontar et al., ICML 2021).
 
 Paper → code (seed 002, Algorithm 1):
-- z_a_norm = (z_a − mean(z_a, 0)) / std(z_a, 0)    → ``_standardise`` (global batch mean / biased std)
+- z_norm = (z − z.mean(0)) / z.std(0)               → ``standardise`` (global-batch mean, unbiased std)
 - c = z_a_normᵀ z_b_norm / N                        → ``cross_correlation`` (N = real global batch)
 - L = Σ_i (1 − c_ii)² + λ Σ_{i≠j} c_ij², λ = 5e-3   → ``loss``
 - projector 8192-8192-8192 (Linear-BN-ReLU ×2, Linear) → ``BarlowTwins.projector``
 
 Distributed: the batch statistics and C are over the global batch. Two exact collectives compute C:
-``all_gather`` the standardised embeddings (moves N·D floats) or sum-reduce the local N_r·C_r
-(moves D² floats). ``collective="auto"`` picks whichever moves fewer floats.
+all-gather the standardised embeddings (moves N·D floats) or sum-reduce the local products (moves D²
+floats); ``collective="auto"`` picks whichever moves fewer floats (``dist.collectives.global_gram``).
 """
 
 from __future__ import annotations
@@ -20,8 +20,18 @@ import torch
 from torch import nn
 from torch.distributed import ProcessGroup
 
-from largessl.dist.collectives import all_gather_with_grad, all_reduce_sum, get_world_size
-from largessl.methods.base import METHODS, MethodConfig, MethodOutput, check_finite
+from largessl.dist.collectives import get_world_size, global_gram
+from largessl.methods.base import (
+    METHODS,
+    MethodConfig,
+    MethodOutput,
+    as_loss_dtype,
+    backbone_features,
+    backbone_width,
+    check_loss,
+    check_pair,
+    full_precision,
+)
 from largessl.methods.heads import mlp, parse_dims
 from largessl.nn.batchnorm import global_mean_var
 
@@ -36,49 +46,47 @@ class BarlowTwinsConfig(MethodConfig):
     """Projector layer widths (Linear-BN-ReLU for all but the last)."""
     lambd: float = 5e-3
     """Weight λ of the off-diagonal (redundancy-reduction) term."""
+    eps: float = 0.0
+    """Added to the per-dimension variance before the square root; 0 is Algorithm 1 exactly."""
     collective: Literal["auto", "all_gather", "all_reduce"] = "auto"
     """How C is made global: gather embeddings (N·D floats) or sum-reduce C (D² floats); auto picks the smaller."""
 
     def validate(self) -> None:
-        """Check the projector spec and λ."""
+        """Check the projector spec, λ and eps."""
         parse_dims(self.projector)
         if self.lambd < 0:
             raise ValueError(f"method.lambd must be >= 0 (got {self.lambd})")
+        if self.eps < 0:
+            raise ValueError(f"method.eps must be >= 0 (got {self.eps})")
 
 
-def _standardise(z: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
-    """(z − μ) / σ per dimension with μ, σ over the global batch (biased σ, as BatchNorm1d(affine=False))."""
-    mean, var, _ = global_mean_var(z, group)
-    # eps matches the reference's BatchNorm1d default and keeps a dead dimension finite.
-    return (z - mean) * torch.rsqrt(var + 1e-5)
+def standardise(z: torch.Tensor, group: ProcessGroup | None = None,
+                eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """((z − μ) / σ, N): μ and the unbiased σ per dimension over the global batch (Algorithm 1's z.std(0))."""
+    if z.shape[0] * get_world_size(group) < 2:
+        raise ValueError("standardising embeddings needs a global batch of at least 2 samples")
+    mean, var, n = global_mean_var(z, group)
+    return (z - mean) * torch.rsqrt(var * (n / (n - 1)) + eps), n
 
 
 def cross_correlation(z_a: torch.Tensor, z_b: torch.Tensor, group: ProcessGroup | None = None,
-                      collective: str = "auto") -> torch.Tensor:
+                      collective: str = "auto", eps: float = 0.0) -> torch.Tensor:
     """Global-batch cross-correlation matrix C (D×D) of the standardised embeddings."""
-    a, b = _standardise(z_a, group), _standardise(z_b, group)
-    world = get_world_size(group)
-    n_local, d = a.shape
-    if collective == "auto":
-        collective = "all_gather" if 2 * n_local * d * world < d * d else "all_reduce"
-    if world > 1 and collective == "all_gather":
-        a, b = all_gather_with_grad(a, group), all_gather_with_grad(b, group)
-        return a.T @ b / a.shape[0]
-    # Sum-reduce the unnormalised local products; divide by the real global count.
-    c = all_reduce_sum(a.T @ b, group)
-    return c / (n_local * world)
+    a, n = standardise(z_a, group, eps)
+    b, _ = standardise(z_b, group, eps)
+    return global_gram(a, b, group, collective) / n
 
 
 def loss(z_a: torch.Tensor, z_b: torch.Tensor, lambd: float = 5e-3, group: ProcessGroup | None = None,
-         collective: str = "auto") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+         collective: str = "auto", eps: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Barlow Twins loss (Algorithm 1) over the global batch; returns (loss, {on_diag, off_diag})."""
-    if z_a.shape != z_b.shape or z_a.dim() != 2:
-        raise ValueError(f"Barlow Twins needs two (N, D) embeddings of equal shape, got {tuple(z_a.shape)} and {tuple(z_b.shape)}")
-    c = cross_correlation(z_a.float(), z_b.float(), group, collective)
-    diag = torch.diagonal(c)
-    on_diag = (1 - diag).pow(2).sum()
-    off_diag = c.pow(2).sum() - diag.pow(2).sum()
-    total = on_diag + lambd * off_diag
+    check_pair(z_a, z_b, "Barlow Twins")
+    with full_precision(z_a):
+        c = cross_correlation(as_loss_dtype(z_a), as_loss_dtype(z_b), group, collective, eps)
+        diag = torch.diagonal(c)
+        on_diag = (1 - diag).pow(2).sum()
+        off_diag = c.pow(2).sum() - diag.pow(2).sum()
+        total = on_diag + lambd * off_diag
     return total, {"on_diag": on_diag.detach(), "off_diag": off_diag.detach()}
 
 
@@ -88,19 +96,20 @@ class BarlowTwins(nn.Module):
 
     def __init__(self, cfg: BarlowTwinsConfig, backbone: nn.Module, group: ProcessGroup | None = None) -> None:
         super().__init__()
+        cfg.validate()
         self.cfg = cfg
         self.group = group
         self.backbone = backbone
-        self.projector = mlp(backbone.num_features, parse_dims(cfg.projector), group=group)
+        self.projector = mlp(backbone_width(backbone), parse_dims(cfg.projector), group=group)
 
     def forward(self, views: list[torch.Tensor], step: int | None = None) -> MethodOutput:
-        """Loss of the first two views (the recipe makes exactly two)."""
+        """Loss of the two views (the recipe makes exactly two)."""
         if len(views) != 2:
             raise ValueError(f"barlow_twins expects 2 views, got {len(views)}; set data.num_views=2")
-        feats = [self.backbone(v) for v in views]
+        feats = [backbone_features(self.backbone, v) for v in views]
         z = [self.projector(f) for f in feats]
-        total, terms = loss(z[0], z[1], self.cfg.lambd, self.group, self.cfg.collective)
+        total, terms = loss(z[0], z[1], self.cfg.lambd, self.group, self.cfg.collective, self.cfg.eps)
         if not total.is_cuda:
-            check_finite("barlow_twins loss", total, step)
+            check_loss("barlow_twins", total, terms, step, z)
         return MethodOutput(loss=total, metrics=terms, embeddings=[t.detach() for t in z],
                             features=feats[0].detach())

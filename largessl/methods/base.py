@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -48,3 +50,68 @@ def check_finite(name: str, value: torch.Tensor, step: int | None) -> None:
         raise FloatingPointError(
             f"non-finite values in {name}{where}; lower the learning rate, check the data, or use fp32"
         )
+
+
+def check_loss(method: str, total: torch.Tensor, terms: dict[str, torch.Tensor], step: int | None,
+               embeddings: Sequence[torch.Tensor] = ()) -> None:
+    """Raise ``FloatingPointError`` naming the step, the non-finite loss terms and views when ``total`` is not finite.
+
+    One host-device sync: methods call it on CPU tensors only; on GPU the trainer calls it on log steps.
+    """
+    if torch.isfinite(total).all():
+        return
+    bad_terms = [k for k, v in terms.items() if not torch.isfinite(v).all()] or ["loss"]
+    bad_views = [i for i, z in enumerate(embeddings) if not torch.isfinite(z).all()]
+    where = f" at step {step}" if step is not None else ""
+    views = f"; the embeddings of view(s) {bad_views} hold NaN/Inf" if bad_views else ""
+    raise FloatingPointError(
+        f"{method}: non-finite loss term(s) {', '.join(bad_terms)}{where}{views}; "
+        "lower the learning rate, check the input data, or train in fp32"
+    )
+
+
+def check_output(method: str, out: MethodOutput, step: int | None) -> None:
+    """:func:`check_loss` on a :class:`MethodOutput` (for the trainer on log steps)."""
+    check_loss(method, out.loss.detach(), out.metrics, step, out.embeddings)
+
+
+def check_pair(z_a: torch.Tensor, z_b: torch.Tensor, what: str) -> None:
+    """Raise ``ValueError`` unless ``z_a`` and ``z_b`` are (N, D) embeddings of the same shape."""
+    if z_a.dim() != 2 or z_a.shape != z_b.shape:
+        raise ValueError(
+            f"{what} needs two (N, D) embeddings of equal shape, got {tuple(z_a.shape)} and {tuple(z_b.shape)}; "
+            "both views must go through the same projector"
+        )
+
+
+def as_loss_dtype(z: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 → fp32 (losses sum over the global batch); fp32 and fp64 pass through."""
+    return z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
+
+
+@contextmanager
+def full_precision(like: torch.Tensor) -> Iterator[None]:
+    """Disable autocast so the products inside a loss (covariances, C) run in the inputs' precision."""
+    with torch.autocast(device_type=like.device.type, enabled=False):
+        yield
+
+
+def backbone_features(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``backbone(x)`` checked to be (N, backbone.num_features), so a wrong head width fails with a clear message."""
+    f = backbone(x)
+    expected = getattr(backbone, "num_features", None)
+    if f.dim() != 2 or (expected is not None and f.shape[1] != expected):
+        raise ValueError(
+            f"the backbone returned features of shape {tuple(f.shape)} but declares num_features={expected}; "
+            "the projector's input width comes from num_features, so fix the backbone's num_features"
+        )
+    return f
+
+
+def backbone_width(backbone: nn.Module) -> int:
+    """``backbone.num_features``, or a ``ValueError`` saying the backbone must declare it."""
+    width = getattr(backbone, "num_features", None)
+    if not isinstance(width, int) or width < 1:
+        raise ValueError(f"the backbone {type(backbone).__name__} must have an int attribute num_features "
+                         "(the width of its pooled features) to size the projector")
+    return width

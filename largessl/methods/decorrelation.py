@@ -1,0 +1,163 @@
+"""Feature decorrelation in the concise framework (Hua et al., "On Feature Decorrelation in SSL", ICCV 2021).
+
+Paper → code (seed 000):
+- Def. 1 concise framework: encoder f = backbone + projector, loss ℓ(f(x1), f(x2)), no predictor,
+  no stop-gradient, no negatives                               → :class:`Decorrelation`
+- ℓ = ||z1 − z2||² (default, §3.4.1) or a cosine loss          → ``loss`` (``kind="mse" | "cosine"``)
+- projector head (§3.2–3.3): nothing (vanilla; collapses completely), BN without affine and eps=0
+  (Def. 2; collapses dimensionally), DBN (Def. 3–4), Shuffled-DBN (Def. 5)  → ``head``
+- projector (§4.1): 3-layer MLP, hidden = 2× input, output = input, BN+ReLU on hidden layers
+  → ``projector="auto"``; any dims string (e.g. a 2-D output "64-64-2", §3.2) also works.
+- Rank bound (§3.4.3): DBN needs global batch − 1 ≥ G  → ``check_plan`` at start-up, and the layer.
+
+Distributed: BN/DBN statistics are over the global batch (``largessl.nn``), the loss is a sum over
+the global batch divided by the real gathered N, and Shuffled-DBN draws its permutation from
+(seed, step) so every rank uses the same one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed import ProcessGroup
+
+from largessl.dist.collectives import all_reduce_sum
+from largessl.methods.base import (
+    METHODS,
+    MethodConfig,
+    MethodOutput,
+    as_loss_dtype,
+    backbone_features,
+    backbone_width,
+    check_loss,
+    check_pair,
+    full_precision,
+)
+from largessl.methods.heads import mlp, parse_dims
+from largessl.nn.batchnorm import GlobalBatchNorm1d
+from largessl.nn.whitening import DBN, ShuffledDBN
+
+HEAD_KINDS = ("none", "bn", "dbn", "shuffled_dbn")
+
+
+@dataclass
+class DecorrelationConfig(MethodConfig):
+    """Concise-framework hyper-parameters (seed 000 defaults: Shuffled-DBN, G = batch/2, squared error)."""
+
+    name: str = "decorrelation"
+    """Method name."""
+    projector: str = "auto"
+    """Projector widths; auto = seed 000's 3-layer MLP (2F-2F-F for backbone width F)."""
+    head: Literal["none", "bn", "dbn", "shuffled_dbn"] = "shuffled_dbn"
+    """Normalisation at the projector output: none (vanilla), bn (Def. 2), dbn (Def. 3), shuffled_dbn (Def. 5)."""
+    bn_eps: float = 0.0
+    """eps of the bn head; seed 000 Table 2: eps=0.1 drops linear accuracy from 70.85% to 34.47%."""
+    bn_affine: bool = False
+    """Affine scale/shift in the bn head; seed 000 Table 2: affine collapses to 10.00%."""
+    group_size: int = 0
+    """DBN group size G; 0 = half the global batch (seed 000 §4.1). Needs global batch − 1 ≥ G."""
+    dbn_eps: float = 1e-5
+    """Added to each group covariance before Σ^{-1/2}; also the eigenvalue floor of the backward."""
+    whitening: Literal["eigh", "newton_schulz"] = "eigh"
+    """Σ^{-1/2} by eigendecomposition (exact ZCA) or Newton–Schulz iterations (approximate, matmuls only)."""
+    ns_iters: int = 5
+    """Newton–Schulz iterations when whitening=newton_schulz."""
+    loss: Literal["mse", "cosine"] = "mse"
+    """ℓ: squared error ||z1 − z2||² (default) or cosine (2 − 2 cos, i.e. squared error of unit vectors)."""
+    seed: int = 0
+    """Base seed of Shuffled-DBN's per-step permutation (drawn from (seed, step))."""
+
+    def validate(self) -> None:
+        """Check values that do not depend on the batch size."""
+        if self.projector != "auto":
+            parse_dims(self.projector)
+        if self.bn_eps < 0 or self.dbn_eps < 0:
+            raise ValueError("method.bn_eps and method.dbn_eps must be >= 0")
+        if self.group_size < 0:
+            raise ValueError(f"method.group_size must be >= 1, or 0 for half the global batch (got {self.group_size})")
+        if self.ns_iters < 1:
+            raise ValueError(f"method.ns_iters must be >= 1 (got {self.ns_iters})")
+
+    def check_plan(self, global_batch_size: int, per_rank_batch_size: int) -> None:
+        """DBN's rank bound: the global batch must exceed the group size (B − 1 ≥ G)."""
+        if self.head not in ("dbn", "shuffled_dbn"):
+            return
+        g = self.group_size or global_batch_size // 2
+        if self.projector != "auto":
+            g = min(g, parse_dims(self.projector)[-1])
+        if global_batch_size - 1 < g:
+            raise ValueError(
+                f"method.head={self.head} with group size G={g} needs train.global_batch_size >= G+1={g + 1} "
+                f"(rank bound B−1 ≥ G, seed 000 §3.4.3) but it is {global_batch_size}; lower method.group_size "
+                "(0 = half the global batch) or raise train.global_batch_size"
+            )
+
+
+def loss(z_a: torch.Tensor, z_b: torch.Tensor, kind: str = "mse",
+         group: ProcessGroup | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """ℓ(z_a, z_b) averaged over the global batch: ||z_a − z_b||² (mse) or 2 − 2cos(z_a, z_b) (cosine)."""
+    check_pair(z_a, z_b, "the decorrelation loss")
+    with full_precision(z_a):
+        z_a, z_b = as_loss_dtype(z_a), as_loss_dtype(z_b)
+        if kind == "mse":
+            per_sample = (z_a - z_b).pow(2).sum(1)
+        elif kind == "cosine":
+            per_sample = 2 - 2 * F.cosine_similarity(z_a, z_b, dim=1)
+        else:
+            raise ValueError(f"unknown decorrelation loss {kind!r}; valid losses: mse, cosine")
+        count = torch.tensor([float(z_a.shape[0])], dtype=z_a.dtype, device=z_a.device)
+        packed = all_reduce_sum(torch.cat([per_sample.sum().reshape(1), count]), group)
+        total = packed[0] / packed[1]
+    return total, {kind: total.detach()}
+
+
+def build_head(cfg: DecorrelationConfig, dim: int, group: ProcessGroup | None) -> nn.Module:
+    """The normalisation layer at the projector output selected by ``cfg.head``."""
+    if cfg.head == "none":
+        return nn.Identity()
+    if cfg.head == "bn":
+        return GlobalBatchNorm1d(dim, eps=cfg.bn_eps, affine=cfg.bn_affine, group=group)
+    if cfg.head == "dbn":
+        return DBN(dim, cfg.group_size, cfg.dbn_eps, method=cfg.whitening, ns_iters=cfg.ns_iters, group=group)
+    if cfg.head == "shuffled_dbn":
+        return ShuffledDBN(dim, cfg.group_size, cfg.dbn_eps, method=cfg.whitening, ns_iters=cfg.ns_iters,
+                           seed=cfg.seed, group=group)
+    raise ValueError(f"unknown method.head {cfg.head!r}; valid heads: {', '.join(HEAD_KINDS)}")
+
+
+@METHODS.register("decorrelation", config=DecorrelationConfig)
+class Decorrelation(nn.Module):
+    """Backbone → projector → BN/DBN/Shuffled-DBN head → squared error between the two views."""
+
+    def __init__(self, cfg: DecorrelationConfig, backbone: nn.Module, group: ProcessGroup | None = None) -> None:
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.group = group
+        self.backbone = backbone
+        width = backbone_width(backbone)
+        dims = [2 * width, 2 * width, width] if cfg.projector == "auto" else parse_dims(cfg.projector)
+        self.projector = mlp(width, dims, group=group)
+        self.head = build_head(cfg, dims[-1], group)
+
+    def embed(self, x: torch.Tensor, step: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(backbone features, normalised projection) of one view."""
+        f = backbone_features(self.backbone, x)
+        p = self.projector(f)
+        z = self.head(p, step) if isinstance(self.head, ShuffledDBN) else self.head(p)
+        return f, z
+
+    def forward(self, views: list[torch.Tensor], step: int | None = None) -> MethodOutput:
+        """Loss of the two views; both views use the same Shuffled-DBN permutation (same step)."""
+        if len(views) != 2:
+            raise ValueError(f"decorrelation expects 2 views, got {len(views)}; set data.num_views=2")
+        (f_a, z_a), (_, z_b) = self.embed(views[0], step), self.embed(views[1], step)
+        total, terms = loss(z_a, z_b, self.cfg.loss, self.group)
+        if not total.is_cuda:
+            check_loss("decorrelation", total, terms, step, [z_a, z_b])
+        return MethodOutput(loss=total, metrics=terms, embeddings=[z_a.detach(), z_b.detach()],
+                            features=f_a.detach())

@@ -1,0 +1,140 @@
+"""Multi-view loss with a low-dimensional projector (Simon et al., "Harnessing small projectors and
+multiple views for efficient vision pretraining", 2024).
+
+Paper → code (seed 001, Eq. 10 as implemented by the authors):
+- M ≥ 2 views z_1..z_M of a batch, mean embedding z̄ = (1/M) Σ_m z_m                    → ``loss``
+- invariance of each view against the mean, O(M) (no M² pair loop):
+  BT style      (1/M) Σ_m Σ_i (1 − C(z_m, z̄)_ii)²   (C: cross-correlation of standardised z)
+  VICReg style  (1/M) Σ_m mse(z_m, z̄) · sim_coeff
+- regulariser on z̄: BT style λ Σ_{i≠j} C(z̄, z̄)_ij²; VICReg style std_coeff·v(z̄) + cov_coeff·c(z̄)
+- low-dimensional projector (256 by default) with a stronger off-diagonal weight, λ ≈ 1/pdim
+  (``lambd=None`` → 1/pdim).
+
+Distributed: standardisation, diagonals and covariances are over the global batch; only C(z̄, z̄)
+and Cov(z̄) are D×D (``collective`` picks all-gather or sum-reduce), the per-view diagonals cost O(N·D).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.distributed import ProcessGroup
+
+from largessl.dist.collectives import all_reduce_sum, global_gram
+from largessl.methods import vicreg
+from largessl.methods.barlow_twins import standardise
+from largessl.methods.base import (
+    METHODS,
+    MethodConfig,
+    MethodOutput,
+    as_loss_dtype,
+    backbone_features,
+    backbone_width,
+    check_loss,
+    full_precision,
+)
+from largessl.methods.heads import mlp, parse_dims
+
+
+@dataclass
+class MultiViewConfig(MethodConfig):
+    """Multi-view hyper-parameters (seed 001: M views, small projector, strong orthogonality)."""
+
+    name: str = "multiview"
+    """Method name."""
+    num_views: int = 4
+    """M, the number of views per image (must equal data.num_views)."""
+    projector: str = "2048-2048-256"
+    """Projector widths; seed 001 recommends a low-dimensional output (e.g. 256)."""
+    regularizer: Literal["barlow_twins", "vicreg"] = "barlow_twins"
+    """Style of the invariance and redundancy terms: Barlow Twins (cross-correlation) or VICReg."""
+    lambd: float | None = None
+    """BT style: off-diagonal weight λ; None = 1/pdim (seed 001's best setting for small projectors)."""
+    eps: float = 0.0
+    """BT style: added to the variance before standardising (0 = Barlow Twins Algorithm 1)."""
+    sim_coeff: float = 25.0
+    """VICReg style: invariance weight."""
+    std_coeff: float = 25.0
+    """VICReg style: variance weight (on z̄)."""
+    cov_coeff: float = 1.0
+    """VICReg style: covariance weight (on z̄)."""
+    collective: Literal["auto", "all_gather", "all_reduce"] = "auto"
+    """How the D×D statistic of z̄ is made global (gather N·D floats or sum-reduce D² floats)."""
+
+    def validate(self) -> None:
+        """Check M, the projector spec and the weights."""
+        if self.num_views < 2:
+            raise ValueError(f"method.num_views must be >= 2 (got {self.num_views})")
+        parse_dims(self.projector)
+        if self.lambd is not None and self.lambd < 0:
+            raise ValueError(f"method.lambd must be >= 0 (got {self.lambd})")
+        for key in ("eps", "sim_coeff", "std_coeff", "cov_coeff"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"method.{key} must be >= 0 (got {getattr(self, key)})")
+
+
+def _check_views(zs: list[torch.Tensor]) -> None:
+    if len(zs) < 2:
+        raise ValueError(f"the multi-view loss needs at least 2 views, got {len(zs)}")
+    if zs[0].dim() != 2 or any(z.shape != zs[0].shape for z in zs):
+        raise ValueError(f"the multi-view loss needs M (N, D) embeddings of equal shape, got "
+                         f"{[tuple(z.shape) for z in zs]}; every view must go through the same projector")
+
+
+def loss(zs: list[torch.Tensor], regularizer: str = "barlow_twins", lambd: float | None = None,
+         group: ProcessGroup | None = None, eps: float = 0.0, sim_coeff: float = 25.0, std_coeff: float = 25.0,
+         cov_coeff: float = 1.0, collective: str = "auto") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Multi-view loss of M views against their mean, over the global batch; returns (loss, terms)."""
+    _check_views(zs)
+    d = zs[0].shape[1]
+    with full_precision(zs[0]):
+        zs = [as_loss_dtype(z) for z in zs]
+        z_bar = torch.stack(zs).mean(0)
+        if regularizer == "barlow_twins":
+            lam = 1.0 / d if lambd is None else lambd
+            bar_n, n = standardise(z_bar, group, eps)
+            # Diagonal of C(z_m, z̄) for every view at once: O(M·N·D), one all-reduce of M·D floats.
+            diags = torch.stack([(standardise(z, group, eps)[0] * bar_n).sum(0) for z in zs])
+            diags = all_reduce_sum(diags, group) / n
+            inv = (1 - diags).pow(2).sum(1).mean()
+            c = global_gram(bar_n, None, group, collective) / n
+            reg = c.pow(2).sum() - torch.diagonal(c).pow(2).sum()
+            total = inv + lam * reg
+            return total, {"invariance": inv.detach(), "off_diag": reg.detach()}
+        if regularizer == "vicreg":
+            inv = torch.stack([vicreg.invariance(z, z_bar, group) for z in zs]).mean()
+            v, c = vicreg.variance_covariance(z_bar, 1.0, 1e-4, group, collective)
+            total = sim_coeff * inv + std_coeff * v + cov_coeff * c
+            return total, {"invariance": inv.detach(), "variance": v.detach(), "covariance": c.detach()}
+    raise ValueError(f"unknown multi-view regularizer {regularizer!r}; valid: barlow_twins, vicreg")
+
+
+@METHODS.register("multiview", config=MultiViewConfig)
+class MultiView(nn.Module):
+    """Backbone → small projector on M views → invariance to the mean view + regulariser on the mean."""
+
+    def __init__(self, cfg: MultiViewConfig, backbone: nn.Module, group: ProcessGroup | None = None) -> None:
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.group = group
+        self.backbone = backbone
+        self.projector = mlp(backbone_width(backbone), parse_dims(cfg.projector), group=group)
+
+    def forward(self, views: list[torch.Tensor], step: int | None = None) -> MethodOutput:
+        """Loss of the M views."""
+        if len(views) != self.cfg.num_views:
+            raise ValueError(f"multiview expects method.num_views={self.cfg.num_views} views, got {len(views)}; "
+                             "set data.num_views and method.num_views to the same M")
+        feats = [backbone_features(self.backbone, v) for v in views]
+        z = [self.projector(f) for f in feats]
+        c = self.cfg
+        total, terms = loss(z, c.regularizer, c.lambd, self.group, c.eps, c.sim_coeff, c.std_coeff, c.cov_coeff,
+                            c.collective)
+        if not total.is_cuda:
+            check_loss("multiview", total, terms, step, z)
+        return MethodOutput(loss=total, metrics=terms, embeddings=[t.detach() for t in z],
+                            features=feats[0].detach())

@@ -1,0 +1,129 @@
+"""VICReg: Variance-Invariance-Covariance Regularization (Bardes, Ponce, LeCun, ICLR 2022).
+
+Paper → code (seed 003, Eq. 6 and Appendix A):
+- s(Z, Z') = mean squared distance (mse over N·D)                 → ``invariance``
+- v(Z) = (1/d) Σ_j max(0, γ − sqrt(Var(z^j) + ε)), γ = 1, ε = 1e-4  → ``variance`` (unbiased Var)
+- c(Z) = (1/d) Σ_{i≠j} Cov(Z)_ij², Cov over the batch with /(N−1)  → ``covariance``
+- ℓ = λ s + μ [v(Z) + v(Z')] + ν [c(Z) + c(Z')], λ = μ = 25, ν = 1 → ``loss``
+- expander 8192-8192-8192 (Linear-BN-ReLU ×2, Linear)             → ``VICReg.projector``
+
+Distributed: every statistic is over the global batch; sums are all-reduced and divided by the real
+gathered N. Cov(Z) is made global by all-gathering Z (N·D floats) or sum-reducing the centred
+Zᵀ Z (D² floats), whichever moves less (``collective``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.distributed import ProcessGroup
+
+from largessl.dist.collectives import all_reduce_sum, get_world_size, global_gram
+from largessl.methods.base import (
+    METHODS,
+    MethodConfig,
+    MethodOutput,
+    as_loss_dtype,
+    backbone_features,
+    backbone_width,
+    check_loss,
+    check_pair,
+    full_precision,
+)
+from largessl.methods.heads import mlp, parse_dims
+from largessl.nn.batchnorm import global_mean_var
+
+
+@dataclass
+class VICRegConfig(MethodConfig):
+    """VICReg hyper-parameters (paper defaults)."""
+
+    name: str = "vicreg"
+    """Method name."""
+    projector: str = "8192-8192-8192"
+    """Expander layer widths (Linear-BN-ReLU for all but the last)."""
+    sim_coeff: float = 25.0
+    """λ: weight of the invariance term s."""
+    std_coeff: float = 25.0
+    """μ: weight of the variance term v."""
+    cov_coeff: float = 1.0
+    """ν: weight of the covariance term c."""
+    gamma: float = 1.0
+    """γ: target standard deviation of each dimension."""
+    eps: float = 1e-4
+    """ε inside the square root of the variance term."""
+    collective: Literal["auto", "all_gather", "all_reduce"] = "auto"
+    """How Cov(Z) is made global: gather embeddings (N·D floats) or sum-reduce ZᵀZ (D² floats)."""
+
+    def validate(self) -> None:
+        """Check the expander spec and the coefficients."""
+        parse_dims(self.projector)
+        for key in ("sim_coeff", "std_coeff", "cov_coeff", "gamma", "eps"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"method.{key} must be >= 0 (got {getattr(self, key)})")
+
+
+def invariance(z_a: torch.Tensor, z_b: torch.Tensor, group: ProcessGroup | None = None) -> torch.Tensor:
+    """s(Z, Z'): mean over the global N·D entries of (z_a − z_b)²."""
+    n = all_reduce_sum(torch.tensor(float(z_a.shape[0]), dtype=z_a.dtype, device=z_a.device), group)
+    return all_reduce_sum((z_a - z_b).pow(2).sum(), group) / (n * z_a.shape[1])
+
+
+def variance_covariance(z: torch.Tensor, gamma: float = 1.0, eps: float = 1e-4, group: ProcessGroup | None = None,
+                        collective: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """(v(Z), c(Z)) over the global batch: hinge on the unbiased std, squared off-diagonal covariances / d."""
+    if z.shape[0] * get_world_size(group) < 2:
+        raise ValueError("VICReg's variance and covariance need a global batch of at least 2 samples")
+    d = z.shape[1]
+    mean, var, n = global_mean_var(z, group)
+    std = torch.sqrt(var * (n / (n - 1)) + eps)
+    v = torch.relu(gamma - std).mean()
+    zc = z - mean
+    cov = global_gram(zc, None, group, collective) / (n - 1)
+    c = (cov.pow(2).sum() - torch.diagonal(cov).pow(2).sum()) / d
+    return v, c
+
+
+def loss(z_a: torch.Tensor, z_b: torch.Tensor, sim_coeff: float = 25.0, std_coeff: float = 25.0,
+         cov_coeff: float = 1.0, group: ProcessGroup | None = None, gamma: float = 1.0, eps: float = 1e-4,
+         collective: str = "auto") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """VICReg loss (Eq. 6) over the global batch; returns (loss, {invariance, variance, covariance})."""
+    check_pair(z_a, z_b, "VICReg")
+    with full_precision(z_a):
+        z_a, z_b = as_loss_dtype(z_a), as_loss_dtype(z_b)
+        sim = invariance(z_a, z_b, group)
+        v_a, c_a = variance_covariance(z_a, gamma, eps, group, collective)
+        v_b, c_b = variance_covariance(z_b, gamma, eps, group, collective)
+        std_loss, cov_loss = v_a + v_b, c_a + c_b
+        total = sim_coeff * sim + std_coeff * std_loss + cov_coeff * cov_loss
+    return total, {"invariance": sim.detach(), "variance": std_loss.detach(), "covariance": cov_loss.detach()}
+
+
+@METHODS.register("vicreg", config=VICRegConfig)
+class VICReg(nn.Module):
+    """Backbone → expander → VICReg loss on two views."""
+
+    def __init__(self, cfg: VICRegConfig, backbone: nn.Module, group: ProcessGroup | None = None) -> None:
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.group = group
+        self.backbone = backbone
+        self.projector = mlp(backbone_width(backbone), parse_dims(cfg.projector), group=group)
+
+    def forward(self, views: list[torch.Tensor], step: int | None = None) -> MethodOutput:
+        """Loss of the two views."""
+        if len(views) != 2:
+            raise ValueError(f"vicreg expects 2 views, got {len(views)}; set data.num_views=2")
+        feats = [backbone_features(self.backbone, v) for v in views]
+        z = [self.projector(f) for f in feats]
+        c = self.cfg
+        total, terms = loss(z[0], z[1], c.sim_coeff, c.std_coeff, c.cov_coeff, self.group, c.gamma, c.eps,
+                            c.collective)
+        if not total.is_cuda:
+            check_loss("vicreg", total, terms, step, z)
+        return MethodOutput(loss=total, metrics=terms, embeddings=[t.detach() for t in z],
+                            features=feats[0].detach())
