@@ -16,17 +16,25 @@ class EvalConfig:
     linear_epochs: int = 100
     """Epochs of linear-probe training on frozen features."""
     linear_lr: float = 0.02
-    """Linear-probe base learning rate (SGD, momentum 0.9, cosine), at batch 256."""
+    """Linear-probe base learning rate (SGD, momentum 0.9, cosine), at batch 256; scaled by batch / 256."""
+    linear_momentum: float = 0.9
+    """SGD momentum of the linear probe."""
     linear_weight_decay: float = 1e-6
     """Linear-probe weight decay."""
     linear_batch_size: int = 256
     """Linear-probe global batch size."""
+    linear_normalize: bool = False
+    """Put a BatchNorm without affine in front of the linear head (standardises features; off = the papers' head)."""
+    feature_batch_size: int = 256
+    """Global batch size for feature extraction (kNN, cached linear probe)."""
     cache_features: bool = False
     """Extract frozen features once and train the head on the cache (fast lr sweeps; no augmentation)."""
     online_probe: bool = True
     """Train a linear classifier on detached features during pretraining and report its accuracy."""
     online_probe_lr: float = 0.1
     """Learning rate of the online probe's own SGD optimizer."""
+    seed: int = 0
+    """Seed of the linear head's initialisation and of the cached-feature shuffling."""
 
     def validate(self) -> None:
         """Check values that do not depend on other sections."""
@@ -34,3 +42,11 @@ class EvalConfig:
             raise ValueError(f"eval.knn_k must be a non-empty list of positive ints (got {self.knn_k})")
         if self.knn_temperature <= 0:
             raise ValueError("eval.knn_temperature must be > 0")
+        if self.linear_epochs < 1:
+            raise ValueError(f"eval.linear_epochs must be >= 1 (got {self.linear_epochs})")
+        if self.linear_lr <= 0 or self.online_probe_lr <= 0:
+            raise ValueError("eval.linear_lr and eval.online_probe_lr must be > 0")
+        if self.linear_batch_size < 1 or self.feature_batch_size < 1:
+            raise ValueError("eval.linear_batch_size and eval.feature_batch_size must be >= 1")
+        if not 0.0 <= self.linear_momentum < 1.0:
+            raise ValueError(f"eval.linear_momentum must be in [0, 1) (got {self.linear_momentum})")

@@ -11,9 +11,22 @@ class HubConfig:
 
     url: str = "hub"
     """Hub root: a local directory or fsspec URL (s3://bucket/prefix)."""
+    endpoint_url: str = ""
+    """S3 endpoint (e.g. http://127.0.0.1:8333); empty = AWS_ENDPOINT_URL from the environment."""
     name: str = ""
     """Model name used by the `push` stage (e.g. bt-r50-in1k); empty = derived from method and arch."""
     version: str = ""
-    """Version used by the `push` stage; empty = v<timestamp>."""
+    """Version used by the `push` stage; empty = v<UTC timestamp>."""
     include_full_checkpoint: bool = False
     """Also upload the full training checkpoint next to the backbone weights."""
+
+    def validate(self) -> None:
+        """Check values that do not depend on other sections."""
+        from largessl.hub.store import check_name
+
+        if not self.url:
+            raise ValueError("hub.url must be a directory or fsspec URL (default: hub)")
+        if self.name:
+            check_name(self.name, "hub.name")
+        if self.version:
+            check_name(self.version, "hub.version")

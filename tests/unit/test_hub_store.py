@@ -1,0 +1,179 @@
+"""Hub on a local directory: push/list/show/pull round trip, immutability, integrity, load_backbone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hub_runs import make_run_dir
+
+from largessl.hub import Hub, IntegrityError, ModelRef, load_backbone
+from largessl.hub.export import push_run
+from largessl.hub.store import BACKBONE, CARD, INDEX, INDEX_HTML, sha256_file
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    return make_run_dir(tmp_path_factory.mktemp("run") / "run")
+
+
+def _eval_results(run_dir: Path) -> None:
+    (run_dir / "eval").mkdir(exist_ok=True)
+    (run_dir / "eval" / "linear.json").write_text(json.dumps({"top1": 91.5, "top5": 99.0}))
+    (run_dir / "eval" / "knn.json").write_text(json.dumps({"top1": {"20": 88.0, "200": 85.0}}))
+
+
+def test_model_ref_parsing():
+    assert ModelRef.parse("bt-r50-in1k@v1") == ModelRef("bt-r50-in1k", "v1")
+    assert ModelRef.parse("bt-r50-in1k").version == "latest"
+    for bad in ("../x", "a@../b", "@v1", "a b", "x@"):
+        if bad == "x@":
+            assert ModelRef.parse(bad).version == "latest"
+            continue
+        with pytest.raises(ValueError, match="not allowed"):
+            ModelRef.parse(bad)
+
+
+def test_push_list_show_pull_round_trip(run_dir, tmp_path):
+    _eval_results(run_dir)
+    hub_dir = tmp_path / "hub"
+    card = push_run(run_dir, str(hub_dir), name="bt-r18-digits", version="v1")
+    assert card["name"] == "bt-r18-digits" and card["version"] == "v1"
+    assert card["method"] == "barlow_twins" and card["architecture"]["arch"] == "resnet18"
+    assert card["architecture"]["small_input"] is True and card["architecture"]["num_features"] == 512
+    assert card["epochs"] == 3 and card["git_revision"] == "0123456789abcdef"
+    assert card["metrics"]["linear_top1"] == 91.5 and card["metrics"]["knn_top1"] == {"20": 88.0, "200": 85.0}
+    assert card["metrics"]["collapse"] == {"std": 0.5, "corr": 0.1, "rankme": 7.5}
+    assert card["loss_curve"][0] == [1.0, 100.0] and card["loss_curve"][-1] == [30.0, 100.0 / 30]
+    assert card["config"]["model"]["arch"] == "resnet18" and card["created"].endswith("Z")
+    stored = hub_dir / "models" / "bt-r18-digits" / "v1"
+    assert card["files"][BACKBONE]["sha256"] == sha256_file(stored / BACKBONE)
+
+    hub = Hub(str(hub_dir))
+    push_run(run_dir, str(hub_dir), name="bt-r18-digits", version="v2")
+    rows = hub.list()
+    assert [(r["name"], r["version"], r["latest"]) for r in rows] == [
+        ("bt-r18-digits", "v1", False), ("bt-r18-digits", "v2", True)]
+    assert hub.show("bt-r18-digits@v1")["version"] == "v1"
+    assert hub.show("bt-r18-digits")["version"] == "v2"  # latest alias
+    assert hub.show("bt-r18-digits@latest")["version"] == "v2"
+    with pytest.raises(ValueError, match="no version 'v9'.*v1, v2"):
+        hub.show("bt-r18-digits@v9")
+    with pytest.raises(ValueError, match="not in hub.*bt-r18-digits"):
+        hub.show("nope@v1")
+
+    dest = hub.pull("bt-r18-digits@v1", tmp_path / "pulled")
+    assert sorted(p.name for p in dest.iterdir()) == [BACKBONE, CARD]
+    assert sha256_file(dest / BACKBONE) == card["files"][BACKBONE]["sha256"]
+
+    # the pulled weights are the checkpoint's backbone, in a plain torchvision ResNet
+    net = load_backbone(dest)
+    ref_net = load_backbone("bt-r18-digits@v1", hub=str(hub_dir))
+    from largessl.hub.export import load_backbone_from_checkpoint
+
+    ckpt_net, _, _ = load_backbone_from_checkpoint(run_dir)
+    x = torch.randn(2, 3, 32, 32)
+    ckpt_net.eval()
+    assert isinstance(net.fc, torch.nn.Identity) and net.num_features == 512
+    torch.testing.assert_close(net(x), ckpt_net(x))
+    torch.testing.assert_close(ref_net(x), ckpt_net(x))
+
+    html = (hub_dir / INDEX_HTML).read_text()
+    assert "bt-r18-digits" in html and "<svg" in html and "91.5" in html and "v2" in html
+
+
+def test_versions_are_immutable(run_dir, tmp_path):
+    hub_dir = tmp_path / "hub"
+    push_run(run_dir, str(hub_dir), name="m", version="v1")
+    before = (hub_dir / INDEX).read_bytes()
+    weights = (hub_dir / "models/m/v1" / BACKBONE).read_bytes()
+    with pytest.raises(ValueError, match="already exists.*immutable"):
+        push_run(run_dir, str(hub_dir), name="m", version="v1")
+    with pytest.raises(ValueError, match="already exists.*immutable"):  # the low-level API refuses too
+        Hub(str(hub_dir)).push("m", "v1", {BACKBONE: str(hub_dir / "models/m/v1" / BACKBONE)}, {})
+    assert (hub_dir / INDEX).read_bytes() == before
+    assert (hub_dir / "models/m/v1" / BACKBONE).read_bytes() == weights
+
+
+def test_crashed_push_is_invisible_and_can_be_redone(run_dir, tmp_path, monkeypatch):
+    hub_dir = tmp_path / "hub"
+    push_run(run_dir, str(hub_dir), name="m", version="v1")
+    hub = Hub(str(hub_dir))
+
+    def crash(*a, **k):
+        raise OSError("simulated crash before the index update")
+
+    # the crash hits the index write: the version folder is complete but unlisted
+    monkeypatch.setattr(Hub, "_write", crash)
+    with pytest.raises(OSError, match="simulated"):
+        push_run(run_dir, str(hub_dir), name="m", version="v2")
+    monkeypatch.undo()
+    assert (hub_dir / "models/m/v2" / CARD).exists()
+    assert [r["version"] for r in hub.list()] == ["v1"]
+    assert hub.show("m")["version"] == "v1"
+    with pytest.raises(ValueError, match="no version 'v2'"):
+        hub.pull("m@v2", tmp_path / "x")
+    card = push_run(run_dir, str(hub_dir), name="m", version="v2")  # the leftover is replaced
+    assert hub.show("m")["files"] == card["files"]
+
+
+@pytest.mark.parametrize("damage", ["tamper", "truncate", "delete", "card"])
+def test_pull_refuses_damaged_files_and_writes_nothing(run_dir, tmp_path, damage):
+    hub_dir = tmp_path / "hub"
+    push_run(run_dir, str(hub_dir), name="m", version="v1")
+    folder = hub_dir / "models/m/v1"
+    target = folder / BACKBONE
+    data = bytearray(target.read_bytes())
+    if damage == "tamper":
+        data[len(data) // 2] ^= 0xFF
+        target.write_bytes(bytes(data))
+    elif damage == "truncate":
+        target.write_bytes(bytes(data[: len(data) // 3]))
+    elif damage == "delete":
+        target.unlink()
+    else:  # a card edited to vouch for other bytes no longer matches the index
+        card = json.loads((folder / CARD).read_text())
+        card["metrics"]["linear_top1"] = 99.9
+        (folder / CARD).write_text(json.dumps(card))
+    dest = tmp_path / "dest"
+    with pytest.raises(IntegrityError):
+        Hub(str(hub_dir)).pull("m@v1", dest)
+    assert not dest.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".dest")] == []  # temp folder removed
+    with pytest.raises(IntegrityError):
+        load_backbone("m@v1", hub=str(hub_dir))
+
+
+def test_pull_into_non_empty_destination_is_refused(run_dir, tmp_path):
+    hub_dir = tmp_path / "hub"
+    push_run(run_dir, str(hub_dir), name="m", version="v1")
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "keep.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not an empty directory"):
+        Hub(str(hub_dir)).pull("m", dest)
+    assert [p.name for p in dest.iterdir()] == ["keep.txt"]
+
+
+def test_tampered_pulled_folder_is_refused_by_load_backbone(run_dir, tmp_path):
+    hub_dir = tmp_path / "hub"
+    push_run(run_dir, str(hub_dir), name="m", version="v1")
+    dest = Hub(str(hub_dir)).pull("m", tmp_path / "dest")
+    with open(dest / BACKBONE, "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00\x01\x02")
+    with pytest.raises(IntegrityError):
+        load_backbone(dest)
+
+
+def test_full_checkpoint_is_optional_and_verified(run_dir, tmp_path):
+    hub_dir = tmp_path / "hub"
+    card = push_run(run_dir, str(hub_dir), name="m", version="v1", include_full_checkpoint=True)
+    assert "checkpoint/model.safetensors" in card["files"] and "checkpoint/COMPLETE.json" in card["files"]
+    dest = Hub(str(hub_dir)).pull("m@v1", tmp_path / "dest")
+    from largessl.train.checkpoint import load_model_state
+
+    state, config, _ = load_model_state(dest / "checkpoint")
+    assert "projector.0.weight" in state and config["model"]["arch"] == "resnet18"
