@@ -15,8 +15,8 @@ floats), so the layer gives the same output and gradients on W ranks × B as on 
 Backward stability: ``inv_sqrt_psd`` differentiates Σ^{-1/2} with the divided differences of
 f(λ) = λ^{-1/2} in closed form, K_ij = −1 / (s_i s_j (s_i + s_j)) with s = √λ, which never divides by
 λ_i − λ_j (autograd through ``eigh`` does, and returns inf for repeated eigenvalues). Eigenvalues are
-floored at ``eps``. ``method="newton_schulz"`` instead runs the IterNorm iteration, which is only
-approximately white but uses matmuls alone.
+floored at ``eps``. ``method="newton_schulz"`` instead runs coupled Newton–Schulz iterations (as in
+IterNorm), which are only approximately white after few steps but use matmuls alone.
 """
 
 from __future__ import annotations
@@ -64,16 +64,19 @@ def inv_sqrt_psd(sigma: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
 
 
 def inv_sqrt_newton_schulz(sigma: torch.Tensor, eps: float = 0.0, iters: int = 5) -> torch.Tensor:
-    """Approximate (Σ + eps·I)^{-1/2} by ``iters`` Newton–Schulz steps (IterNorm); plain autograd, matmuls only."""
+    """Approximate (Σ + eps·I)^{-1/2} by ``iters`` coupled Newton–Schulz steps; plain autograd, matmuls only."""
     g = sigma.shape[-1]
     eye = torch.eye(g, dtype=sigma.dtype, device=sigma.device).expand_as(sigma)
     sigma = sigma + eps * eye
     trace = torch.diagonal(sigma, dim1=-2, dim2=-1).sum(-1, keepdim=True).unsqueeze(-1)
-    sigma_n = sigma / trace  # eigenvalues in (0, 1]: the iteration converges
-    p = eye
+    # Σ/tr(Σ) has eigenvalues in (0, 1], where the iteration converges. The coupled form (Y → Σ^{1/2},
+    # Z → Σ^{-1/2}) is used because the single-sequence IterNorm update amplifies round-off and diverges
+    # after a few dozen steps.
+    y, z = sigma / trace, eye
     for _ in range(iters):
-        p = 0.5 * (3.0 * p - p @ p @ p @ sigma_n)
-    return p / trace.sqrt()
+        t = 0.5 * (3.0 * eye - z @ y)
+        y, z = y @ t, t @ z
+    return z / trace.sqrt()
 
 
 def _group_layout(num_features: int, group_size: int) -> tuple[int, int, int]:
