@@ -33,6 +33,8 @@ class DataConfig:
     """S3 endpoint (e.g. http://127.0.0.1:8333); empty = AWS_ENDPOINT_URL from the environment."""
     retries: int = 3
     """Attempts to open/read a shard before it is skipped (exponential backoff)."""
+    retry_backoff_s: float = 1.0
+    """Delay before the first retry of a failed shard read; doubled after each further failure."""
     gpu_decode: bool = False
     """Decode JPEGs and augment on the GPU (torchvision.io.decode_jpeg on CUDA); CPU path otherwise."""
 
@@ -48,3 +50,13 @@ class DataConfig:
             raise ValueError(f"data.min_scale must be in [0, 1) (got {self.min_scale})")
         if self.retries < 1:
             raise ValueError("data.retries must be >= 1")
+        if self.retry_backoff_s < 0:
+            raise ValueError(f"data.retry_backoff_s must be >= 0 (got {self.retry_backoff_s})")
+        if self.shuffle_buffer < 1:
+            raise ValueError(f"data.shuffle_buffer must be >= 1 (got {self.shuffle_buffer}); 1 disables shuffling")
+        if self.prefetch_factor < 1:
+            raise ValueError(f"data.prefetch_factor must be >= 1 (got {self.prefetch_factor})")
+        from largessl.data.augment import RECIPES
+
+        if self.augment not in RECIPES:
+            raise ValueError(f"data.augment={self.augment!r} is unknown; allowed: {', '.join(RECIPES)}")

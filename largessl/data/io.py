@@ -1,0 +1,142 @@
+"""Opening dataset URLs through fsspec: storage options, per-process filesystems, retries, webdataset openers.
+
+Every URL the data package touches (manifests, shards, list files) goes through :func:`open_url`, so
+file://, plain paths, s3://, gs:// and http(s):// behave the same. S3 endpoint and credentials come from
+the config or from the standard environment variables (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_REGION``), read here once per filesystem.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+import time
+from collections.abc import Callable, Mapping
+from typing import IO, Any, TypeVar
+
+import fsspec
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# (pid, protocol, options) -> filesystem. Keyed by pid because s3fs/gcsfs hold an event loop and
+# connection pool that must not be shared across fork: each DataLoader worker builds its own.
+_FILESYSTEMS: dict[tuple[int, str, str], fsspec.AbstractFileSystem] = {}
+
+
+def protocol_of(url: str) -> str:
+    """``'s3://b/k'`` → ``'s3'``; plain paths → ``'file'``."""
+    if "://" not in url:
+        return "file"
+    proto = url.split("://", 1)[0].lower()
+    return {"gcs": "gs", "s3a": "s3", "https": "http"}.get(proto, proto)
+
+
+def storage_options_for(url: str, endpoint_url: str = "", extra: Mapping[str, Any] | None = None,
+                        environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """fsspec storage options for ``url``: S3 endpoint/credentials from arguments, else the AWS_* environment."""
+    env = os.environ if environ is None else environ
+    opts: dict[str, Any] = dict(extra or {})
+    if protocol_of(url) == "s3":
+        endpoint = endpoint_url or env.get("AWS_ENDPOINT_URL_S3", "") or env.get("AWS_ENDPOINT_URL", "")
+        if endpoint:
+            client_kwargs = dict(opts.get("client_kwargs", {}))
+            client_kwargs.setdefault("endpoint_url", endpoint)
+            opts["client_kwargs"] = client_kwargs
+        if "key" not in opts and env.get("AWS_ACCESS_KEY_ID"):
+            opts["key"] = env["AWS_ACCESS_KEY_ID"]
+            opts["secret"] = env.get("AWS_SECRET_ACCESS_KEY", "")
+            if env.get("AWS_SESSION_TOKEN"):
+                opts["token"] = env["AWS_SESSION_TOKEN"]
+        region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+        if region:
+            client_kwargs = dict(opts.get("client_kwargs", {}))
+            client_kwargs.setdefault("region_name", region)
+            opts["client_kwargs"] = client_kwargs
+    return opts
+
+
+def filesystem(url: str, storage_options: Mapping[str, Any] | None = None) -> fsspec.AbstractFileSystem:
+    """The fsspec filesystem for ``url``, created once per process (fork-safe for s3fs/gcsfs)."""
+    proto = protocol_of(url)
+    opts = dict(storage_options or {})
+    key = (os.getpid(), proto, repr(sorted(opts.items())))
+    fs = _FILESYSTEMS.get(key)
+    if fs is None:
+        try:
+            # skip_instance_cache: fsspec's own cache would hand a forked worker its parent's instance
+            fs = fsspec.filesystem(proto, skip_instance_cache=True, **opts)
+        except ImportError as e:
+            raise RuntimeError(
+                f"no fsspec implementation for {proto}:// ({e}); install largessl[s3] (s3fs, gcsfs) for s3:// and gs://"
+            ) from None
+        _FILESYSTEMS[key] = fs
+    return fs
+
+
+def reset_filesystems() -> None:
+    """Forget this process's filesystems (called in each DataLoader worker before any I/O)."""
+    _FILESYSTEMS.clear()
+
+
+def strip_protocol(url: str) -> str:
+    """Path as the filesystem expects it (``file:///a`` → ``/a``; ``s3://b/k`` → ``b/k``; http unchanged)."""
+    if protocol_of(url) == "http":
+        return url
+    if protocol_of(url) == "file":
+        return url[len("file://"):] if url.startswith("file://") else url
+    return url.split("://", 1)[1]
+
+
+def open_url(url: str, mode: str = "rb", storage_options: Mapping[str, Any] | None = None) -> IO[bytes]:
+    """Open ``url`` with fsspec (no caching layer: shards are read once, front to back)."""
+    fs = filesystem(url, storage_options)
+    kwargs: dict[str, Any] = {}
+    if protocol_of(url) == "http" and "r" in mode:
+        kwargs["block_size"] = 0  # stream the body instead of ranged requests the server may not support
+    return fs.open(strip_protocol(url), mode, **kwargs)
+
+
+def exists(url: str, storage_options: Mapping[str, Any] | None = None) -> bool:
+    """True when ``url`` exists."""
+    return filesystem(url, storage_options).exists(strip_protocol(url))
+
+
+def join_url(base: str, name: str) -> str:
+    """``join_url('s3://b/d', 'x.tar')`` → ``'s3://b/d/x.tar'``; absolute ``name`` URLs are returned as is."""
+    if "://" in name or name.startswith("/"):
+        return name
+    return posixpath.join(base.rstrip("/"), name) if base else name
+
+
+def dirname_url(url: str) -> str:
+    """Parent of ``url`` keeping the protocol (``s3://b/d/m.json`` → ``s3://b/d``)."""
+    return url.rsplit("/", 1)[0] if "/" in url else ""
+
+
+def with_retries(fn: Callable[[], T], what: str, retries: int, backoff_s: float) -> T:
+    """Call ``fn`` up to ``retries`` times with exponential backoff; re-raise the last error."""
+    for attempt in range(1, retries + 1):
+        try:
+            return fn()
+        except (OSError, EOFError, TimeoutError) as e:  # storage errors; bugs (TypeError...) propagate
+            if attempt == retries:
+                raise
+            delay = backoff_s * 2 ** (attempt - 1)
+            log.warning("%s failed (attempt %d/%d: %s); retrying in %.1fs", what, attempt, retries, e, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _fsspec_pipe_opener(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any) -> IO[bytes]:
+    return open_url(url, mode, storage_options_for(url))
+
+
+def register_webdataset_openers() -> None:
+    """Let ``webdataset.WebDataset('s3://...')`` / ``gs://`` open URLs through fsspec (it has no opener for them)."""
+    from webdataset import gopen
+
+    for scheme in ("s3", "gs", "gcs"):
+        gopen.gopen_schemes[scheme] = _fsspec_pipe_opener
