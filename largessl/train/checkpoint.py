@@ -342,6 +342,11 @@ class CheckpointManager:
         for src in range(get_world_size(self.group)):
             all_hashes.update(broadcast_object(hashes, src, self.group))  # type: ignore[arg-type]
         if self.rank == 0:
+            if not self.remote:  # the broadcasts above ordered this after every rank's writes
+                for p in sorted((staging / "deepspeed").rglob("*")):
+                    if p.is_file():
+                        _fsync_file(p)
+                        all_hashes[p.relative_to(staging).as_posix()] = _sha256_file(p)
             self._finalise(staging, name, all_hashes)
             self._prune()
         barrier(self.group)
@@ -351,12 +356,12 @@ class CheckpointManager:
         """Write this rank's files, fsync them, and return their sha256 by relative path."""
         written = [staging / rank_file(self.rank)]
         torch.save(payload.rank_state, written[0])
-        extra_dir = staging / "deepspeed"
-        before = set(extra_dir.rglob("*")) if extra_dir.exists() else set()
         if payload.write_extra is not None:
             payload.write_extra(staging)
-            # Only files this rank created (DeepSpeed writes one set per rank plus rank 0's shared files).
-            written += [p for p in extra_dir.rglob("*") if p.is_file() and p not in before]
+            # In a private (remote) staging folder every extra file is this rank's; in the shared folder
+            # rank 0 hashes the extra files after all ranks finished (see save), never while they are written.
+            if self.remote:
+                written += [p for p in (staging / "deepspeed").rglob("*") if p.is_file()]
         if self.rank == 0:
             if payload.model_state is None or payload.training_state is None or payload.meta is None:
                 raise AssertionError("rank 0 must provide model_state, training_state and meta")

@@ -1,0 +1,58 @@
+"""``largessl pretrain --config X.yaml [key=value ...]``: one process, torchrun, SLURM or a Kubernetes job.
+
+Rerunning the same command on the same ``train.run_dir`` resumes from its newest complete checkpoint.
+Exit codes: 0 done, 75 stopped by a signal or the time limit after saving (requeue), 2 bad config,
+3 environment, 4 diverged (see :mod:`largessl.exit_codes`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from largessl.config import load_config
+from largessl.dist.env import (
+    detect_env,
+    init_distributed,
+    resolve_backend,
+    setup_logging,
+    shutdown_distributed,
+)
+from largessl.train.precision import resolve_device
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``largessl pretrain``."""
+    p.add_argument("--config", action="append", default=[], help="YAML config file (repeatable; later wins)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.run_dir=runs/bt optim.base_lr=0.3")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Resolve the config, join the process group, train (resuming), then run the configured stages."""
+    cfg = load_config(args.config, args.overrides)
+    env = detect_env()
+    setup_logging(env, cfg.log.level)
+    device = resolve_device(cfg.train.device, env.local_rank)
+    backend = resolve_backend(cfg.dist.backend, device)
+    init_distributed(env, backend, cfg.dist.timeout_minutes)
+    try:
+        from largessl.train.trainer import build_trainer
+
+        trainer = build_trainer(cfg, env)
+        result = trainer.fit()
+        if result.exit_code == 0 and cfg.stages:
+            _run_stages(cfg, result.run_dir)
+        return result.exit_code
+    finally:
+        shutdown_distributed()
+
+
+def _run_stages(cfg, run_dir: str) -> None:
+    try:
+        from largessl.stages import run_stages
+    except ImportError:
+        raise RuntimeError(f"stages {cfg.stages} were requested but largessl.stages is not available in this "
+                           "installation; remove `stages` from the config or update largessl") from None
+    run_stages(cfg, run_dir)

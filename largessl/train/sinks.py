@@ -1,0 +1,107 @@
+"""Metric sinks (rank 0 only): metrics.jsonl, TensorBoard scalars, and a progress bar with ETA."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
+
+
+class MetricSink(Protocol):
+    """Receives one flat record of numbers per logged step."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Record the metrics of one logged step."""
+
+    def close(self) -> None:
+        """Flush and release files."""
+
+
+class JsonlSink:
+    """One JSON object per logged step, flushed line by line so a killed run loses at most one line.
+
+    On resume :meth:`truncate_after` drops lines of steps beyond the checkpoint, so with ``log_every=1``
+    every step appears exactly once across any number of restarts.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], resume_step: int | None = None) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.truncate_after(resume_step or 0)
+        self._f = open(self.path, "a", encoding="utf-8")
+
+    def truncate_after(self, step: int) -> None:
+        """Keep only records with ``step <= step`` (and drop a torn last line), rewriting atomically."""
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # torn line from a killed process
+            if isinstance(rec, dict) and rec.get("step", math.inf) <= step:
+                kept.append(line)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Append one record."""
+        self._f.write(json.dumps(record, sort_keys=False) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        """Close the file."""
+        self._f.close()
+
+
+class TensorBoardSink:
+    """Every numeric field of a record becomes a scalar at ``record['step']``."""
+
+    def __init__(self, log_dir: str | os.PathLike[str], purge_step: int | None = None) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        # purge_step hides events a killed run wrote beyond the resumed step.
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Add scalars for every number in ``record``."""
+        step = int(record["step"])
+        for k, v in record.items():
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                self.writer.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        """Flush event files."""
+        self.writer.flush()
+        self.writer.close()
+
+
+class ProgressBar:
+    """A tqdm bar on rank 0 with ETA and current throughput (disabled elsewhere or when off)."""
+
+    def __init__(self, total: int, initial: int, enabled: bool, desc: str = "pretrain") -> None:
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,
+                            mininterval=1.0, smoothing=0.1)
+
+    def update(self, n: int = 1, **postfix: Any) -> None:
+        """Advance the bar; ``postfix`` (loss, img/s) is shown after it."""
+        if self.bar is not None:
+            if postfix:
+                self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update(n)
+
+    def close(self) -> None:
+        """Close the bar."""
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,416 @@
+"""The pretraining loop: build once from the config, then ``fit()`` (resuming automatically).
+
+Per step: next batch → :func:`largessl.train.step.train_step` → lr from :mod:`schedules` (a pure function of
+the step) → on log steps only: ``.item()``, cross-rank sums and collapse metrics → checkpoint cadence → the
+stop flag (signals / time limit). Every rank runs the same sequence of collectives; only rank 0 writes
+metrics. A stop request saves a checkpoint on every rank and ends with ``exit_codes.REQUEUE``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from torch.distributed import ProcessGroup
+
+from largessl import exit_codes
+from largessl.config import Config, RunPlan, config_to_dict, plan_run, save_config
+from largessl.data.batch import Batch
+from largessl.dist.collectives import all_reduce_sum_no_grad, get_rank, get_world_size
+from largessl.dist.env import DistEnv
+from largessl.methods import build_method
+from largessl.methods.base import MethodOutput
+from largessl.models import build_backbone
+from largessl.train.checkpoint import (
+    CheckpointManager,
+    SavePayload,
+    capture_rng_state,
+    git_revision,
+    load_rank_state,
+    load_training_checkpoint,
+    restore_rng_state,
+)
+from largessl.train.optim import build_optimizer
+from largessl.train.precision import PrecisionPolicy, resolve_device, resolve_precision
+from largessl.train.schedules import apply_lr
+from largessl.train.signals import StopFlag
+from largessl.train.sinks import JsonlSink, MetricSink, ProgressBar, TensorBoardSink
+from largessl.train.step import train_step
+
+log = logging.getLogger(__name__)
+
+
+class TrainStream(Protocol):
+    """What the trainer needs from the data pipeline (``largessl.data.stream.build_train_stream``)."""
+
+    batches_per_epoch: int
+    num_classes: int
+
+    def iterate(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
+        """Batches of ``epoch`` for this rank, starting at ``start_batch`` (exact resume)."""
+
+
+@dataclass
+class FitResult:
+    """How :meth:`Trainer.fit` ended."""
+
+    exit_code: int
+    """``exit_codes.OK`` when all steps ran, ``exit_codes.REQUEUE`` after a stop request."""
+    step: int
+    """Optimizer steps completed."""
+    reason: str
+    """Why training ended."""
+    run_dir: str
+    """The run directory."""
+    last_metrics: dict[str, Any]
+    """The last logged record."""
+
+
+def _configure_determinism(deterministic: bool, device: torch.device) -> None:
+    if not deterministic:
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        return
+    if device.type == "cuda":
+        # cuBLAS needs a fixed workspace to be deterministic; must be set before the first cuBLAS call.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True)
+
+
+class _SkipCounter:
+    """Sums the workers' cumulative skip counters (``Batch.stats``) into one running total per counter."""
+
+    def __init__(self) -> None:
+        self.latest: dict[tuple[int, str], int] = {}
+
+    def update(self, stats: dict[str, int]) -> None:
+        worker = int(stats.get("worker", 0))
+        for k, v in stats.items():
+            if k != "worker" and isinstance(v, int):
+                self.latest[(worker, k)] = max(v, self.latest.get((worker, k), 0))
+
+    def total(self, name: str) -> int:
+        return sum(v for (w, k), v in self.latest.items() if k == name)
+
+
+class Trainer:
+    """Owns model, optimizer, checkpoints and sinks of one run; ``fit()`` trains to ``plan.num_steps``."""
+
+    def __init__(self, cfg: Config, env: DistEnv, stream: TrainStream, num_train_samples: int,
+                 group: ProcessGroup | None = None, device: torch.device | None = None) -> None:
+        self.cfg = cfg
+        self.env = env
+        self.stream = stream
+        self.group = group
+        self.rank = get_rank(group)
+        self.world_size = get_world_size(group)
+        self.device = device or resolve_device(cfg.train.device, env.local_rank)
+        _configure_determinism(cfg.train.deterministic, self.device)
+        self.policy: PrecisionPolicy = resolve_precision(cfg.train, self.device)
+        self.plan = self._plan(num_train_samples)
+        self.run_dir = Path(cfg.train.run_dir)
+        self.ckpt = CheckpointManager(cfg.checkpoint.dir or str(self.run_dir / "checkpoints"),
+                                      keep=cfg.checkpoint.keep, rank=self.rank, group=group)
+
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        backbone = build_backbone(cfg.model)
+        self.module: nn.Module = build_method(cfg.method, backbone, group).to(self.device)
+        if self.policy.channels_last:
+            self.module = self.module.to(memory_format=torch.channels_last)
+        if self.policy.compile:
+            self.module.backbone = torch.compile(self.module.backbone)
+        self.optimizer = build_optimizer(self.module, cfg.optim, self.plan.lr, self.plan.bias_norm_lr)
+        self.scaler = self.policy.make_scaler()
+        self.engine = None
+        self.model: nn.Module = self.module
+        if cfg.dist.strategy == "deepspeed":
+            from largessl.train.deepspeed_engine import build_engine
+
+            self.engine = build_engine(self.module, self.optimizer, cfg.dist.zero_stage,
+                                       self.plan.per_rank_batch_size, self.world_size, cfg.train.grad_clip,
+                                       self.policy, self.device)
+        elif self.world_size > 1:
+            self.model = nn.parallel.DistributedDataParallel(
+                self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=cfg.dist.find_unused_parameters, process_group=group)
+        self.probe = self._build_probe(backbone)
+        self.step = 0
+
+    # -------------------------------------------------------------------------------------------
+    # setup helpers
+
+    def _plan(self, num_train_samples: int) -> RunPlan:
+        plan = plan_run(self.cfg, self.world_size, num_train_samples)
+        bpe = self.stream.batches_per_epoch
+        if bpe < 1:
+            raise ValueError("the training stream yields no full batch per epoch; lower train.global_batch_size")
+        if bpe != plan.steps_per_epoch:
+            # The stream's count is what each rank really gets; the schedule must follow it.
+            log.info("stream gives %d batches per epoch per rank (plan from sample count: %d); using the stream's",
+                     bpe, plan.steps_per_epoch)
+            num_steps = self.cfg.train.num_steps or max(1, math.ceil(self.cfg.train.epochs * bpe))
+            plan = dataclasses.replace(plan, steps_per_epoch=bpe, num_steps=num_steps,
+                                       warmup_steps=min(num_steps, round(self.cfg.optim.warmup_epochs * bpe)))
+        log.info("plan: %d rank(s) x %d = global batch %d; %d steps (%d per epoch, %d warm-up); "
+                 "lr %.4g, bias/norm lr %.4g", plan.world_size, plan.per_rank_batch_size, plan.global_batch_size,
+                 plan.num_steps, plan.steps_per_epoch, plan.warmup_steps, plan.lr, plan.bias_norm_lr)
+        return plan
+
+    def _build_probe(self, backbone: nn.Module) -> nn.Module | None:
+        if not self.cfg.eval.online_probe or self.stream.num_classes < 2:
+            return None
+        try:
+            from largessl.eval.online_probe import OnlineProbe
+        except ImportError:
+            log.warning("eval.online_probe=true but largessl.eval.online_probe is not available; probe disabled")
+            return None
+        return OnlineProbe(backbone.num_features, self.stream.num_classes, self.cfg.eval.online_probe_lr,
+                           group=self.group).to(self.device)
+
+    # -------------------------------------------------------------------------------------------
+    # checkpoints
+
+    def _data_position(self) -> dict[str, int]:
+        epoch, batch = divmod(self.step, self.plan.steps_per_epoch)
+        return {"epoch": epoch, "batch_in_epoch": batch, "world_size": self.world_size,
+                "num_workers": self.cfg.data.num_workers, "seed": self.cfg.train.seed,
+                "batches_per_epoch": self.plan.steps_per_epoch}
+
+    def save(self, metrics: dict[str, Any]) -> str:
+        """Collective: every rank contributes its state to ``step-<self.step>/``."""
+        rank_state = {"rng": capture_rng_state(), "data": self._data_position(), "rank": self.rank}
+        payload = SavePayload(rank_state=rank_state)
+        if self.engine is not None:
+            from largessl.train.deepspeed_engine import save_engine
+
+            payload.write_extra = lambda staging: save_engine(self.engine, staging)
+        if self.rank == 0:
+            payload.model_state = self.module.state_dict()
+            payload.training_state = {
+                "step": self.step,
+                "epoch": self.step // self.plan.steps_per_epoch,
+                # With DeepSpeed the optimizer lives in the deepspeed/ files (partitioned per rank).
+                "optimizer": self.optimizer.state_dict() if self.engine is None else {},
+                "scheduler": {"step": self.step, "kind": "warmup_cosine"},
+                "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+                "probe": self.probe.full_state_dict() if self.probe is not None else {},
+            }
+            payload.meta = {"step": self.step, "epoch": self.step / self.plan.steps_per_epoch,
+                            "git_revision": git_revision(), "metrics": metrics,
+                            "world_size": self.world_size, "strategy": self.cfg.dist.strategy,
+                            "config": config_to_dict(self.cfg)}
+        return self.ckpt.save(self.step, payload)
+
+    def resume(self) -> bool:
+        """Load the newest verified checkpoint if there is one (every rank); returns whether it resumed."""
+        self.ckpt.cleanup_interrupted()
+        path = self.ckpt.latest()
+        if path is None:
+            return False
+        state = load_training_checkpoint(path)
+        from largessl.train.checkpoint import load_model_state
+
+        weights, _, _ = load_model_state(path)
+        self.module.load_state_dict(weights, strict=True)
+        if self.engine is not None:
+            from largessl.train.deepspeed_engine import load_engine
+
+            load_engine(self.engine, path)
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        if self.probe is not None and state.get("probe"):
+            self.probe.load_full_state_dict(state["probe"])
+        self.step = int(state["step"])
+        saved_world = state["meta"].get("world_size", self.world_size)
+        rank_state = load_rank_state(path, self.rank) if self.rank < saved_world else None
+        if rank_state is not None and saved_world == self.world_size:
+            restore_rng_state(rank_state["rng"])
+            pos = rank_state["data"]
+            if pos["batches_per_epoch"] != self.plan.steps_per_epoch:
+                raise ValueError(f"checkpoint {path} was written with {pos['batches_per_epoch']} batches per "
+                                 f"epoch, the stream now gives {self.plan.steps_per_epoch}; resume with the same "
+                                 "data and train.global_batch_size, or start a new train.run_dir")
+        else:
+            log.warning("checkpoint %s was written by %d rank(s), now %d: the data is re-split over the new ranks "
+                        "from epoch %d batch %d (same global sample count; per-rank order and RNG streams differ "
+                        "from an uninterrupted run)", path, saved_world, self.world_size,
+                        self.step // self.plan.steps_per_epoch, self.step % self.plan.steps_per_epoch)
+        log.info("resumed from %s at step %d", path, self.step)
+        return True
+
+    # -------------------------------------------------------------------------------------------
+    # the loop
+
+    def _sinks(self, resumed_step: int) -> list[MetricSink]:
+        if self.rank != 0:
+            return []
+        sinks: list[MetricSink] = [JsonlSink(self.run_dir / "metrics.jsonl", resume_step=resumed_step)]
+        if self.cfg.log.tensorboard:
+            sinks.append(TensorBoardSink(self.run_dir / "tb", purge_step=resumed_step + 1))
+        return sinks
+
+    def _collapse(self, out: MethodOutput) -> dict[str, float]:
+        try:
+            from largessl.metrics.collapse import collapse_metrics
+        except ImportError:
+            return {}
+        if not out.embeddings:
+            return {}
+        z_other = out.embeddings[1] if len(out.embeddings) > 1 else None
+        return {f"collapse/{k}": float(v) for k, v in
+                collapse_metrics(out.embeddings[0].float(), group=self.group, z_other=z_other).items()}
+
+    def fit(self) -> FitResult:
+        """Train until ``plan.num_steps`` or a stop request; resumes from the run directory first."""
+        cfg = self.cfg
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+        log.info("run directory: %s", self.run_dir.resolve())
+        stop = StopFlag(cfg.train.max_minutes, self.group).install()
+        try:
+            self.resume()
+            return self._loop(stop)
+        finally:
+            stop.uninstall()
+
+    def _loop(self, stop: StopFlag) -> FitResult:
+        cfg, plan = self.cfg, self.plan
+        sinks = self._sinks(self.step)
+        bar = ProgressBar(plan.num_steps, self.step, enabled=cfg.log.progress and self.rank == 0)
+        skips = _SkipCounter()
+        self.model.train()
+        # On GPU, .item() on the agreed flag would sync the stream every step: check on log steps there.
+        check_every = 1 if self.device.type == "cpu" else cfg.train.log_every
+        last: dict[str, Any] = {}
+        t_start = time.perf_counter()
+        start_step = self.step
+        t_window, wait_window, steps_window = time.perf_counter(), 0.0, 0
+        reason, code = "completed", exit_codes.OK
+        try:
+            while self.step < plan.num_steps:
+                epoch, start_batch = divmod(self.step, plan.steps_per_epoch)
+                batches = iter(self.stream.iterate(epoch, start_batch))
+                stopped = False
+                while self.step < plan.num_steps:
+                    t0 = time.perf_counter()
+                    try:
+                        batch = next(batches)
+                    except StopIteration:
+                        break
+                    wait_window += time.perf_counter() - t0
+                    skips.update(batch.stats)
+                    batch = batch.to(self.device, memory_format=torch.channels_last if self.policy.channels_last
+                                     else torch.contiguous_format)
+                    lr = apply_lr(self.optimizer, self.step, plan.warmup_steps, plan.num_steps,
+                                  cfg.optim.final_lr_ratio)
+                    out = train_step(self.model, batch.views, self.step, self.optimizer, self.policy, self.scaler,
+                                     cfg.train.grad_clip, self.engine)
+                    probe_metrics: dict[str, torch.Tensor] = {}
+                    if self.probe is not None and out.features is not None:
+                        probe_metrics = self.probe.step(out.features, batch.labels)
+                    self.step += 1
+                    steps_window += 1
+                    end_of_epoch = self.step % plan.steps_per_epoch == 0
+                    is_log = self.step % cfg.train.log_every == 0 or self.step == plan.num_steps
+                    is_collapse = self.step % cfg.train.collapse_every == 0
+                    if is_log or is_collapse:
+                        elapsed = time.perf_counter() - t_window
+                        last = self._record(out, probe_metrics, lr, steps_window, elapsed, wait_window, skips,
+                                            is_collapse)
+                        for s in sinks:
+                            s.write(last)
+                        t_window, wait_window, steps_window = time.perf_counter(), 0.0, 0
+                    bar.update(1, loss=f"{last.get('loss', float('nan')):.4g}",
+                               img_s=f"{last.get('images_per_s', 0.0):.0f}")
+                    done = self.step >= plan.num_steps
+                    if (self.step % cfg.checkpoint.every_steps == 0 or done
+                            or (end_of_epoch and cfg.checkpoint.at_epoch_end)):
+                        self.save(last)
+                        saved_at = self.step
+                    else:
+                        saved_at = -1
+                    if not done and (self.step % check_every == 0) and stop.agreed():
+                        if saved_at != self.step:
+                            self.save(last)
+                        reason, code = f"stopped: {stop.reason}; checkpoint saved at step {self.step}", \
+                            exit_codes.REQUEUE
+                        stopped = True
+                        break
+                    if end_of_epoch:
+                        break
+                if stopped:
+                    break
+                if self.step < plan.num_steps and self.step % plan.steps_per_epoch != 0:
+                    raise RuntimeError(f"the data stream ended epoch {epoch} after batch "
+                                       f"{self.step % plan.steps_per_epoch} but promised {plan.steps_per_epoch} "
+                                       "batches per epoch")
+        finally:
+            bar.close()
+            for s in sinks:
+                s.close()
+        minutes = (time.perf_counter() - t_start) / 60
+        log.info("%s after %d step(s) (%d this run, %.1f min); final loss %s; run directory %s; "
+                 "TensorBoard: tensorboard --logdir %s", reason, self.step, self.step - start_step, minutes,
+                 f"{last['loss']:.5g}" if "loss" in last else "n/a", self.run_dir.resolve(),
+                 (self.run_dir / "tb").resolve())
+        return FitResult(code, self.step, reason, str(self.run_dir), last)
+
+    def _record(self, out: MethodOutput, probe: dict[str, torch.Tensor], lr: float, steps: int, elapsed: float,
+                wait: float, skips: _SkipCounter, with_collapse: bool) -> dict[str, Any]:
+        """A log step's record: the only place with .item() and cross-rank sums (sync points)."""
+        loss = float(out.loss.detach().float().item())
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss} at step {self.step}; lower the learning rate, check the "
+                                     "data, or use train.precision=fp32")
+        # One all-reduce for every cross-rank number of this record: throughput, data wait, skips.
+        counters = torch.tensor([steps * self.plan.per_rank_batch_size, elapsed, wait,
+                                 skips.total("skipped_samples"), *[float(v) for v in probe.values()]],
+                                dtype=torch.float64)
+        all_reduce_sum_no_grad(counters, self.group)
+        world = self.world_size
+        rec: dict[str, Any] = {
+            "step": self.step,
+            "epoch": self.step / self.plan.steps_per_epoch,
+            "loss": loss,
+            **{k: float(v.item()) for k, v in out.metrics.items()},
+            "lr": lr,
+            "images_per_s": float(counters[0] / max(counters[1] / world, 1e-9)),
+            "data_wait_frac": float(counters[2] / max(counters[1], 1e-9)),
+            "skipped_samples": int(counters[3]),
+        }
+        for i, k in enumerate(probe):
+            rec[k] = float(counters[4 + i] / world)
+        if with_collapse:
+            rec.update(self._collapse(out))
+        return rec
+
+
+def build_trainer(cfg: Config, env: DistEnv, group: ProcessGroup | None = None) -> Trainer:
+    """The real path: read the train manifest, build the shard stream, then the trainer."""
+    from largessl.data.manifest import read_manifest
+    from largessl.data.stream import build_train_stream
+
+    if not cfg.data.train_manifest:
+        raise ValueError("data.train_manifest is empty; point it at a manifest written by `largessl shards write`")
+    manifest = read_manifest(cfg.data.train_manifest)
+    world = get_world_size(group)
+    rank = get_rank(group)
+    if cfg.train.global_batch_size % world:
+        raise ValueError(f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by the world "
+                         f"size {world}; use a multiple of {world}")
+    stream = build_train_stream(cfg.data, manifest, cfg.train.global_batch_size // world, rank, world,
+                                cfg.train.seed)
+    return Trainer(cfg, env, stream, manifest.num_samples, group)
