@@ -155,7 +155,16 @@ class Decorrelation(nn.Module):
         """Loss of the two views; both views use the same Shuffled-DBN permutation (same step)."""
         if len(views) != 2:
             raise ValueError(f"decorrelation expects 2 views, got {len(views)}; set data.num_views=2")
-        (f_a, z_a), (_, z_b) = self.embed(views[0], step), self.embed(views[1], step)
+        out = []
+        for i, v in enumerate(views):
+            try:
+                out.append(self.embed(v, step))
+            except FloatingPointError as e:  # DBN's eigendecomposition refuses NaN/Inf before the loss sees it
+                raise FloatingPointError(
+                    f"decorrelation: non-finite loss term(s) {self.cfg.loss} at step {step}; the embeddings of "
+                    f"view(s) [{i}] hold NaN/Inf before the {self.cfg.head} head: {e}"
+                ) from None
+        (f_a, z_a), (_, z_b) = out
         total, terms = loss(z_a, z_b, self.cfg.loss, self.group)
         if not total.is_cuda:
             check_loss("decorrelation", total, terms, step, [z_a, z_b])

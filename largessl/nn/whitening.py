@@ -157,9 +157,15 @@ class DBN(nn.Module):
     # -- forward ----------------------------------------------------------------------------------
 
     def _whiten_matrix(self, cov: torch.Tensor) -> torch.Tensor:
-        if self.method == "eigh":
+        if self.method == "newton_schulz":
+            return inv_sqrt_newton_schulz(cov, self.eps, self.ns_iters)
+        try:
             return inv_sqrt_psd(cov, self.eps)
-        return inv_sqrt_newton_schulz(cov, self.eps, self.ns_iters)
+        except torch.linalg.LinAlgError as e:  # NaN/Inf input: a diverged run, not a broken environment
+            raise FloatingPointError(
+                f"{type(self).__name__}: eigendecomposition of the group covariance failed; its input holds "
+                f"NaN/Inf ({e})"
+            ) from None
 
     def _whiten(self, xc: torch.Tensor, cov_full: torch.Tensor, cov_tail: torch.Tensor) -> torch.Tensor:
         """Apply the per-group Σ^{-1/2} to centred ``xc`` (N, D)."""
