@@ -180,6 +180,7 @@ def check_shards_exist(manifest: Manifest, storage_options: Mapping[str, Any] | 
         by_dir.setdefault(io.dirname_url(s.url), []).append(s.url)
     for folder, urls in by_dir.items():
         fs = io.filesystem(urls[0], storage_options)
+        fs.invalidate_cache(io.strip_protocol(folder))  # s3fs caches listings: a start-up check must look afresh
         present: set[str] | None = None
         if io.protocol_of(urls[0]) != "http" and len(urls) > 1:
             try:

@@ -16,6 +16,7 @@ import hashlib
 import io as pyio
 import logging
 import os
+import random
 import tarfile
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -222,7 +223,15 @@ def write_shards(samples: Sequence[SourceSample], class_names: Sequence[str], de
     return manifest_url
 
 
-def write_source(src: str, dest: str, **kwargs: Any) -> str:
-    """``largessl shards write SRC DEST``: scan an ImageFolder tree or list file, then :func:`write_shards`."""
+def write_source(src: str, dest: str, shuffle_seed: int | None = 0, **kwargs: Any) -> str:
+    """``largessl shards write SRC DEST``: scan an ImageFolder tree or list file, then :func:`write_shards`.
+
+    With ``shuffle_seed`` (default 0) the samples are shuffled once before sharding, so every shard mixes
+    classes (an ImageFolder listing is sorted by class, and the reader only shuffles within a buffer).
+    Keys keep the sorted-listing numbering, so they are stable whatever the seed.
+    """
     samples, class_names = scan_source(src)
-    return write_shards(samples, class_names, dest, extra={"source": os.path.abspath(src)}, **kwargs)
+    if shuffle_seed is not None:
+        random.Random(shuffle_seed).shuffle(samples)
+    extra = {"source": os.path.abspath(src), "shuffle_seed": shuffle_seed}
+    return write_shards(samples, class_names, dest, extra=extra, **kwargs)
