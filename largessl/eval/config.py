@@ -29,6 +29,8 @@ class EvalConfig:
     """Global batch size for feature extraction (kNN, cached linear probe)."""
     cache_features: bool = False
     """Extract frozen features once and train the head on the cache (fast lr sweeps; no augmentation)."""
+    linear_lr_sweep: list[float] = field(default_factory=list)
+    """With cache_features: also try these lrs (at batch 256) on the cache; the best val top-1 is reported with every run."""
     online_probe: bool = True
     """Train a linear classifier on detached features during pretraining and report its accuracy."""
     online_probe_lr: float = 0.1
@@ -48,5 +50,9 @@ class EvalConfig:
             raise ValueError("eval.linear_lr and eval.online_probe_lr must be > 0")
         if self.linear_batch_size < 1 or self.feature_batch_size < 1:
             raise ValueError("eval.linear_batch_size and eval.feature_batch_size must be >= 1")
+        if any(lr <= 0 for lr in self.linear_lr_sweep):
+            raise ValueError(f"eval.linear_lr_sweep must hold positive lrs (got {self.linear_lr_sweep})")
+        if self.linear_lr_sweep and not self.cache_features:
+            raise ValueError("eval.linear_lr_sweep needs eval.cache_features=true (a sweep reuses cached features)")
         if not 0.0 <= self.linear_momentum < 1.0:
             raise ValueError(f"eval.linear_momentum must be in [0, 1) (got {self.linear_momentum})")

@@ -53,7 +53,9 @@ def knn_classify(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
     # chunks bound the (chunk, n_train) similarity matrix; ImageNet's train set has 1.28M rows
     for test in F.normalize(test_feats.float(), dim=1).split(chunk_size):
         sims, idx = (test @ train.T).topk(k_max, dim=1)  # sorted, most similar first
-        weights = (sims / temperature).exp()
+        # shifting by the row's best similarity scales all of a row's weights equally (same vote) and
+        # keeps exp() finite for small temperatures (exp(1 / 0.01) overflows float32)
+        weights = ((sims - sims[:, :1]) / temperature).exp()
         onehot = F.one_hot(labels[idx], num_classes).float()  # (chunk, k_max, C)
         for asked, used in ks.items():
             scores = (onehot[:, :used] * weights[:, :used, None]).sum(dim=1)

@@ -1,0 +1,130 @@
+"""``largessl eval linear|knn``: evaluate a checkpoint, a hub model or a random init on labelled manifests.
+
+    largessl eval linear --checkpoint runs/bt --train data/train/manifest.json --val data/val/manifest.json
+    largessl eval knn --checkpoint hub:bt-r50-in1k@v1 --hub s3://models/hub --out runs/eval-bt ...
+    torchrun --nproc-per-node 8 -m largessl eval linear --checkpoint runs/bt eval.linear_lr=0.3
+
+The evaluated model's own resolved config is the base (so image size and stem match pretraining);
+``--config`` files and ``key=value`` overrides go on top. Results land in ``<out>/eval/{linear,knn}.json``
+and ``<out>/tb``; ``<out>`` defaults to the checkpoint's run directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from largessl.config import Config, load_config
+
+log = logging.getLogger(__name__)
+
+HUB_PREFIX = "hub:"
+RANDOM = "random"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``largessl eval``."""
+    parser.add_argument("protocol", choices=["linear", "knn"], help="linear probe or weighted kNN")
+    parser.add_argument("--checkpoint", required=True,
+                        help="run dir / step folder, a folder from `hub pull`, hub:NAME[@VERSION], or 'random' "
+                             "(random-init baseline; set model.* overrides)")
+    parser.add_argument("--hub", default=None, help="hub URL for hub:NAME (default: hub.url of the config)")
+    parser.add_argument("--train", default=None, help="labelled train manifest (default: data.train_manifest)")
+    parser.add_argument("--val", default=None, help="labelled val manifest (default: data.val_manifest)")
+    parser.add_argument("--out", default=None, help="output dir for eval/*.json and tb/ (default: the run dir)")
+    parser.add_argument("--config", action="append", default=[], help="extra YAML config file (repeatable)")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. eval.linear_lr=0.3")
+
+
+def load_source(checkpoint: str, base_cfg: Config | None = None, hub_url: str | None = None,
+                endpoint_url: str = "") -> tuple[Any, dict[str, Any], Path | None]:
+    """(EvalSource, the model's config dict, its run dir or None) for a ``--checkpoint`` argument."""
+    from largessl.eval.runner import EvalSource
+    from largessl.hub.api import load_backbone
+    from largessl.hub.card import METRICS_FILE
+    from largessl.hub.export import build_backbone_from_config, load_backbone_from_checkpoint
+    from largessl.hub.store import CARD
+
+    if checkpoint == RANDOM:
+        if base_cfg is None:
+            raise ValueError("--checkpoint random needs a config for the architecture (model.* overrides)")
+        from largessl.config import config_to_dict
+
+        cfg_dict = config_to_dict(base_cfg)
+        import torch
+
+        torch.manual_seed(base_cfg.train.seed)
+        net = build_backbone_from_config(cfg_dict["model"])
+        return EvalSource(net, {"random_init": True, "seed": base_cfg.train.seed}), cfg_dict, None
+    if checkpoint.startswith(HUB_PREFIX):
+        ref = checkpoint[len(HUB_PREFIX):]
+        url = hub_url or (base_cfg.hub.url if base_cfg else "hub")
+        net, card = load_backbone(ref, hub=url, endpoint_url=endpoint_url, with_card=True)
+        desc = {"hub": url, "model": f"{card['name']}@{card['version']}"}
+        return EvalSource(net, desc), card.get("config", {}), None
+    path = Path(checkpoint)
+    if (path / CARD).is_file():
+        net, card = load_backbone(path, with_card=True)
+        return EvalSource(net, {"pulled": str(path.resolve()), "model": f"{card['name']}@{card['version']}"}), \
+            card.get("config", {}), None
+    net, cfg_dict, meta = load_backbone_from_checkpoint(checkpoint)
+    desc = {"checkpoint": str(meta.get("path", checkpoint)), "step": meta.get("step")}
+    run_dir = None
+    for cand in (path, Path(str(meta.get("path", ""))).parent.parent):
+        if (cand / METRICS_FILE).is_file() or (cand / "config.yaml").is_file():
+            run_dir = cand
+            break
+    return EvalSource(net, desc), cfg_dict, run_dir
+
+
+def resolve_config(model_cfg: dict[str, Any], files: list[str], overrides: list[str]) -> Config:
+    """The model's config as the base, then ``files``, then ``overrides`` (checked like any config)."""
+    with tempfile.TemporaryDirectory(prefix="largessl-eval-") as tmp:
+        base = Path(tmp) / "model_config.yaml"
+        base.write_text(yaml.safe_dump(json.loads(json.dumps(model_cfg)), sort_keys=False))
+        return load_config([base, *files], overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``largessl eval``."""
+    from largessl.dist.env import (
+        detect_env,
+        init_distributed,
+        resolve_backend,
+        setup_logging,
+        shutdown_distributed,
+    )
+    from largessl.eval.runner import evaluate_knn, evaluate_linear, resolve_device
+
+    overrides = list(args.overrides)
+    if args.train:
+        overrides.append(f"data.train_manifest={args.train}")
+    if args.val:
+        overrides.append(f"data.val_manifest={args.val}")
+    prelim = load_config(args.config or None, overrides)
+    env = detect_env()
+    setup_logging(env, prelim.log.level)
+    source, model_cfg, run_dir = load_source(args.checkpoint, prelim, args.hub, prelim.hub.endpoint_url)
+    cfg = resolve_config(model_cfg, args.config, overrides) if model_cfg else prelim
+    out = Path(args.out) if args.out else run_dir
+    if out is None:
+        raise ValueError(f"--checkpoint {args.checkpoint} has no run directory; pass --out DIR for the results")
+    device = resolve_device(cfg.train.device, env.local_rank)
+    init_distributed(env, resolve_backend(cfg.dist.backend, device))
+    try:
+        source.backbone.to(device)
+        fn = evaluate_linear if args.protocol == "linear" else evaluate_knn
+        result = fn(cfg, source, out, device)
+    finally:
+        shutdown_distributed()
+    if env.is_main:
+        top1 = result["top1"]
+        text = f"{top1:.2f}%" if isinstance(top1, float) else ", ".join(f"k={k}: {v:.2f}%" for k, v in top1.items())
+        log.info("%s top-1 %s -> %s", args.protocol, text, out / "eval" / f"{args.protocol}.json")
+    return 0
