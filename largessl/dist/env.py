@@ -62,6 +62,24 @@ def _first_slurm_host(nodelist: str) -> str:
     return prefix + first
 
 
+def _slurm_tasks_per_node(env: Mapping[str, str]) -> int:
+    """Tasks on this node: SLURM_NTASKS_PER_NODE, else the first entry of SLURM_TASKS_PER_NODE ("4(x2),2" → 4)."""
+    for key in ("SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
+        head = env.get(key, "").split(",")[0].split("(")[0]
+        if head.isdigit():
+            return int(head)
+    return 1
+
+
+def _checked(env: DistEnv) -> DistEnv:
+    if env.world_size < 1 or not 0 <= env.rank < env.world_size:
+        raise RuntimeError(f"rank {env.rank} is outside world size {env.world_size} ({env.source} environment)")
+    if not 0 <= env.local_rank < max(env.local_world_size, 1):
+        raise RuntimeError(f"local rank {env.local_rank} is outside local world size {env.local_world_size} "
+                           f"({env.source} environment)")
+    return env
+
+
 def _slurm_port(env: Mapping[str, str]) -> int:
     """MASTER_PORT if set, else a port derived from the job id so concurrent jobs on a node differ."""
     if "MASTER_PORT" in env:
@@ -79,6 +97,10 @@ def detect_env(environ: Mapping[str, str] | None = None) -> DistEnv:
     which submitit's TorchDistributedEnvironment also exports as torchrun-style variables), else one process.
     """
     env = os.environ if environ is None else environ
+    return _checked(_detect(env))
+
+
+def _detect(env: Mapping[str, str]) -> DistEnv:
     if "RANK" in env and "WORLD_SIZE" in env:
         world = _int(env, "WORLD_SIZE")
         return DistEnv(
@@ -114,8 +136,7 @@ def detect_env(environ: Mapping[str, str] | None = None) -> DistEnv:
             rank=_int(env, "SLURM_PROCID"),
             world_size=_int(env, "SLURM_NTASKS"),
             local_rank=_int(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0,
-            local_world_size=_int(env, "SLURM_NTASKS_PER_NODE")
-            if env.get("SLURM_NTASKS_PER_NODE", "").isdigit() else 1,
+            local_world_size=_slurm_tasks_per_node(env),
             master_addr=env.get("MASTER_ADDR", _first_slurm_host(nodelist)),
             master_port=_slurm_port(env),
             source="slurm",

@@ -4,7 +4,8 @@
   ``std_l2``: the same on l2-normalised rows (SimSiam's indicator, ≈ 1/√D when healthy).
 - ``corr``: mean over i ≠ j of |correlation_ij| of the standardised features (seed 000 eq. 1;
   dimensional collapse → 1).
-- ``rank``: singular values of Z above max(N, D)·eps·σ_max (seed 000 Fig. 4, numpy's matrix_rank tolerance);
+- ``rank``: singular values of Z above max(N, D)·ε_fp32·σ_max (seed 000 Fig. 4; numpy's matrix_rank
+  tolerance at the fp32 precision embeddings are trained in);
   ``rankme``: exp of the entropy of the normalised singular values (RankMe, Garrido et al. 2023).
 - ``m_o`` / ``m_r``: on l2-normalised z = o + r with o the batch mean, m_o = ||o||, m_r = mean ||r_i||
   (seed 004 §3.1; collapse → m_o → 1, m_r → 0).
@@ -30,7 +31,12 @@ RANKME_EPS = 1e-7
 
 
 def singular_values(z: torch.Tensor) -> torch.Tensor:
-    """Singular values of z (N, D), descending, via the eigenvalues of the smaller Gram matrix."""
+    """Singular values of z (N, D), descending, via the eigenvalues of the smaller Gram matrix in fp64.
+
+    fp64 because the Gram route squares the condition number: it resolves singular values down to
+    √ε_fp64·σ_max ≈ 1.5e-8·σ_max, well below the rank tolerance.
+    """
+    z = z.double()
     gram = z.T @ z if z.shape[1] <= z.shape[0] else z @ z.T
     return torch.linalg.eigvalsh(gram).clamp_min(0).sqrt().flip(0)
 
@@ -45,10 +51,10 @@ def effective_rank(s: torch.Tensor) -> float:
 
 
 def numerical_rank(s: torch.Tensor, n: int, d: int) -> int:
-    """Number of singular values above max(n, d)·eps·σ_max."""
+    """Number of singular values above max(n, d)·ε_fp32·σ_max (numpy's tolerance at training precision)."""
     if s.numel() == 0 or s[0] <= 0:
         return 0
-    tol = max(n, d) * torch.finfo(s.dtype).eps * s[0]
+    tol = max(n, d) * torch.finfo(torch.float32).eps * s[0]
     return int((s > tol).sum())
 
 

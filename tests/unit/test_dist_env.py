@@ -1,0 +1,75 @@
+"""Distributed bootstrap: the environment of torchrun, SLURM and Kubernetes Indexed Jobs, read purely."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from largessl.dist.env import DistEnv, _first_slurm_host, detect_env, init_distributed, resolve_backend
+
+
+def test_single_process_default():
+    env = detect_env({})
+    assert env == DistEnv() and not env.distributed and env.is_main
+
+
+def test_torchrun():
+    env = detect_env({"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4",
+                      "MASTER_ADDR": "node7", "MASTER_PORT": "1234"})
+    assert (env.rank, env.world_size, env.local_rank, env.local_world_size) == (5, 8, 1, 4)
+    assert (env.master_addr, env.master_port, env.source) == ("node7", 1234, "torchrun")
+
+
+def test_torchrun_wins_over_slurm():
+    # submitit's TorchDistributedEnvironment().export() and torchrun under srun set both families.
+    env = detect_env({"RANK": "1", "WORLD_SIZE": "2", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"})
+    assert env.source == "torchrun" and env.rank == 1
+
+
+def test_slurm():
+    env = detect_env({"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1",
+                      "SLURM_NTASKS_PER_NODE": "2", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "1234"})
+    assert (env.rank, env.world_size, env.local_rank, env.local_world_size) == (3, 4, 1, 2)
+    assert env.master_addr == "gpu07" and env.source == "slurm"
+    assert env.master_port == 20000 + 1234  # derived from the job id so concurrent jobs differ
+
+
+def test_slurm_tasks_per_node_with_repeat_count():
+    env = detect_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_TASKS_PER_NODE": "4(x2)",
+                      "SLURM_NODELIST": "a1,a2"})
+    assert env.local_world_size == 4 and env.master_addr == "a1"
+
+
+@pytest.mark.parametrize("nodelist,first", [
+    ("node[03-05,7],gpu1", "node03"), ("gpu1,node[1-2]", "gpu1"), ("a-b[10,12]", "a-b10"), ("solo", "solo"),
+])
+def test_first_slurm_host(nodelist, first):
+    assert _first_slurm_host(nodelist) == first
+
+
+def test_kubernetes_indexed_job():
+    env = detect_env({"JOB_COMPLETION_INDEX": "2", "LARGESSL_WORLD_SIZE": "4",
+                      "LARGESSL_MASTER_SERVICE": "ssl-headless", "LARGESSL_JOB_NAME": "pretrain"})
+    assert (env.rank, env.world_size, env.local_rank, env.source) == (2, 4, 0, "k8s")
+    assert env.master_addr == "pretrain-0.ssl-headless"  # pod 0's stable DNS name behind the headless service
+    with pytest.raises(RuntimeError, match="LARGESSL_MASTER_SERVICE"):
+        detect_env({"JOB_COMPLETION_INDEX": "0", "LARGESSL_WORLD_SIZE": "2"})
+
+
+def test_bad_integers_are_environment_errors():
+    with pytest.raises(RuntimeError, match="WORLD_SIZE='two'"):
+        detect_env({"RANK": "0", "WORLD_SIZE": "two"})
+    with pytest.raises(RuntimeError, match="rank 4 is outside"):
+        detect_env({"RANK": "4", "WORLD_SIZE": "4"})
+
+
+def test_backend_choice():
+    assert resolve_backend("auto", torch.device("cpu")) == "gloo"
+    assert resolve_backend("auto", torch.device("cuda", 0)) == "nccl"
+    with pytest.raises(ValueError, match="needs CUDA"):
+        resolve_backend("nccl", torch.device("cpu"))
+
+
+def test_init_is_a_no_op_for_one_process():
+    init_distributed(DistEnv())
+    assert not torch.distributed.is_initialized()
