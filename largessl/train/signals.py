@@ -52,6 +52,12 @@ class StopFlag:
             signal.signal(s, h)
         self._previous.clear()
 
+    def ignore_further(self) -> None:
+        """After the stop checkpoint: ignore further stop signals until exit (SIG_IGN survives interpreter
+        shutdown, unlike a Python handler), so the process still ends with the requeue code."""
+        for s in STOP_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         # Only a field assignment: safe at any point, including during a checkpoint write.
         if self.signum is None:

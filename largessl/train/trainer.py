@@ -182,9 +182,12 @@ class Trainer:
 
     def _data_position(self) -> dict[str, int]:
         epoch, batch = divmod(self.step, self.plan.steps_per_epoch)
-        return {"epoch": epoch, "batch_in_epoch": batch, "world_size": self.world_size,
-                "num_workers": self.cfg.data.num_workers, "seed": self.cfg.train.seed,
-                "batches_per_epoch": self.plan.steps_per_epoch}
+        pos = {"epoch": epoch, "batch_in_epoch": batch, "world_size": self.world_size,
+               "num_workers": self.cfg.data.num_workers, "seed": self.cfg.train.seed}
+        if hasattr(self.stream, "position_state"):
+            pos = dict(self.stream.position_state(epoch, batch))
+        pos["batches_per_epoch"] = self.plan.steps_per_epoch
+        return pos
 
     def save(self, metrics: dict[str, Any]) -> str:
         """Collective: every rank contributes its state to ``step-<self.step>/``."""
@@ -233,20 +236,32 @@ class Trainer:
         if self.probe is not None and state.get("probe"):
             self.probe.load_full_state_dict(state["probe"])
         self.step = int(state["step"])
-        saved_world = state["meta"].get("world_size", self.world_size)
-        rank_state = load_rank_state(path, self.rank) if self.rank < saved_world else None
-        if rank_state is not None and saved_world == self.world_size:
-            restore_rng_state(rank_state["rng"])
-            pos = rank_state["data"]
-            if pos["batches_per_epoch"] != self.plan.steps_per_epoch:
-                raise ValueError(f"checkpoint {path} was written with {pos['batches_per_epoch']} batches per "
-                                 f"epoch, the stream now gives {self.plan.steps_per_epoch}; resume with the same "
-                                 "data and train.global_batch_size, or start a new train.run_dir")
+        saved_world = int(state["meta"].get("world_size", self.world_size))
+        # Positions are identical on every rank; a rank the old run did not have reads rank 0's.
+        rank_state = load_rank_state(path, self.rank if self.rank < saved_world else 0)
+        pos = rank_state["data"]
+        if pos.get("batches_per_epoch", self.plan.steps_per_epoch) != self.plan.steps_per_epoch:
+            raise ValueError(f"checkpoint {path} was written with {pos['batches_per_epoch']} batches per "
+                             f"epoch, the stream now gives {self.plan.steps_per_epoch}; resume with the same "
+                             "data and train.global_batch_size, or start a new train.run_dir")
+        expected = divmod(self.step, self.plan.steps_per_epoch)
+        if hasattr(self.stream, "resume_batch"):
+            where = tuple(self.stream.resume_batch(pos, allow_resplit=self.cfg.train.allow_resplit))
         else:
-            log.warning("checkpoint %s was written by %d rank(s), now %d: the data is re-split over the new ranks "
-                        "from epoch %d batch %d (same global sample count; per-rank order and RNG streams differ "
-                        "from an uninterrupted run)", path, saved_world, self.world_size,
-                        self.step // self.plan.steps_per_epoch, self.step % self.plan.steps_per_epoch)
+            if saved_world != self.world_size and not self.cfg.train.allow_resplit:
+                raise ValueError(f"checkpoint {path} was written by {saved_world} rank(s), this run has "
+                                 f"{self.world_size}; exact resume needs the same world size (or set "
+                                 "train.allow_resplit=true to continue on a re-split of the data)")
+            where = (pos["epoch"], pos["batch_in_epoch"])
+        if where != expected:
+            raise ValueError(f"checkpoint {path}: data position {where} does not match step {self.step} "
+                             f"(expected epoch/batch {expected}); the dataset or batch size changed")
+        if saved_world == self.world_size:
+            restore_rng_state(rank_state["rng"])
+        else:
+            log.warning("checkpoint %s was written by %d rank(s), now %d: continuing at epoch %d batch %d on a "
+                        "re-split of the data (per-rank sample order and RNG streams differ from an "
+                        "uninterrupted run)", path, saved_world, self.world_size, *expected)
         log.info("resumed from %s at step %d", path, self.step)
         return True
 
@@ -280,11 +295,18 @@ class Trainer:
             save_config(cfg, self.run_dir / "config.yaml")
         log.info("run directory: %s", self.run_dir.resolve())
         stop = StopFlag(cfg.train.max_minutes, self.group).install()
+        result = None
         try:
             self.resume()
-            return self._loop(stop)
+            result = self._loop(stop)
+            return result
         finally:
-            stop.uninstall()
+            # After a stop request the handlers stay: more signals while the process winds down must not
+            # turn the requeue exit code into death-by-signal. A completed run restores the old handlers.
+            if result is None or result.exit_code == exit_codes.OK:
+                stop.uninstall()
+            else:
+                stop.ignore_further()
 
     def _loop(self, stop: StopFlag) -> FitResult:
         cfg, plan = self.cfg, self.plan
