@@ -1,0 +1,133 @@
+"""``largessl launch slurm|k8s|node``: submit pretraining to SLURM, render/apply Kubernetes jobs, run a pod's ranks."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", action="append", default=[], required=True,
+                   help="pretraining config file (repeatable; later wins)")
+    p.add_argument("--nodes", type=int, default=1, help="number of nodes")
+    p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node, one process each (0 = CPU)")
+    p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.run_dir=runs/bt")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Sub-commands of ``largessl launch``."""
+    sub = parser.add_subparsers(dest="target", metavar="TARGET", required=True)
+
+    s = sub.add_parser("slurm", help="submit through submitit (requeued on preemption/time-out, resumes)")
+    _common(s)
+    s.add_argument("--tasks-per-node", type=int, default=1, help="processes per node on CPU clusters")
+    s.add_argument("--cpus-per-task", type=int, default=None, help="CPU cores per task (data workers + 1)")
+    s.add_argument("--mem-gb", type=float, default=None, help="memory per node in GB")
+    s.add_argument("--partition", default=None)
+    s.add_argument("--account", default=None)
+    s.add_argument("--qos", default=None)
+    s.add_argument("--time", default="24:00:00", help="time limit per run (minutes, H:MM:SS or D-HH:MM:SS); "
+                   "the job is requeued and resumes when it runs out")
+    s.add_argument("--job-name", default="largessl")
+    s.add_argument("--signal-delay", type=int, default=120,
+                   help="seconds before the time limit at which SLURM asks the job to checkpoint")
+    s.add_argument("--log-dir", default=None, help="submitit folder (default <run_dir>/slurm; shared filesystem)")
+    s.add_argument("--setup", action="append", default=[], help="shell line run before srun (repeatable)")
+    s.add_argument("--no-stage-jobs", action="store_true",
+                   help="run the config's stages inside the pretraining job instead of as afterok jobs")
+    s.add_argument("--dry-run", action="store_true", help="print the sbatch script; submit nothing")
+
+    k = sub.add_parser("k8s", help="render (and --apply) an Indexed Job + headless Service")
+    _common(k)
+    k.add_argument("--image", required=True, help="container image (see docker/README.md)")
+    k.add_argument("--namespace", default="default")
+    k.add_argument("--name", default="", help="Job name (default from train.run_dir)")
+    k.add_argument("--procs-per-node", type=int, default=1, help="processes per CPU pod (no GPUs)")
+    k.add_argument("--cpu", default=None, help="CPU request per pod, e.g. 32")
+    k.add_argument("--memory", default=None, help="memory per pod, e.g. 200Gi")
+    k.add_argument("--shm-size", default="16Gi", help="/dev/shm size per pod")
+    k.add_argument("--pvc", default=None, help="PersistentVolumeClaim for the run directory (mounted at /mnt/runs)")
+    k.add_argument("--s3-secret", default="largessl-s3", help="Secret with AWS_* credentials for s3:// paths")
+    k.add_argument("--port", type=int, default=29500, help="rendezvous port on node 0")
+    k.add_argument("--grace-seconds", type=int, default=600, help="terminationGracePeriodSeconds")
+    k.add_argument("--backoff-limit", type=int, default=6, help="failed pods (disruptions excluded) before failing")
+    k.add_argument("--service-account", default=None)
+    k.add_argument("--out", default=None, help="write pretrain.yaml (and stages.yaml) into this folder")
+    k.add_argument("--apply", action="store_true", help="kubectl apply the pretraining manifests")
+
+    n = sub.add_parser("node", help="inside a pod: run this node's ranks (torchrun's env, exit codes kept)")
+    from largessl.launch import node
+
+    node.add_arguments(n)
+
+
+def _run_slurm(args: argparse.Namespace) -> int:
+    from largessl.launch import slurm
+
+    req = slurm.SlurmRequest(
+        config=args.config, overrides=args.overrides, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+        tasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb,
+        partition=args.partition, account=args.account, qos=args.qos, time_min=slurm.parse_time(args.time),
+        job_name=args.job_name, signal_delay_s=args.signal_delay, log_dir=args.log_dir, setup=args.setup,
+        submit_stages=not args.no_stage_jobs)
+    plan = slurm.plan_job(req)
+    if args.dry_run:
+        print(slurm.render_sbatch(plan))
+        print(f"# each task runs: largessl {' '.join(plan.pretrain_argv)}")
+        for cmd in plan.stage_commands:
+            print(f"# then (afterok): {' '.join(cmd)}")
+        print(f"# run directory: {plan.run_dir}")
+        return 0
+    done = slurm.submit(plan)
+    print(f"submitted SLURM job {done.job_id} ({req.nodes} node(s) x {req.ntasks_per_node} task(s))")
+    print(f"  stdout:  {done.stdout}")
+    print(f"  stderr:  {done.stderr}")
+    print(f"  logs:    {done.folder / done.job_id}")
+    print(f"  run dir: {done.run_dir}")
+    for stage, jid in zip(plan.cfg.stages, done.stage_job_ids):
+        print(f"  stage {stage}: job {jid} (afterok)")
+    sys.stdout.flush()
+    return 0
+
+
+def _run_k8s(args: argparse.Namespace) -> int:
+    from largessl.launch import k8s
+
+    req = k8s.K8sRequest(
+        config=args.config, overrides=args.overrides, nodes=args.nodes, image=args.image,
+        namespace=args.namespace, name=args.name, gpus_per_node=args.gpus_per_node,
+        procs_per_node=args.procs_per_node, cpu=args.cpu, memory=args.memory, shm_size=args.shm_size,
+        pvc=args.pvc, s3_secret=args.s3_secret, port=args.port, grace_seconds=args.grace_seconds,
+        backoff_limit=args.backoff_limit, service_account=args.service_account)
+    plan = k8s.plan_manifests(req)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "pretrain.yaml").write_text(k8s.to_yaml(plan.pretrain))
+        if plan.stages:
+            (out / "stages.yaml").write_text(k8s.to_yaml(plan.stages))
+        print(f"wrote {out / 'pretrain.yaml'}" + (f" and {out / 'stages.yaml'}" if plan.stages else ""))
+    elif not args.apply:
+        print(k8s.to_yaml(plan.pretrain + plan.stages), end="")
+    if args.apply:
+        print(k8s.apply(plan.pretrain), end="")
+        print(f"job {plan.name}: kubectl -n {req.namespace} logs -f job/{plan.name}; run dir {plan.run_dir}")
+        if plan.stages:
+            print(f"after it completes: kubectl -n {req.namespace} wait --for=condition=complete "
+                  f"job/{plan.name} --timeout=-1s && kubectl apply -f stages.yaml (write it with --out)")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry of ``largessl launch``."""
+    if args.target == "slurm":
+        return _run_slurm(args)
+    if args.target == "k8s":
+        return _run_k8s(args)
+    from largessl.launch import node
+
+    return node.run(args)

@@ -1,0 +1,325 @@
+"""Render (and optionally apply) Kubernetes manifests for pretraining: an Indexed Job behind a headless Service.
+
+Pod ``i`` of the Indexed Job is node ``i`` (``JOB_COMPLETION_INDEX``); node 0 hosts the rendezvous at
+``<job>-0.<service>:<port>`` (Indexed Job pods get the hostname ``<job>-<index>`` and, with
+``subdomain: <service>``, a DNS name under the headless Service). The environment contract each pod gets:
+
+* ``JOB_COMPLETION_INDEX`` — node rank (from the pod's completion-index annotation);
+* ``LARGESSL_JOB_NAME``, ``LARGESSL_MASTER_SERVICE`` — master address ``<job>-0.<service>``;
+* ``LARGESSL_WORLD_SIZE`` — total processes (nodes x processes per node); ``MASTER_PORT``.
+
+With one process per pod the container runs ``largessl pretrain`` and ``largessl.dist.env.detect_env``
+reads this contract directly. With several GPUs per pod it runs ``largessl launch node``, which starts one
+process per GPU with torchrun's variables (see :mod:`largessl.launch.node`; torchrun itself would turn
+every worker exit code into 1 and give workers only 30 s after SIGTERM, defeating the podFailurePolicy
+below and the final checkpoint).
+
+Restarts: ``restartPolicy: Never`` with a podFailurePolicy that ignores disruptions (preemption, eviction,
+node drain do not count against ``backoffLimit``) and fails the Job at once on the trainer's bug exit codes
+(1, 2, 4). The run directory lives on a PVC, or checkpoints on object storage, so a replacement pod resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from largessl import exit_codes
+from largessl.config import Config, config_to_yaml, load_config
+
+log = logging.getLogger(__name__)
+
+CONTAINER = "trainer"
+CONFIG_DIR = "/etc/largessl"
+CONFIG_PATH = f"{CONFIG_DIR}/config.yaml"
+RUNS_MOUNT = "/mnt/runs"
+INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+LABEL = "largessl/job"
+DEFAULT_PORT = 29500
+
+
+def dns_name(text: str, max_len: int = 50) -> str:
+    """A DNS-1123 label from free text (lowercase alphanumerics and '-'), short enough for pod hostnames."""
+    name = re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")[:max_len].strip("-")
+    if not name:
+        raise ValueError(f"cannot derive a Kubernetes name from {text!r}; pass --name")
+    return name
+
+
+@dataclass
+class K8sRequest:
+    """Everything ``largessl launch k8s`` needs to render the manifests."""
+
+    config: list[str]
+    overrides: list[str] = field(default_factory=list)
+    nodes: int = 1
+    image: str = "largessl:latest"
+    namespace: str = "default"
+    name: str = ""
+    """Job name; default from train.run_dir."""
+    gpus_per_node: int = 0
+    """GPUs per pod, one process each; 0 = CPU pods with ``procs_per_node`` processes."""
+    procs_per_node: int = 1
+    cpu: str | None = None
+    """CPU request per pod (e.g. "32"); None = not set."""
+    memory: str | None = None
+    """Memory request and limit per pod (e.g. "200Gi"); None = not set."""
+    shm_size: str = "16Gi"
+    """/dev/shm size (a memory-backed emptyDir): DataLoader workers pass batches through it."""
+    pvc: str | None = None
+    """PersistentVolumeClaim mounted at /mnt/runs holding the run directory (resume after restarts)."""
+    s3_secret: str = "largessl-s3"
+    """Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (/ AWS_ENDPOINT_URL) for s3:// paths."""
+    port: int = DEFAULT_PORT
+    grace_seconds: int = 600
+    """terminationGracePeriodSeconds: time between SIGTERM and SIGKILL for the final checkpoint."""
+    backoff_limit: int = 6
+    """Failed pods (not counting disruptions) before the Job fails."""
+    service_account: str | None = None
+
+    @property
+    def nproc_per_node(self) -> int:
+        """Processes per pod: one per GPU, else ``procs_per_node``."""
+        return self.gpus_per_node if self.gpus_per_node > 0 else self.procs_per_node
+
+    def validate(self) -> None:
+        """Check the request's own values."""
+        if not self.config:
+            raise ValueError("pass --config FILE (the pretraining config)")
+        if self.nodes < 1 or self.procs_per_node < 1 or self.gpus_per_node < 0:
+            raise ValueError("--nodes and --procs-per-node must be >= 1 and --gpus-per-node >= 0")
+        if not self.image:
+            raise ValueError("pass --image (the largessl container image, see docker/README.md)")
+        if self.grace_seconds < 30:
+            raise ValueError("--grace-seconds must leave time for the final checkpoint (>= 30)")
+
+
+@dataclass
+class K8sPlan:
+    """Resolved names, config and manifests."""
+
+    name: str
+    service: str
+    cfg: Config
+    run_dir: str
+    pretrain: list[dict[str, Any]]
+    """ConfigMap, headless Service, Indexed Job."""
+    stages: list[dict[str, Any]]
+    """Follow-up Jobs (apply after the pretraining Job completed)."""
+
+
+def _uses_s3(cfg: Config) -> bool:
+    text = config_to_yaml(cfg)
+    return "s3://" in text
+
+
+def _run_dir(cfg: Config, req: K8sRequest) -> str:
+    run_dir = cfg.train.run_dir
+    if req.pvc:
+        if run_dir.startswith("/"):
+            if not run_dir.startswith(RUNS_MOUNT + "/"):
+                raise ValueError(f"train.run_dir={run_dir} is outside the PVC mounted at {RUNS_MOUNT}; use a "
+                                 f"relative run_dir or one under {RUNS_MOUNT}/")
+            return run_dir
+        return f"{RUNS_MOUNT}/{run_dir.strip('/')}"
+    if "://" in cfg.checkpoint.dir:
+        log.warning("no --pvc: train.run_dir=%s is pod-local (metrics.jsonl and TensorBoard files are lost when "
+                    "a pod is replaced); checkpoints go to %s and survive", run_dir, cfg.checkpoint.dir)
+        return run_dir if run_dir.startswith("/") else f"/tmp/largessl/{run_dir.strip('/')}"
+    raise ValueError("a replaced pod would start from scratch: pass --pvc CLAIM (run directory on a volume) or "
+                     "set checkpoint.dir=s3://bucket/prefix (checkpoints on object storage)")
+
+
+def _labels(name: str, component: str) -> dict[str, str]:
+    return {"app.kubernetes.io/name": "largessl", "app.kubernetes.io/component": component, LABEL: name}
+
+
+def _pod_spec(req: K8sRequest, name: str, args: list[str], env: list[dict[str, Any]], gpus: int,
+              uses_s3: bool) -> dict[str, Any]:
+    resources: dict[str, dict[str, str]] = {"requests": {}, "limits": {}}
+    if gpus:
+        # extended resources must have requests == limits
+        resources["requests"]["nvidia.com/gpu"] = resources["limits"]["nvidia.com/gpu"] = str(gpus)
+    if req.cpu:
+        resources["requests"]["cpu"] = req.cpu
+    if req.memory:
+        resources["requests"]["memory"] = resources["limits"]["memory"] = req.memory
+    resources = {k: v for k, v in resources.items() if v}
+    mounts = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+              {"name": "dshm", "mountPath": "/dev/shm"}]
+    volumes: list[dict[str, Any]] = [
+        {"name": "config", "configMap": {"name": f"{name}-config"}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": req.shm_size}},
+    ]
+    if req.pvc:
+        mounts.append({"name": "runs", "mountPath": RUNS_MOUNT})
+        volumes.append({"name": "runs", "persistentVolumeClaim": {"claimName": req.pvc}})
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": req.image,
+        "imagePullPolicy": "IfNotPresent",
+        "args": args,
+        "env": env,
+        # optional unless the config reads or writes s3:// paths
+        "envFrom": [{"secretRef": {"name": req.s3_secret, "optional": not uses_s3}}],
+        "volumeMounts": mounts,
+    }
+    if resources:
+        container["resources"] = resources
+    spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "terminationGracePeriodSeconds": req.grace_seconds,
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if req.service_account:
+        spec["serviceAccountName"] = req.service_account
+    return spec
+
+
+def pretrain_args(nproc_per_node: int) -> list[str]:
+    """Container args (the image's entrypoint is ``largessl``) for one pod of the pretraining Job."""
+    pretrain = ["pretrain", "--config", CONFIG_PATH]
+    if nproc_per_node == 1:
+        return pretrain
+    return ["launch", "node", "--nproc-per-node", str(nproc_per_node), "--", *pretrain]
+
+
+def plan_manifests(req: K8sRequest) -> K8sPlan:
+    """Resolve the config and render the pretraining manifests and the stage Jobs."""
+    req.validate()
+    cfg = load_config([str(Path(c)) for c in req.config], req.overrides)
+    name = dns_name(req.name or f"largessl-{Path(cfg.train.run_dir).name}")
+    service = name
+    run_dir = _run_dir(cfg, req)
+    cfg.train.run_dir = run_dir
+    stage_names = list(cfg.stages)
+    stage_cmds: list[list[str]] = []
+    if stage_names:
+        from largessl.stages import stage_commands
+
+        stage_cmds = stage_commands(cfg, run_dir, executable=["largessl"])
+    cfg.stages = []  # stages run as their own Jobs after pretraining, not inside every pretraining pod
+    uses_s3 = _uses_s3(cfg)
+    ns = req.namespace
+    nproc = req.nproc_per_node
+    configmap = {
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": f"{name}-config", "namespace": ns, "labels": _labels(name, "config")},
+        "data": {"config.yaml": config_to_yaml(cfg)},
+    }
+    svc = {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": service, "namespace": ns, "labels": _labels(name, "rendezvous")},
+        "spec": {
+            "clusterIP": "None",
+            # DNS records before readiness: every pod must resolve node 0 while it starts up
+            "publishNotReadyAddresses": True,
+            "selector": {LABEL: name, "app.kubernetes.io/component": "pretrain"},
+            "ports": [{"name": "rendezvous", "port": req.port, "targetPort": req.port}],
+        },
+    }
+    env = [
+        {"name": "JOB_COMPLETION_INDEX",
+         "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{INDEX_ANNOTATION}']"}}},
+        {"name": "LARGESSL_JOB_NAME", "value": name},
+        {"name": "LARGESSL_MASTER_SERVICE", "value": service},
+        {"name": "LARGESSL_WORLD_SIZE", "value": str(req.nodes * nproc)},
+        {"name": "MASTER_PORT", "value": str(req.port)},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+    pod = _pod_spec(req, name, pretrain_args(nproc), env, req.gpus_per_node, uses_s3)
+    pod["subdomain"] = service
+    pod["containers"][0]["ports"] = [{"name": "rendezvous", "containerPort": req.port}]
+    job = {
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {"name": name, "namespace": ns, "labels": _labels(name, "pretrain")},
+        "spec": {
+            "completionMode": "Indexed",
+            "completions": req.nodes,
+            "parallelism": req.nodes,
+            "backoffLimit": req.backoff_limit,
+            # a replacement starts only once the old pod is gone, i.e. after its final checkpoint
+            "podReplacementPolicy": "Failed",
+            "podFailurePolicy": {"rules": [
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+                {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
+                                                      "values": sorted(exit_codes.FAIL_FAST)}},
+            ]},
+            "template": {"metadata": {"labels": _labels(name, "pretrain")}, "spec": pod},
+        },
+    }
+    stages = []
+    for stage, cmd in zip(stage_names, stage_cmds):
+        gpus = 1 if req.gpus_per_node else 0
+        spec = _pod_spec(req, name, cmd[1:], [{"name": "PYTHONUNBUFFERED", "value": "1"}], gpus, uses_s3)
+        stages.append({
+            "apiVersion": "batch/v1", "kind": "Job",
+            "metadata": {"name": dns_name(f"{name}-{stage}", 63), "namespace": ns, "labels": _labels(name, stage)},
+            "spec": {
+                "backoffLimit": 1,
+                "podFailurePolicy": {"rules": [
+                    {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+                    {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
+                                                          "values": sorted(exit_codes.FAIL_FAST)}},
+                ]},
+                "template": {"metadata": {"labels": _labels(name, stage)}, "spec": spec},
+            },
+        })
+    return K8sPlan(name, service, cfg, run_dir, [configmap, svc, job], stages)
+
+
+def to_yaml(manifests: list[dict[str, Any]]) -> str:
+    """Multi-document YAML, keys in the order written."""
+    return yaml.safe_dump_all(manifests, sort_keys=False)
+
+
+def pod_environment(job: dict[str, Any], index: int, secret_env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment variables the Job's pod ``index`` gets from its manifest (the pod contract).
+
+    Plain values are copied, the completion-index fieldRef becomes ``index`` (as the Job controller sets it)
+    and ``envFrom`` secrets come from ``secret_env``. Any other reference raises: the contract must not
+    depend on cluster state this function cannot see.
+    """
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    env: dict[str, str] = dict(secret_env or {})
+    for item in container.get("env", []):
+        if "value" in item:
+            env[item["name"]] = str(item["value"])
+            continue
+        path = item.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath", "")
+        if path == f"metadata.annotations['{INDEX_ANNOTATION}']":
+            env[item["name"]] = str(index)
+        else:
+            raise ValueError(f"pod env {item['name']} uses an unsupported reference: {item}")
+    return env
+
+
+def validate_manifests(manifests: list[dict[str, Any]], version: str) -> None:
+    """Validate every manifest strictly against the bundled Kubernetes ``version`` schemas (ValueError)."""
+    import kubernetes_validate
+
+    for m in manifests:
+        try:
+            kubernetes_validate.validate(m, version, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            raise ValueError(f"{m.get('kind')}/{m.get('metadata', {}).get('name')} is invalid for Kubernetes "
+                             f"{version}: {e.message} at {'.'.join(map(str, e.path))}") from None
+
+
+def apply(manifests: list[dict[str, Any]]) -> str:
+    """``kubectl apply -f -`` the manifests; returns kubectl's output."""
+    if shutil.which("kubectl") is None:
+        raise RuntimeError("kubectl is not on PATH; install it or drop --apply and apply the printed YAML")
+    res = subprocess.run(["kubectl", "apply", "-f", "-"], input=to_yaml(manifests), capture_output=True,
+                         text=True, timeout=300)
+    if res.returncode:
+        raise RuntimeError(f"kubectl apply failed: {res.stderr.strip()}")
+    return res.stdout
