@@ -340,16 +340,33 @@ class _ShardDataset(IterableDataset):
         pending: dict[int, Sample | None] = {}
         fallback: Sample | None = None
         pos = 0
+
+        def fetch(gid: int) -> Sample | None:
+            while gid not in pending:
+                got, sample = next(source)
+                pending[got] = sample
+            return pending[gid]
+
+        def look_ahead() -> Sample | None:
+            # a whole batch was lost before any good sample: borrow the next decodable one of this worker
+            for gid in plan.order[pos:]:
+                s = fetch(gid)
+                if s is not None and s.image is not None:
+                    try:
+                        self._views(s, plan.epoch)
+                        return s
+                    except DecodeError:
+                        continue
+            return None
+
         for size in plan.batch_sizes:
             ids = plan.order[pos:pos + size]
             pos += size
             samples: list[Sample | None] = []
             for gid in ids:
-                while gid not in pending:
-                    got, sample = next(source)
-                    pending[got] = sample
+                fetch(gid)
                 samples.append(pending.pop(gid))
-            batch = self._make_batch(samples, ids, plan.epoch, counters, fallback)
+            batch = self._make_batch(samples, ids, plan.epoch, counters, fallback, look_ahead)
             if batch is None:
                 continue
             batch, fallback = batch
@@ -373,7 +390,8 @@ class _ShardDataset(IterableDataset):
         return self.transform(img)
 
     def _make_batch(self, samples: list[Sample | None], ids: list[int], epoch: int, counters: _Counters,
-                    fallback: Sample | None) -> tuple[Batch, Sample | None] | None:
+                    fallback: Sample | None, look_ahead: Callable[[], Sample | None]
+                    ) -> tuple[Batch, Sample | None] | None:
         views: list[list[torch.Tensor] | None] = []
         for s in samples:
             v = None
@@ -399,8 +417,10 @@ class _ShardDataset(IterableDataset):
             if good:
                 fallback = samples[good[-1]]
             elif fallback is None:
-                raise RuntimeError(f"no decodable sample in a whole batch of {len(ids)} and none before it "
-                                   f"(first key {samples[0].key if samples[0] else '?'}); check the shards")
+                fallback = look_ahead()
+                if fallback is None:
+                    raise RuntimeError(f"no decodable sample left in this worker's {len(ids)}-sample batch or after "
+                                       "it; the shards are unreadable: check them with `largessl shards verify`")
             out_samples, out_views = [], []
             for i, v in enumerate(views):
                 if v is not None:
