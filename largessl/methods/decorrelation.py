@@ -155,6 +155,10 @@ class Decorrelation(nn.Module):
         """Loss of the two views; both views use the same Shuffled-DBN permutation (same step)."""
         if len(views) != 2:
             raise ValueError(f"decorrelation expects 2 views, got {len(views)}; set data.num_views=2")
+        if step is None and isinstance(self.head, ShuffledDBN) and self.training:
+            # Without the trainer's step, derive one from the layer's counter (identical on every rank,
+            # checkpointed) so both views of this call share a permutation: it advances by 2 per call.
+            step = int(self.head.num_batches_tracked) // 2
         out = []
         for i, v in enumerate(views):
             try:

@@ -307,3 +307,12 @@ def test_losses_run_in_fp32_under_autocast():
         got_v, _ = vicreg.loss(z_a.bfloat16(), z_b.bfloat16())
     assert got.dtype == torch.float32 and got_v.dtype == torch.float32
     torch.testing.assert_close(got, ref, rtol=0.05, atol=0.05)  # only the bf16 rounding of the inputs differs
+
+
+def test_shuffled_dbn_views_share_a_permutation_without_a_step():
+    _, model = _build("decorrelation", projector="16-12", group_size=4)
+    views = _views(1) * 2  # the same batch twice: identical outputs only if both views use one permutation
+    first = model(views, step=None)
+    assert first.loss.item() == pytest.approx(0.0, abs=1e-20)
+    second = model(views, step=None)
+    assert not torch.allclose(first.embeddings[0], second.embeddings[0])  # a new permutation per call
