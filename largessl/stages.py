@@ -99,7 +99,8 @@ def run_stages(cfg: Config, run_dir: str | os.PathLike[str], stages: list[str] |
     re-raised after being recorded; the checkpoint is never modified.
     """
     from largessl.eval.cli import load_source
-    from largessl.eval.runner import evaluate_knn, evaluate_linear, resolve_device
+    from largessl.eval.runner import evaluate_knn, evaluate_linear
+    from largessl.train.precision import resolve_device
 
     stages = list(cfg.stages if stages is None else stages)
     bad = [s for s in stages if s not in STAGES]

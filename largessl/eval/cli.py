@@ -30,16 +30,19 @@ RANDOM = "random"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``largessl eval``."""
-    parser.add_argument("protocol", choices=["linear", "knn"], help="linear probe or weighted kNN")
-    parser.add_argument("--checkpoint", required=True,
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--checkpoint", required=True,
                         help="run dir / step folder, a folder from `hub pull`, hub:NAME[@VERSION], or 'random' "
                              "(random-init baseline; set model.* overrides)")
-    parser.add_argument("--hub", default=None, help="hub URL for hub:NAME (default: hub.url of the config)")
-    parser.add_argument("--train", default=None, help="labelled train manifest (default: data.train_manifest)")
-    parser.add_argument("--val", default=None, help="labelled val manifest (default: data.val_manifest)")
-    parser.add_argument("--out", default=None, help="output dir for eval/*.json and tb/ (default: the run dir)")
-    parser.add_argument("--config", action="append", default=[], help="extra YAML config file (repeatable)")
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. eval.linear_lr=0.3")
+    common.add_argument("--hub", default=None, help="hub URL for hub:NAME (default: hub.url of the config)")
+    common.add_argument("--train", default=None, help="labelled train manifest (default: data.train_manifest)")
+    common.add_argument("--val", default=None, help="labelled val manifest (default: data.val_manifest)")
+    common.add_argument("--out", default=None, help="output dir for eval/*.json and tb/ (default: the run dir)")
+    common.add_argument("--config", action="append", default=[], help="extra YAML config file (repeatable)")
+    common.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. eval.linear_lr=0.3")
+    sub = parser.add_subparsers(dest="protocol", metavar="PROTOCOL", required=True)
+    sub.add_parser("linear", parents=[common], help="linear probe on the frozen backbone (top-1/top-5)")
+    sub.add_parser("knn", parents=[common], help="weighted kNN on frozen features (eval.knn_k)")
 
 
 def load_source(checkpoint: str, base_cfg: Config | None = None, hub_url: str | None = None,
@@ -100,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
         setup_logging,
         shutdown_distributed,
     )
-    from largessl.eval.runner import evaluate_knn, evaluate_linear, resolve_device
+    from largessl.eval.runner import evaluate_knn, evaluate_linear
+    from largessl.train.precision import resolve_device
 
     overrides = list(args.overrides)
     if args.train:

@@ -44,16 +44,6 @@ class EvalSource:
         return hashlib.sha256(json.dumps(self.description, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
-    """``auto`` → this rank's GPU when CUDA is available, else the CPU."""
-    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
 def _per_rank(global_batch: int, world: int, what: str) -> int:
     if global_batch % world:
         raise ValueError(f"{what}={global_batch} is not divisible by the world size {world}; use a multiple of {world}")
@@ -77,11 +67,12 @@ def _manifests(cfg: Config) -> tuple[Any, Any]:
 
 
 def _stream(cfg: Config, manifest: Any, global_batch: int, transform: str, epoch: int = 0) -> Iterable[Any]:
-    from largessl.data import build_eval_stream
+    from largessl.data.stream import build_eval_stream
 
     rank, world = get_rank(), get_world_size()
     per_rank = _per_rank(global_batch, world, "eval batch size")
-    return build_eval_stream(cfg.data, manifest, per_rank, rank, world, transform=transform, epoch=epoch)
+    stream = build_eval_stream(cfg.data, manifest, per_rank, rank, world, transform=transform, seed=cfg.eval.seed)
+    return stream.iterate(epoch)
 
 
 def cached_features(cfg: Config, source: EvalSource, manifest: Any, split: str, out_dir: Path,
