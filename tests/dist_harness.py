@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 from largessl.dist.env import free_port
 
 
-def _worker(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple, queue: Any) -> None:
+def _worker(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple, queue: Any, done: Any) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     try:
@@ -27,6 +27,8 @@ def _worker(rank: int, world: int, port: int, fn: Callable[..., Any], args: tupl
     except BaseException:  # report every failure to the parent instead of hanging it
         queue.put((rank, "error", traceback.format_exc()))
     finally:
+        # Tensors travel through shared memory owned by this process: stay alive until the parent has them.
+        done.wait(timeout=600)
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -39,8 +41,10 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
     """
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
+    done = ctx.Event()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, done))
+             for r in range(world_size)]
     for p in procs:
         p.start()
     results: dict[int, Any] = {}
@@ -53,6 +57,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
             else:
                 results[rank] = out
     finally:
+        done.set()
         for p in procs:
             p.join(timeout=30)
             if p.is_alive():
