@@ -177,3 +177,49 @@ def test_full_checkpoint_is_optional_and_verified(run_dir, tmp_path):
 
     state, config, _ = load_model_state(dest / "checkpoint")
     assert "projector.0.weight" in state and config["model"]["arch"] == "resnet18"
+
+
+def test_torch_hub_load_from_the_repo_directory(run_dir, tmp_path, repo_root):
+    hub_dir = tmp_path / "hub"
+    push_run(run_dir, str(hub_dir), name="m", version="v1")
+    dest = Hub(str(hub_dir)).pull("m@v1", tmp_path / "pulled")
+    from largessl.hub.export import load_backbone_from_checkpoint
+
+    ref, _, _ = load_backbone_from_checkpoint(run_dir)
+    x = torch.randn(2, 3, 32, 32)
+    expected = ref.eval()(x)
+    for checkpoint, kwargs in ((str(dest), {}), ("m@v1", {"hub": str(hub_dir)}), (str(run_dir), {})):
+        net = torch.hub.load(str(repo_root), "resnet18", checkpoint=checkpoint, source="local", **kwargs)
+        assert isinstance(net, torch.nn.Module) and not net.training
+        torch.testing.assert_close(net(x), expected)
+    with pytest.raises(ValueError, match="holds a resnet18 backbone, not resnet50"):
+        torch.hub.load(str(repo_root), "resnet50", checkpoint=str(dest), source="local")
+
+
+def test_hub_cli_local(run_dir, tmp_path, capsys):
+    from largessl.cli import main
+
+    hub_dir = str(tmp_path / "hub")
+    assert main(["hub", "list", "--hub", hub_dir]) == 0
+    assert "no models" in capsys.readouterr().out
+    assert main(["hub", "push", str(run_dir), "--hub", hub_dir, "--version", "v1"]) == 0
+    assert "published barlow_twins-resnet18@v1" in capsys.readouterr().out  # default name: method-arch
+    assert main(["hub", "show", "barlow_twins-resnet18@v1", "--hub", hub_dir]) == 0
+    assert json.loads(capsys.readouterr().out)["name"] == "barlow_twins-resnet18"
+    assert main(["hub", "show", "missing", "--hub", hub_dir]) == 2
+    assert main(["hub", "push", str(tmp_path / "no-run"), "--hub", hub_dir, "--version", "v2"]) == 2
+    assert main(["hub", "pull", "barlow_twins-resnet18", str(tmp_path / "d"), "--hub", hub_dir]) == 0
+    assert (tmp_path / "d" / BACKBONE).is_file()
+
+
+def test_index_html_escapes_and_draws_curves():
+    from largessl.hub.index_html import loss_curve_svg, render_index_html
+
+    index = {"models": {"<b>x": {"latest": "v1", "versions": {"v1": {"created": "2026-01-01T00:00:00Z",
+             "summary": {"method": "vicreg", "metrics": {"linear_top1": 70.25, "knn_top1": {"20": 60.0}},
+                         "loss_curve": [[1, 3.0], [2, 2.0], [3, 1.0]]}}}}}}
+    html = render_index_html(index, hub_url="s3://b/hub")
+    assert "&lt;b&gt;x" in html and "<b>x" not in html.replace("<b>&lt;b&gt;x</b>", "")
+    assert "70.2" in html and "k=20" in html and "<polyline" in html and "<script" not in html
+    assert loss_curve_svg([]) .startswith("<span")
+    assert "points=" in loss_curve_svg([[0, 1.0], [10, float("nan")], [20, 0.5]])
