@@ -18,7 +18,8 @@ Speed (``largessl bench data``): the JPEG is decoded once per sample at reduced 
 crop allows it (PIL draft: libjpeg scales by 1/2, 1/4, 1/8 in the IDCT); crop+resize is one PIL resize
 with a source box; blur runs in PIL's C code on the 8-bit view; the four colour-jitter ops and grayscale
 are all affine in RGB (brightness, saturation, contrast around the view's mean grey, hue as a YIQ
-rotation), so they are composed into one 3×4 matrix applied with a single matmul and clamped once.
+rotation), so they are composed into one 3×4 matrix applied by a single PIL ``convert`` (clamped
+once); solarize is a PIL lookup table; ToTensor and Normalize are one fused multiply-add.
 Because colour ops are per-pixel affine and blur is spatially linear they commute, so blurring the
 8-bit view before colour is the same operation up to the clamping and rounding order; torchvision
 clamps after every op and rotates hue in HSV, so pixel values differ slightly, not the distribution of
@@ -30,12 +31,11 @@ from __future__ import annotations
 import io as pyio
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-import numpy as np
 import torch
-from PIL import Image, ImageFilter
+from PIL import Image, ImageFilter, ImageOps, ImageStat
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -139,8 +139,12 @@ def _crop_box(w: int, h: int, spec: ViewSpec, rng: random.Random) -> tuple[float
     return left, top, left + cw, top + ch
 
 
-def _colour_matrix(spec: ViewSpec, rng: random.Random, mean_rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Affine colour map (A, t) for jitter + grayscale, or None when the view keeps its colours."""
+def _colour_matrix(spec: ViewSpec, rng: random.Random, mean_rgb: torch.Tensor | Callable[[], torch.Tensor]
+                   ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Affine colour map (A, t) on [0, 1] RGB for jitter + grayscale, or None when the view keeps its colours.
+
+    ``mean_rgb`` (the view's mean colour, or a function computing it) is needed only by contrast.
+    """
     jitter = rng.random() < spec.jitter_p
     gray = rng.random() < spec.gray_p
     if not jitter and not gray:
@@ -157,6 +161,8 @@ def _colour_matrix(spec: ViewSpec, rng: random.Random, mean_rgb: torch.Tensor) -
             elif op == 1 and spec.contrast > 0:
                 f = rng.uniform(max(0.0, 1 - spec.contrast), 1 + spec.contrast)
                 # blend with the mean grey of the *current* image; the mean commutes with the affine map
+                if callable(mean_rgb):
+                    mean_rgb = mean_rgb()
                 grey_mean = float(_GRAY @ (a @ mean_rgb + t))
                 a, t = a * f, t * f + (1 - f) * grey_mean
             elif op == 2 and spec.saturation > 0:
@@ -182,8 +188,10 @@ class ViewTransform:
         if not specs:
             raise ValueError("a view transform needs at least one view spec")
         self.specs = list(specs)
-        self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        self.scale = 1 / (255 * std)
+        self.offset = -mean / std
 
     def __repr__(self) -> str:
         return f"ViewTransform({self.specs!r})"
@@ -215,21 +223,25 @@ class ViewTransform:
 
     def _view(self, img: Image.Image, box: tuple[float, float, float, float], spec: ViewSpec,
               rng: random.Random) -> torch.Tensor:
-        v = img.resize((spec.size, spec.size), Image.Resampling.BICUBIC, box=box)
+        # every op below runs in PIL's C code on the 8-bit view; one float conversion at the end
+        v = img.resize((spec.size, spec.size), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
         if spec.flip_p and rng.random() < spec.flip_p:
             v = v.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         if spec.blur_p and rng.random() < spec.blur_p:
             sigma = rng.uniform(*spec.blur_sigma) * spec.size / 224
             v = v.filter(ImageFilter.GaussianBlur(sigma))
-        x = torch.from_numpy(np.asarray(v, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
-        mean_rgb = x.mean(dim=(1, 2)) if spec.jitter_p or spec.gray_p else torch.zeros(3)
-        colour = _colour_matrix(spec, rng, mean_rgb)
+        colour = _colour_matrix(spec, rng, lambda: torch.tensor(ImageStat.Stat(v).mean) / 255)
         if colour is not None:
             a, t = colour
-            x = torch.addmm(t[:, None], a, x.reshape(3, -1)).reshape_as(x).clamp_(0, 1)
+            # one affine RGB→RGB conversion (clamped to 0..255) instead of four jitter ops and a grayscale
+            m = torch.cat([a, t[:, None] * 255], dim=1).flatten().tolist()
+            v = v.convert("RGB", tuple(m))
         if spec.solarize_p and rng.random() < spec.solarize_p:
-            x = torch.where(x >= 0.5, 1 - x, x)
-        return x.sub_(self.mean).div_(self.std)
+            v = ImageOps.solarize(v, 128)
+        # planar bytes straight from PIL's bands (no strided HWC→CHW copy), then ToTensor + Normalize fused
+        planes = [torch.frombuffer(bytearray(b.tobytes()), dtype=torch.uint8) for b in v.split()]
+        x = torch.stack(planes).view(3, spec.size, spec.size).float()
+        return x.mul_(self.scale).add_(self.offset)
 
 
 def build_views(recipe: str, image_size: int, num_views: int, min_scale: float = 0.0) -> ViewTransform:

@@ -1,0 +1,246 @@
+"""``largessl bench data``: decoded + augmented views per second per CPU core, against a baseline in the same run.
+
+Images are ImageNet-like JPEGs (about 500×375, about 110 KB) cut from the real photographs bundled
+with scikit-image (no download, no noise images). The same images are read two ways, one process
+each, ``torch.set_num_threads(1)`` (so throughput per process is throughput per core; with
+``--workers N`` both pipelines use N DataLoader workers and the figure is divided by N):
+
+- **largessl**: shards + manifest → :func:`build_train_stream` (reduced-size JPEG decoding when the
+  crops allow it, fused colour ops, PIL blur; see :mod:`largessl.data.augment`).
+- **baseline**: ``torchvision.datasets.ImageFolder`` with its plain PIL loader and the same recipe
+  written with torchvision transforms (RandomResizedCrop bicubic, flip, ColorJitter, RandomGrayscale,
+  RandomSolarize, ToTensor, Normalize); blur uses PIL's ``ImageFilter.GaussianBlur`` as the Barlow
+  Twins reference code does (``--baseline-blur torchvision`` uses ``transforms.GaussianBlur(23)``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io as pyio
+import json
+import logging
+import random
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SAMPLE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry",
+                 "retina", "cat", "colorwheel", "logo")
+
+
+def _photos() -> list[Any]:
+    """RGB photographs bundled with scikit-image (skipping any this version lacks)."""
+    try:
+        from skimage import data
+    except ImportError:
+        raise RuntimeError("`largessl bench data` needs scikit-image for its sample photos: pip install scikit-image") from None
+    out = []
+    for name in SAMPLE_PHOTOS:
+        fn = getattr(data, name, None)
+        if fn is None:
+            continue
+        try:
+            img = fn()
+        except Exception as e:  # a sample that needs a download (pooch) in this version: skip it
+            log.debug("skipping skimage sample %s: %s", name, e)
+            continue
+        if img.ndim == 3 and img.shape[2] >= 3 and min(img.shape[:2]) >= 256:
+            out.append(img[..., :3])
+    if not out:
+        raise RuntimeError("no usable RGB sample photos found in scikit-image")
+    return out
+
+
+def make_imagenet_like(root: Path, num_images: int, num_classes: int = 4, seed: int = 0,
+                       target_kb: float = 110.0) -> dict[str, float]:
+    """An ImageFolder tree of ~500×375 JPEGs of about ``target_kb`` KB cut from real photos; returns size stats."""
+    from PIL import Image
+
+    rng = random.Random(seed)
+    photos = [Image.fromarray(p) for p in _photos()]
+    sizes = []
+    quality = 95
+    for i in range(num_images):
+        src = photos[i % len(photos)]
+        w, h = (500, 375) if rng.random() < 0.75 else (375, 500)
+        # a random zoomed crop of the photo, resized to the ImageNet-typical size
+        zoom = rng.uniform(0.7, 1.0)
+        cw, ch = min(src.width, int(src.width * zoom)), min(src.height, int(src.height * zoom))
+        left, top = rng.randint(0, src.width - cw), rng.randint(0, src.height - ch)
+        img = src.crop((left, top, left + cw, top + ch)).resize((w, h), Image.Resampling.BICUBIC)
+        if rng.random() < 0.5:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        buf = pyio.BytesIO()
+        img.save(buf, format="JPEG", quality=quality)
+        data = buf.getvalue()
+        # steer quality so the set averages about target_kb (photos differ in detail)
+        if len(data) > target_kb * 1024 * 1.1 and quality > 70:
+            quality -= 1
+        elif len(data) < target_kb * 1024 * 0.9 and quality < 100:
+            quality += 1
+        d = root / f"class{i % num_classes}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{i:06d}.jpg").write_bytes(data)
+        sizes.append(len(data))
+    return {"num_images": num_images, "mean_kb": sum(sizes) / len(sizes) / 1024}
+
+
+class _PILBlur:
+    """Gaussian blur with a random sigma, PIL implementation (as in the Barlow Twins reference code)."""
+
+    def __init__(self, p: float, sigma: tuple[float, float] = (0.1, 2.0)) -> None:
+        self.p, self.sigma = p, sigma
+
+    def __call__(self, img: Any) -> Any:
+        from PIL import ImageFilter
+
+        if random.random() < self.p:
+            return img.filter(ImageFilter.GaussianBlur(random.uniform(*self.sigma)))
+        return img
+
+
+def baseline_transform(image_size: int, blur: str = "pil") -> Callable[[Any], list[torch.Tensor]]:
+    """The Barlow Twins / BYOL two-view recipe with torchvision transforms (the reference-style baseline)."""
+    from torchvision import transforms as T
+
+    def view(blur_p: float, solarize_p: float) -> Any:
+        blur_t = (_PILBlur(blur_p) if blur == "pil"
+                  else T.RandomApply([T.GaussianBlur(23, sigma=(0.1, 2.0))], p=blur_p))
+        return T.Compose([
+            T.RandomResizedCrop(image_size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+            T.RandomHorizontalFlip(),
+            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+            T.RandomGrayscale(p=0.2),
+            blur_t,
+            T.RandomSolarize(128, p=solarize_p),
+            T.ToTensor(),
+            T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        ])
+
+    t1, t2 = view(1.0, 0.0), view(0.1, 0.2)
+    return lambda img: [t1(img), t2(img)]
+
+
+class _Endless:
+    """Batches from ``make(epoch)``, moving to the next epoch when one ends."""
+
+    def __init__(self, make: Callable[[int], Any]) -> None:
+        self.make, self.epoch, self.it = make, 0, iter(make(0))
+
+    def next(self) -> Any:
+        while True:
+            try:
+                return next(self.it)
+            except StopIteration:
+                self.epoch += 1
+                self.it = iter(self.make(self.epoch))
+
+
+def _rounds(pipes: dict[str, _Endless], rounds: int, batches: int, views_per_batch: int,
+            clock: Callable[[], float]) -> dict[str, list[float]]:
+    """Views/s of each pipeline over ``rounds`` interleaved rounds (interleaving spreads machine noise evenly)."""
+    rates: dict[str, list[float]] = {k: [] for k in pipes}
+    for _ in range(rounds):
+        for name, pipe in pipes.items():
+            t0 = clock()
+            for _ in range(batches):
+                pipe.next()
+            rates[name].append(batches * views_per_batch / (clock() - t0))
+    return rates
+
+
+def run_bench(num_images: int = 256, batch_size: int = 16, image_size: int = 224, workers: int = 0,
+              baseline_blur: str = "pil", workdir: str | None = None, rounds: int = 5) -> dict[str, Any]:
+    """Build the images, run both pipelines, return the figures (views/s/core for each and the ratio).
+
+    With ``workers=0`` both pipelines run in this process and the clock is this process's CPU time, so
+    the figure is per core even on a busy machine; with workers the clock is wall time divided by workers.
+    """
+    from torch.utils.data import DataLoader
+    from torchvision.datasets import ImageFolder
+
+    from largessl.data.config import DataConfig
+    from largessl.data.manifest import read_manifest
+    from largessl.data.stream import build_train_stream
+    from largessl.data.writer import write_source
+
+    torch.set_num_threads(1)
+    if num_images < 4 * batch_size:
+        raise ValueError(f"--images must be at least 4 × --batch-size ({4 * batch_size}) for a stable figure")
+    with tempfile.TemporaryDirectory(prefix="largessl-bench-", dir=workdir) as tmp:
+        root = Path(tmp) / "folder"
+        stats = make_imagenet_like(root, num_images)
+        manifest_url = write_source(str(root), str(Path(tmp) / "shards"), shard_bytes=8 << 20, workers=2,
+                                    progress=False)
+        manifest = read_manifest(manifest_url)
+        cfg = DataConfig(augment="barlow_twins", image_size=image_size, num_views=2, num_workers=workers,
+                         shuffle_buffer=64, pin_memory=False)
+        stream = build_train_stream(cfg, manifest, batch_size, rank=0, world_size=1, seed=0)
+        ds = ImageFolder(str(root), transform=baseline_transform(image_size, baseline_blur))
+        loader = DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True,
+                            worker_init_fn=_one_thread if workers else None)
+        pipes = {"largessl": _Endless(stream.iterate), "baseline": _Endless(lambda _: loader)}
+        per_round = max(2, num_images // batch_size // 2)
+        _rounds(pipes, 1, 2, 2 * batch_size, time.perf_counter)  # warm-up: workers started, caches filled
+        clock = time.process_time if workers == 0 else time.perf_counter
+        rates = _rounds(pipes, rounds, per_round, 2 * batch_size, clock)
+    cores = max(1, workers)
+    ours = statistics.median(rates["largessl"]) / cores
+    base = statistics.median(rates["baseline"]) / cores
+    ratios = [a / b for a, b in zip(rates["largessl"], rates["baseline"])]
+    return {
+        "images": stats["num_images"], "mean_jpeg_kb": round(stats["mean_kb"], 1), "image_size": image_size,
+        "batch_size": batch_size, "workers": workers, "cores": cores, "baseline_blur": baseline_blur,
+        "clock": "process_cpu" if workers == 0 else "wall", "rounds": rounds,
+        "largessl_views_per_s_per_core": round(ours, 1), "baseline_views_per_s_per_core": round(base, 1),
+        "speedup": round(ours / base, 2), "speedup_min_max": [round(min(ratios), 2), round(max(ratios), 2)],
+    }
+
+
+def _one_thread(_: int) -> None:
+    torch.set_num_threads(1)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``largessl bench data``."""
+    parser.add_argument("--images", type=int, default=256, help="ImageNet-like JPEGs to generate (default 256)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--workers", type=int, default=0,
+                        help="DataLoader workers for both pipelines (0 = in-process: one core)")
+    parser.add_argument("--baseline-blur", choices=("pil", "torchvision"), default="pil",
+                        help="blur of the baseline: PIL (reference code) or torchvision GaussianBlur(23)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved measurement rounds (median reported)")
+    parser.add_argument("--workdir", default=None, help="where to write the temporary images and shards")
+    parser.add_argument("--json", default="", help="also write the figures to this JSON file")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the data benchmark and log the figures."""
+    if args.workers < 0:
+        raise ValueError("--workers must be >= 0")
+    res = run_bench(args.images, args.batch_size, args.image_size, args.workers, args.baseline_blur, args.workdir,
+                    args.rounds)
+    log.info("data bench (%d JPEGs ~%.0f KB, %d px, %d core(s)): largessl %.1f views/s/core, baseline %.1f "
+             "views/s/core, speedup %.2fx", res["images"], res["mean_jpeg_kb"], res["image_size"], res["cores"],
+             res["largessl_views_per_s_per_core"], res["baseline_views_per_s_per_core"], res["speedup"])
+    print(json.dumps(res))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m largessl.bench.data` for quick runs
+    logging.basicConfig(level=logging.INFO)
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    raise SystemExit(run(p.parse_args()))
+
