@@ -18,7 +18,7 @@ table{border-collapse:collapse;font-size:.9rem} th,td{border:1px solid #d0d7de;p
 th{background:#f6f8fa;text-align:left} td.num{text-align:right;font-variant-numeric:tabular-nums}
 code{background:#f6f8fa;padding:.1rem .3rem;border-radius:4px;font-size:.85em}
 .latest{background:#ddf4ff;color:#0969da;border-radius:8px;padding:0 .4rem;font-size:.75rem;margin-left:.3rem}
-.muted{color:#57606a}
+.muted{color:#57606a} .nw{white-space:nowrap}
 """
 
 
@@ -84,11 +84,11 @@ def render_index_html(index: Mapping[str, Any], hub_url: str = "") -> str:
             badge = '<span class="latest">latest</span>' if version == entry.get("latest") else ""
             rows.append(
                 "<tr>"
-                f"<td><b>{html.escape(name)}</b></td>"
+                f"<td class=nw><b>{html.escape(name)}</b></td>"
                 f"<td><code>{html.escape(version)}</code>{badge}</td>"
-                f"<td>{html.escape(str(s.get('method', '–')))}</td>"
-                f"<td>{html.escape(str(s.get('arch', '–')))}</td>"
-                f"<td>{html.escape(str(s.get('dataset', '–')))}</td>"
+                f"<td>{html.escape(str(s.get('method') or '–'))}</td>"
+                f"<td>{html.escape(str(s.get('arch') or '–'))}</td>"
+                f"<td>{html.escape(str(s.get('dataset') or '–'))}</td>"
                 f"<td class=num>{_num(s.get('epochs'), 1)}</td>"
                 f"<td class=num>{_num(m.get('linear_top1'))}</td>"
                 f"<td class=num>{_knn(m)}</td>"
