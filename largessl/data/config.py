@@ -36,7 +36,8 @@ class DataConfig:
     retry_backoff_s: float = 1.0
     """Delay before the first retry of a failed shard read; doubled after each further failure."""
     gpu_decode: bool = False
-    """Decode JPEGs and augment on the GPU (torchvision.io.decode_jpeg on CUDA); CPU path otherwise."""
+    """Reserved for GPU JPEG decoding; not implemented yet: true raises a clear error at stream start-up
+    (decoding and augmentation run in the CPU DataLoader workers; raise num_workers for throughput)."""
 
     def validate(self) -> None:
         """Check values that do not depend on other sections."""

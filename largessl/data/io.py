@@ -136,7 +136,8 @@ def _fsspec_pipe_opener(url: str, mode: str = "rb", bufsize: int = 8192, **kw: A
 
 def register_webdataset_openers() -> None:
     """Let ``webdataset.WebDataset('s3://...')`` / ``gs://`` open URLs through fsspec (it has no opener for them)."""
-    from webdataset import gopen
+    import importlib
 
+    gopen = importlib.import_module("webdataset.gopen")  # the module; `webdataset.gopen` the attribute is a function
     for scheme in ("s3", "gs", "gcs"):
         gopen.gopen_schemes[scheme] = _fsspec_pipe_opener

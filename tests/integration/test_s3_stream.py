@@ -101,3 +101,20 @@ def test_endpoint_from_config_without_env(s3_server, tmp_path: Path, monkeypatch
     cfg = DataConfig(endpoint_url=s3_server.endpoint_url, augment="none", image_size=16, num_workers=0)
     stream = build_train_stream(cfg, manifest, per_rank_batch_size=2, rank=0, world_size=1, seed=0)
     assert sum(len(b.keys) for b in stream.iterate(0)) == 6
+
+
+def test_webdataset_reads_s3_through_registered_opener(aws_env, tmp_path: Path) -> None:
+    """webdataset has no s3:// opener of its own; ours routes it through fsspec with the same credentials."""
+    import webdataset as wds
+
+    from largessl.data.io import register_webdataset_openers
+
+    src = tmp_path / "src"
+    truth = _image_folder(src, per_class=2)
+    dest = aws_env.url("imgs", "wds")
+    assert main(["shards", "write", str(src), dest, "--no-progress", "--no-shuffle"]) == 0
+    manifest = read_manifest(dest + "/manifest.json")
+    register_webdataset_openers()
+    samples = list(wds.WebDataset([s.url for s in manifest.shards], shardshuffle=False))
+    assert len(samples) == len(truth)
+    assert sorted(int(s["cls"]) for s in samples) == [0, 0, 1, 1, 2, 2]
