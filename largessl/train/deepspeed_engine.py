@@ -58,6 +58,8 @@ def build_engine(module: nn.Module, optimizer: Optimizer, zero_stage: int, per_r
                  world_size: int, grad_clip: float, policy: PrecisionPolicy, device: torch.device) -> Any:
     """``deepspeed.initialize`` around our module and optimizer (the process group must already exist)."""
     deepspeed = import_deepspeed(device)
+    # DeepSpeed asserts LOCAL_RANK exists; SLURM/Kubernetes launches may only have our detected value.
+    os.environ.setdefault("LOCAL_RANK", str(device.index or 0) if device.type == "cuda" else "0")
     config = deepspeed_config(zero_stage, per_rank_batch_size, world_size, grad_clip, policy)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=config,
                                            dist_init_required=False)
