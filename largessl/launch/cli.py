@@ -11,8 +11,8 @@ log = logging.getLogger(__name__)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", action="append", default=[], required=True,
-                   help="pretraining config file (repeatable; later wins)")
+    p.add_argument("--config", action="append", default=[],
+                   help="pretraining config file (repeatable; later wins; none = the defaults)")
     p.add_argument("--nodes", type=int, default=1, help="number of nodes")
     p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node, one process each (0 = CPU)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.run_dir=runs/bt")

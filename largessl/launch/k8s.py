@@ -32,7 +32,7 @@ from typing import Any
 import yaml
 
 from largessl import exit_codes
-from largessl.config import Config, config_to_yaml, load_config
+from largessl.config import Config, config_to_dict, config_to_yaml, load_config
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +91,6 @@ class K8sRequest:
 
     def validate(self) -> None:
         """Check the request's own values."""
-        if not self.config:
-            raise ValueError("pass --config FILE (the pretraining config)")
         if self.nodes < 1 or self.procs_per_node < 1 or self.gpus_per_node < 0:
             raise ValueError("--nodes and --procs-per-node must be >= 1 and --gpus-per-node >= 0")
         if not self.image:
@@ -113,6 +111,39 @@ class K8sPlan:
     """ConfigMap, headless Service, Indexed Job."""
     stages: list[dict[str, Any]]
     """Follow-up Jobs (apply after the pretraining Job completed)."""
+
+
+def config_delta(cfg: Config) -> dict[str, Any]:
+    """Only the values that differ from the defaults (of the same method), as a config file holds them."""
+    defaults = config_to_dict(load_config([], [f"method.name={cfg.method.name}"]))
+
+    def diff(value: dict[str, Any], default: dict[str, Any]) -> dict[str, Any]:
+        out = {}
+        for k, v in value.items():
+            d = default.get(k)
+            if isinstance(v, dict) and isinstance(d, dict):
+                sub = diff(v, d)
+                if sub:
+                    out[k] = sub
+            elif v != d:
+                out[k] = v
+        return out
+
+    delta = diff(config_to_dict(cfg), defaults)
+    delta.setdefault("method", {})["name"] = cfg.method.name
+    return delta
+
+
+class _Dumper(yaml.SafeDumper):
+    """Multi-line strings (the config in the ConfigMap) as readable literal blocks."""
+
+
+def _str(dumper: yaml.SafeDumper, data: str) -> yaml.Node:
+    style = "|" if "\n" in data else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", data, style=style)
+
+
+_Dumper.add_representer(str, _str)
 
 
 def _uses_s3(cfg: Config) -> bool:
@@ -213,7 +244,7 @@ def plan_manifests(req: K8sRequest) -> K8sPlan:
     configmap = {
         "apiVersion": "v1", "kind": "ConfigMap",
         "metadata": {"name": f"{name}-config", "namespace": ns, "labels": _labels(name, "config")},
-        "data": {"config.yaml": config_to_yaml(cfg)},
+        "data": {"config.yaml": yaml.safe_dump(config_delta(cfg), sort_keys=False)},
     }
     svc = {
         "apiVersion": "v1", "kind": "Service",
@@ -278,7 +309,7 @@ def plan_manifests(req: K8sRequest) -> K8sPlan:
 
 def to_yaml(manifests: list[dict[str, Any]]) -> str:
     """Multi-document YAML, keys in the order written."""
-    return yaml.safe_dump_all(manifests, sort_keys=False)
+    return yaml.dump_all(manifests, Dumper=_Dumper, sort_keys=False)
 
 
 def pod_environment(job: dict[str, Any], index: int, secret_env: dict[str, str] | None = None) -> dict[str, str]:
