@@ -319,7 +319,9 @@ class ReferenceBarlowTwins(nn.Module):
         z2 = self.projector(self.backbone(y2))
         c = self.bn(z1).T @ self.bn(z2)
         c = c / self.global_batch_size
-        all_reduce_sum_no_grad(c, self.group)  # the anchors' raw all-reduce: forward-only, no autograd
+        # The anchors' raw in-place all-reduce: the values of C become global, autograd never sees it (so the
+        # gradient stays local). Reducing through a detached alias of C's storage is exactly that, warning-free.
+        all_reduce_sum_no_grad(c.detach(), self.group)
         diag = torch.diagonal(c)
         on_diag = (diag - 1).pow(2).sum()
         off_diag = c.pow(2).sum() - diag.pow(2).sum()
