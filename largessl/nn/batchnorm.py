@@ -19,7 +19,8 @@ def global_mean_var(x: torch.Tensor, group: ProcessGroup | None = None) -> tuple
     Two passes (mean, then centred squares) for accuracy; the count travels with the sums so the
     normalisation uses the real gathered N. Gradients flow through both all-reduces.
     """
-    n_local = torch.tensor([x.shape[0]], dtype=x.dtype, device=x.device)
+    # new_full launches a fill kernel; torch.tensor(..., device=cuda) would copy from pageable memory and sync.
+    n_local = x.new_full((1,), float(x.shape[0]))
     packed = all_reduce_sum(torch.cat([x.sum(0), n_local]), group)
     n = packed[-1]
     mean = packed[:-1] / n
