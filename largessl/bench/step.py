@@ -16,7 +16,9 @@ sync before and one after the timed loop (none inside it):
   (2× the images for two views), same precision and layout as *ours*, no head, loss or optimizer:
   the compute floor the SSL step is compared with.
 
-Images are SSL images: one image = ``data.num_views`` views. ``images_per_s`` is per rank.
+Images are SSL images: one image = ``data.num_views`` views. ``images_per_s`` is per rank. On CUDA each
+variant also reports ``host_syncs_per_step``: synchronizing calls in one extra step, counted with CUDA's
+sync debug mode (the hot path of *ours* should have none; the reference's GradScaler has at least one).
 Also measured: the loss+collective share of the *ours* step — forward and backward of the method's
 loss on fixed embeddings (its all-reduces/all-gathers included), timed on its own and divided by the
 step time. The issue's goals (≥ 1.5× reference, ≤ 1.15× floor, loss share < 10 %) are judged only
@@ -34,6 +36,7 @@ import resource
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -79,6 +82,8 @@ class Measurement:
     peak_memory_mb: float | None
     """CUDA max allocated during warm-up and timed steps; None on CPU (see the report's host_peak_rss_mb)."""
     notes: str = ""
+    host_syncs_per_step: int | None = None
+    """Synchronizing CUDA calls in one step after the timed ones (see :func:`count_host_syncs`); None on CPU."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -127,6 +132,25 @@ def time_steps(fn: Callable[[int], Any], steps: int, warmup: int, device: torch.
     for i in range(warmup, warmup + steps):
         fn(i)
     return time.perf_counter() - t0
+
+
+def count_host_syncs(fn: Callable[[int], Any], device: torch.device, i: int = 0) -> int | None:
+    """Synchronizing CUDA calls made by one ``fn(i)`` (CUDA's sync debug mode); None on CPU.
+
+    The hot path should make none: each one stalls the host until the GPU drains its queue, so the next
+    kernels are launched late. CUDA's detector is a prototype and may miss some syncs (never over-counts).
+    """
+    if device.type != "cuda":
+        return None
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn(i)
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    return sum(1 for w in caught if "synchroniz" in str(w.message))
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -229,11 +253,13 @@ def measure_ours(trainer: Any, views: list[torch.Tensor], steps: int, warmup: in
     device, policy = trainer.device, trainer.policy
     trainer.model.train()
     reset_peak_memory(device)
-    seconds = time_steps(trainer_step_fn(trainer, views), steps, warmup, device)
+    fn = trainer_step_fn(trainer, views)
+    seconds = time_steps(fn, steps, warmup, device)
+    peak = peak_memory_mb(device)
     seconds = mean_over_ranks(seconds, device, trainer.group)
-    return Measurement("ours", views[0].shape[0], steps, seconds, policy.name, policy.channels_last,
-                       peak_memory_mb(device), notes="Trainer + train_step" + (" (torch.compile)" if policy.compile
-                                                                               else ""))
+    return Measurement("ours", views[0].shape[0], steps, seconds, policy.name, policy.channels_last, peak,
+                       notes="Trainer + train_step" + (" (torch.compile)" if policy.compile else ""),
+                       host_syncs_per_step=count_host_syncs(fn, device, warmup + steps))
 
 
 def _bt_loss(module: nn.Module, z: list[torch.Tensor]) -> torch.Tensor:
@@ -404,13 +430,16 @@ def measure_reference(cfg: Config, device: torch.device, batch_size: int, image_
     views = synthetic_views(2, batch_size, image_size, device, channels_last=False, seed=1)
     model.train()
     reset_peak_memory(device)
-    seconds = time_steps(reference_step_fn(model, opt, scaler, views, device), steps, warmup, device)
+    fn = reference_step_fn(model, opt, scaler, views, device)
+    seconds = time_steps(fn, steps, warmup, device)
+    peak = peak_memory_mb(device)
     seconds = mean_over_ranks(seconds, device, group)
     precision = "fp16" if device.type == "cuda" else "fp32"
     notes = "anchor-style BASELINE: autocast incl. loss, NCHW, raw all-reduce of C, loop LARS"
     if device.type != "cuda":
         notes += "; fp32 on CPU (the fp16 autocast and GradScaler apply on CUDA)"
-    return Measurement("reference", batch_size, steps, seconds, precision, False, peak_memory_mb(device), notes)
+    return Measurement("reference", batch_size, steps, seconds, precision, False, peak, notes,
+                       host_syncs_per_step=count_host_syncs(fn, device, warmup + steps))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -439,9 +468,12 @@ def measure_floor(cfg: Config, policy: PrecisionPolicy, device: torch.device, ba
         f.float().sum().backward()
 
     reset_peak_memory(device)
-    seconds = mean_over_ranks(time_steps(step, steps, warmup, device), device, group)
-    return Measurement("floor", batch_size, steps, seconds, policy.name, policy.channels_last, peak_memory_mb(device),
+    seconds = time_steps(step, steps, warmup, device)
+    peak = peak_memory_mb(device)
+    seconds = mean_over_ranks(seconds, device, group)
+    return Measurement("floor", batch_size, steps, seconds, policy.name, policy.channels_last, peak,
                        notes=f"backbone fwd+bwd on {num_views}x{batch_size} images, no head/loss/optimizer",
+                       host_syncs_per_step=count_host_syncs(step, device, warmup + steps),
                        extra={"backbone_images_per_step": num_views * batch_size})
 
 
@@ -550,12 +582,13 @@ def format_step_report(report: dict[str, Any]) -> str:
         f"largessl bench step: {report['device_name']} ({report['device']}), {report['world_size']} rank(s), "
         f"{report['per_rank_batch_size']} images/rank x {report['num_views']} views @ {report['image_size']} px, "
         f"{report['arch']} + {report['method']} {report['projector'] or ''}".rstrip(),
-        f"{'variant':<10} {'precision':<9} {'layout':<6} {'ms/step':>9} {'images/s/rank':>14} {'peak MiB':>9}  notes",
+        f"{'variant':<10} {'precision':<9} {'layout':<6} {'ms/step':>9} {'images/s/rank':>14} {'peak MiB':>9} "
+        f"{'syncs':>5}  notes",
     ]
     for name, m in report["variants"].items():
         lines.append(f"{name:<10} {m['precision']:<9} {'NHWC' if m['channels_last'] else 'NCHW':<6} "
-                     f"{m['ms_per_step']:>9.2f} {m['images_per_s']:>14.1f} {_fmt(m['peak_memory_mb'], '.0f'):>9}  "
-                     f"{m['notes']}")
+                     f"{m['ms_per_step']:>9.2f} {m['images_per_s']:>14.1f} {_fmt(m['peak_memory_mb'], '.0f'):>9} "
+                     f"{_fmt(m['host_syncs_per_step'], 'd'):>5}  {m['notes']}")
     if report["device"] != "cuda":
         lines.append(f"(peak memory is a CUDA figure; host peak RSS of this process: {report['host_peak_rss_mb']:.0f} MiB)")
     r, g, loss = report["ratios"], report["goals"], report["loss"]
