@@ -98,8 +98,6 @@ class SlurmRequest:
             raise ValueError("--gpus-per-node must be >= 0 and --tasks-per-node >= 1")
         if self.cpus_per_task is not None and self.cpus_per_task < 1:
             raise ValueError("--cpus-per-task must be >= 1")
-        if not self.config:
-            raise ValueError("pass --config FILE (the pretraining config)")
 
     @property
     def ntasks_per_node(self) -> int:
