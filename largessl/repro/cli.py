@@ -1,0 +1,49 @@
+"""``largessl repro NAME [--minutes M] [--steps N] [--out DIR]`` and ``largessl repro --list``.
+
+Runs the variants of one seed-paper table with the real trainer on CPU (digits shards, no download), prints
+the paper's numbers beside ours with a verdict per row, and writes ``DIR/NAME/results.json`` and
+``DIR/NAME/NAME.png``. Rerunning with the same ``--out`` reuses finished variants and continues ones the
+time budget stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from largessl.repro.tables import TABLES
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``largessl repro``."""
+    p.add_argument("name", nargs="?", help=f"table to reproduce: {', '.join(TABLES)}, or 'all'")
+    p.add_argument("--list", action="store_true", help="name the available tables and exit")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="training budget of the whole table in minutes, split over its variants (default: the "
+                        "table's, see --list)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per variant (default: the table's)")
+    p.add_argument("--out", default="runs/repro", help="output directory (default: runs/repro)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """List the tables, or run one (or all) and print the comparison."""
+    from largessl.repro.report import format_list, format_table
+
+    if args.list:
+        print(format_list(TABLES))
+        return 0
+    if not args.name:
+        raise ValueError(f"name a table to reproduce ({', '.join(TABLES)}, or all); largessl repro --list "
+                         "describes them")
+    names = list(TABLES) if args.name == "all" else [args.name]
+    from largessl.repro.runner import run_table
+    from largessl.repro.tables import get_table
+
+    tables = [get_table(n) for n in names]  # unknown names fail before any training
+    for t in tables:
+        result = run_table(t, args.out, minutes=args.minutes, num_steps=args.steps)
+        print(format_table(t, result))
+        print(f"results: {result['json']}\nplot:    {result['png']}\n", flush=True)
+    return 0

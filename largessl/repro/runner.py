@@ -1,0 +1,242 @@
+"""Run the variants of one repro table with the real trainer, then measure what the paper measured.
+
+Per variant: a config built with :func:`largessl.config.load_config` (the table's overrides on top of the
+shared small-scale recipe) → :func:`largessl.train.trainer.build_trainer` on the digits shards → ``fit()``
+(one run directory per variant under ``out/NAME/``; rerunning resumes a variant stopped by its time budget
+and reuses a finished one) → on the held-out digits: weighted kNN top-1 of the backbone features
+(:mod:`largessl.eval.knn`) and collapse indicators of the projector output in eval mode
+(:mod:`largessl.metrics.collapse`) → training curves read back from ``metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from largessl.config import Config, config_to_dict, load_config
+from largessl.data.manifest import Manifest, read_manifest
+from largessl.dist.env import DistEnv
+from largessl.eval.features import extract_features
+from largessl.eval.knn import knn_accuracy
+from largessl.metrics.collapse import collapse_metrics
+from largessl.repro.backbone import ARCH
+from largessl.repro.tables import THRESHOLDS, Table, Variant
+
+log = logging.getLogger(__name__)
+
+IMAGE_SIZE = 16
+"""Side of the digits images (the 8×8 originals upscaled; the small backbone halves it twice)."""
+EVAL_BATCH = 256
+"""Images per forward pass when extracting held-out features and embeddings."""
+CURVE_KEYS = ("loss", "collapse/std", "collapse/std_l2", "collapse/corr", "collapse/rank", "collapse/rankme",
+              "collapse/m_o", "collapse/m_r")
+"""metrics.jsonl fields kept as curves in the results."""
+
+COMMON = (
+    f"model.arch={ARCH}", f"data.image_size={IMAGE_SIZE}", "data.num_workers=0", "data.shuffle_buffer=512",
+    "train.device=cpu", "train.precision=fp32", "train.log_every=5", "checkpoint.at_epoch_end=false",
+    "checkpoint.every_steps=1000000", "log.tensorboard=false", "log.progress=false", "eval.online_probe=false",
+)
+"""Overrides every repro run shares: CPU, fp32, the small backbone, a checkpoint only at the end (or stop)."""
+
+
+@dataclass
+class VariantResult:
+    """One row: what we measured for a variant, and how its training went."""
+
+    name: str
+    metrics: dict[str, float]
+    """Final held-out numbers: knn (k=20), knn200, std, std_l2, corr, rank, rankme, m_o, m_r, loss, dim."""
+    steps_done: int
+    steps_planned: int
+    minutes: float
+    """Wall-clock minutes of this invocation (training + evaluation)."""
+    stopped_early: bool
+    """The time budget ended training before ``steps_planned`` (rerun with the same --out to continue)."""
+    run_dir: str
+    curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    points: list[list[float]] = field(default_factory=list)
+    """Held-out 2-D embeddings (only when the projection space is 2-D, for the scatter plot)."""
+    labels: list[int] = field(default_factory=list)
+
+
+def prepare_digits(out_dir: str | Path) -> tuple[str, str]:
+    """Digits train/val shards under ``out_dir/data`` (written once, reused by every table)."""
+    from largessl.data.digits import write_digits_shards
+
+    return write_digits_shards(str(Path(out_dir) / "data" / f"digits-{IMAGE_SIZE}px"), image_size=IMAGE_SIZE)
+
+
+def variant_config(table: Table, variant: Variant, train_url: str, val_url: str, run_dir: str | Path,
+                   num_steps: int, max_minutes: float) -> Config:
+    """The resolved config of one variant: shared recipe < table base < variant < length and paths."""
+    overrides = [*COMMON, *table.base, *variant.overrides,
+                 f"data.train_manifest={train_url}", f"data.val_manifest={val_url}", f"train.run_dir={run_dir}",
+                 f"train.num_steps={num_steps}", f"train.max_minutes={max_minutes}",
+                 f"train.collapse_every={max(5, num_steps // 40)}"]
+    return load_config(None, overrides)
+
+
+def _comparable(cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a config that must match to resume a variant (the time budget may change)."""
+    out = json.loads(json.dumps(cfg_dict))
+    out.get("train", {}).pop("max_minutes", None)
+    return out
+
+
+def _check_reusable(run_dir: Path, cfg: Config) -> None:
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return
+    old = _comparable(config_to_dict(load_config(saved)))
+    new = _comparable(config_to_dict(cfg))
+    if old != new:
+        diff = sorted(f"{s}.{k}" for s in new if isinstance(new[s], dict)
+                      for k in new[s] if old.get(s, {}).get(k) != new[s][k])
+        raise ValueError(f"{run_dir} holds a run with a different config ({', '.join(diff) or 'method'}); "
+                         "use another --out, or delete that directory to start the variant again")
+
+
+@torch.no_grad()
+def embed(module: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The method's projection-space output for ``images`` (eval mode: BN/DBN use running statistics)."""
+    if hasattr(module, "embed"):  # decorrelation: backbone → projector → BN/DBN head
+        return module.embed(images, None)[1]
+    z = module.projector(module.backbone(images))  # SimSiam family: the encoder output z
+    cfg = getattr(module, "cfg", None)
+    if cfg is not None and hasattr(cfg, "normalises_z") and cfg.normalises_z():
+        z = F.normalize(z, dim=1)
+    return z
+
+
+def _eval_batches(cfg: Config, manifest: Manifest):
+    from largessl.data.stream import build_eval_stream
+
+    return build_eval_stream(cfg.data, manifest, EVAL_BATCH, 0, 1, transform="eval")
+
+
+@torch.no_grad()
+def held_out_embeddings(module: nn.Module, cfg: Config, manifest: Manifest) -> tuple[torch.Tensor, torch.Tensor]:
+    """Projection-space embeddings and labels of every held-out image."""
+    was_training = module.training
+    module.eval()
+    zs, ys = [], []
+    try:
+        for batch in _eval_batches(cfg, manifest):
+            zs.append(embed(module, batch.views[0]).float())
+            ys.append(batch.labels.long())
+    finally:
+        module.train(was_training)
+    return torch.cat(zs), torch.cat(ys)
+
+
+def read_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """(step, value) series of :data:`CURVE_KEYS` from the run's ``metrics.jsonl``."""
+    path = run_dir / "metrics.jsonl"
+    curves: dict[str, list[tuple[int, float]]] = {k: [] for k in CURVE_KEYS}
+    if not path.is_file():
+        return curves
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        for k in CURVE_KEYS:
+            v = rec.get(k)
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                curves[k].append((int(rec["step"]), float(v)))
+    return curves
+
+
+def evaluate(module: nn.Module, cfg: Config, train_m: Manifest, val_m: Manifest) -> tuple[dict[str, float],
+                                                                                          torch.Tensor, torch.Tensor]:
+    """kNN top-1 (k=20, 200) of backbone features and collapse indicators of held-out embeddings."""
+    device = torch.device("cpu")
+    tf, tl = extract_features(module.backbone, _eval_batches(cfg, train_m), device)
+    vf, vl = extract_features(module.backbone, _eval_batches(cfg, val_m), device)
+    acc = knn_accuracy(tf, tl, vf, vl, k=(20, 200), num_classes=train_m.num_classes)
+    z, labels = held_out_embeddings(module, cfg, val_m)
+    m = collapse_metrics(z)
+    out = {"knn": acc[20], "knn200": acc[200], "dim": float(z.shape[1]),
+           **{k: m[k] for k in ("std", "std_l2", "corr", "rank", "rankme", "m_o", "m_r")}}
+    return out, z, labels
+
+
+def run_variant(table: Table, variant: Variant, out_dir: Path, train_url: str, val_url: str, num_steps: int,
+                max_minutes: float) -> VariantResult:
+    """Train (or resume / reuse) one variant and evaluate it."""
+    from largessl.train.trainer import build_trainer
+
+    t0 = time.perf_counter()
+    run_dir = out_dir / table.name / variant.key
+    cfg = variant_config(table, variant, train_url, val_url, run_dir, num_steps, max_minutes)
+    _check_reusable(run_dir, cfg)
+    log.info("repro %s: variant %s (%d steps, at most %.1f min)", table.name, variant.key, num_steps, max_minutes)
+    trainer = build_trainer(cfg, DistEnv())
+    result = trainer.fit()
+    train_m, val_m = read_manifest(train_url), read_manifest(val_url)
+    metrics, z, labels = evaluate(trainer.module, cfg, train_m, val_m)
+    curves = read_curves(run_dir)
+    losses = curves["loss"]
+    metrics["loss"] = losses[-1][1] if losses else float("nan")
+    res = VariantResult(name=variant.name, metrics=metrics, steps_done=result.step, steps_planned=num_steps,
+                        minutes=(time.perf_counter() - t0) / 60, stopped_early=result.step < num_steps,
+                        run_dir=str(run_dir), curves=curves)
+    if z.shape[1] == 2:
+        res.points = [[round(float(a), 5), round(float(b), 5)] for a, b in z.tolist()]
+        res.labels = [int(y) for y in labels]
+    return res
+
+
+def run_table(table: Table, out_dir: str | Path, minutes: float | None = None,
+              num_steps: int | None = None) -> dict[str, Any]:
+    """Train and evaluate every variant of ``table``; writes ``out/NAME/results.json`` and ``out/NAME/NAME.png``.
+
+    ``minutes`` (default: the table's) is the training budget of the whole table, split evenly over the
+    variants as ``train.max_minutes``; ``num_steps`` (default: the table's) is each variant's length.
+    """
+    from largessl.eval.linear import write_json_atomic
+    from largessl.repro.plots import plot_table
+
+    minutes = table.minutes if minutes is None else minutes
+    num_steps = table.num_steps if num_steps is None else num_steps
+    if minutes <= 0:
+        raise ValueError(f"--minutes must be > 0 (got {minutes})")
+    if num_steps < 5:
+        raise ValueError(f"--steps must be >= 5 (got {num_steps}): collapse indicators are logged every 5 steps")
+    out = Path(out_dir)
+    t0 = time.perf_counter()
+    train_url, val_url = prepare_digits(out)
+    per_variant = minutes / len(table.variants)
+    results = [run_variant(table, v, out, train_url, val_url, num_steps, per_variant) for v in table.variants]
+    measured = {v.key: r.metrics for v, r in zip(table.variants, results)}
+    verdicts = table.verdict(measured)
+    rows = []
+    for v, r in zip(table.variants, results):
+        verdict = verdicts[v.key]
+        rows.append({"key": v.key, "name": v.name, "overrides": list(v.overrides), "paper": dict(v.paper),
+                     "metrics": r.metrics, "verdict": {"claim": verdict.claim, "reproduced": verdict.reproduced,
+                                                       "evidence": verdict.explain()},
+                     "steps_done": r.steps_done, "steps_planned": r.steps_planned, "stopped_early": r.stopped_early,
+                     "minutes": r.minutes, "run_dir": r.run_dir, "curves": r.curves, "points": r.points,
+                     "labels": r.labels})
+    result: dict[str, Any] = {
+        "name": table.name, "title": table.title, "source": table.source, "notes": table.notes,
+        "base_overrides": list(table.base), "common_overrides": list(COMMON), "thresholds": dict(THRESHOLDS),
+        "columns": [list(c) for c in table.columns], "paper_columns": [list(c) for c in table.paper_columns],
+        "curves": list(table.curves), "rows": rows, "minutes_budget": minutes, "num_steps": num_steps,
+        "minutes": (time.perf_counter() - t0) / 60, "reproduced": sum(r["verdict"]["reproduced"] for r in rows),
+    }
+    table_dir = out / table.name
+    result["json"] = str(table_dir / "results.json")
+    result["png"] = plot_table(result, table_dir / f"{table.name}.png")
+    write_json_atomic(result["json"], result)
+    return result
