@@ -28,6 +28,7 @@ on CUDA; a CPU run is a smoke run of the harness.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import json
@@ -632,24 +633,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-loss-timing", action="store_true", help="skip the separate loss+collective timing")
 
 
-class bench_process_group:
+@contextlib.contextmanager
+def bench_process_group(cfg: Config) -> Iterator[DistEnv]:
     """Join the job's process group for a benchmark (torchrun/SLURM env, or one process) and leave it after."""
+    from largessl.dist.env import init_distributed, resolve_backend, setup_logging, shutdown_distributed
 
-    def __init__(self, cfg: Config) -> None:
-        self.cfg = cfg
-
-    def __enter__(self) -> DistEnv:
-        from largessl.dist.env import init_distributed, resolve_backend, setup_logging
-
-        self.env = detect_env()
-        setup_logging(self.env, self.cfg.log.level)
-        device = resolve_device(self.cfg.train.device, self.env.local_rank)
-        init_distributed(self.env, resolve_backend(self.cfg.dist.backend, device), self.cfg.dist.timeout_minutes)
-        return self.env
-
-    def __exit__(self, *exc: object) -> None:
-        from largessl.dist.env import shutdown_distributed
-
+    env = detect_env()
+    setup_logging(env, cfg.log.level)
+    device = resolve_device(cfg.train.device, env.local_rank)
+    init_distributed(env, resolve_backend(cfg.dist.backend, device), cfg.dist.timeout_minutes)
+    try:
+        yield env
+    finally:
         shutdown_distributed()
 
 
