@@ -14,6 +14,7 @@ import logging
 import sys
 
 from largessl import __version__, exit_codes
+from largessl.dist.env import DistEnv, setup_logging
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("largessl.train.cli", "pretrain a backbone with an SSL method (resumes automatically)"),
@@ -52,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return exit_codes.BAD_INPUT if argv else exit_codes.OK
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                            datefmt="%H:%M:%S")
+        # Rank 0's view until a command knows its rank; setup_logging() replaces this handler, not adds one.
+        setup_logging(DistEnv())
     log = logging.getLogger("largessl")
     try:
         return int(args._run(args) or 0)

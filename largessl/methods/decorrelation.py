@@ -109,7 +109,7 @@ def loss(z_a: torch.Tensor, z_b: torch.Tensor, kind: str = "mse",
             per_sample = 2 - 2 * F.cosine_similarity(z_a, z_b, dim=1)
         else:
             raise ValueError(f"unknown decorrelation loss {kind!r}; valid losses: mse, cosine")
-        count = torch.tensor([float(z_a.shape[0])], dtype=z_a.dtype, device=z_a.device)
+        count = z_a.new_full((1,), float(z_a.shape[0]))
         packed = all_reduce_sum(torch.cat([per_sample.sum().reshape(1), count]), group)
         total = packed[0] / packed[1]
     return total, {kind: total.detach()}

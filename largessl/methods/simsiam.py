@@ -80,7 +80,7 @@ def negative_cosine(p: torch.Tensor, z: torch.Tensor, group: ProcessGroup | None
     with full_precision(p):
         p, z = as_loss_dtype(p), as_loss_dtype(z)
         total = F.cosine_similarity(p, z, dim=1).sum().reshape(1)
-        count = torch.tensor([float(p.shape[0])], dtype=p.dtype, device=p.device)
+        count = p.new_full((1,), float(p.shape[0]))
         packed = all_reduce_sum(torch.cat([total, count]), group)
         return -packed[0] / packed[1]
 

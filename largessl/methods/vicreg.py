@@ -68,7 +68,7 @@ class VICRegConfig(MethodConfig):
 
 def invariance(z_a: torch.Tensor, z_b: torch.Tensor, group: ProcessGroup | None = None) -> torch.Tensor:
     """s(Z, Z'): mean over the global N·D entries of (z_a − z_b)²."""
-    n = all_reduce_sum(torch.tensor(float(z_a.shape[0]), dtype=z_a.dtype, device=z_a.device), group)
+    n = all_reduce_sum(z_a.new_full((), float(z_a.shape[0])), group)
     return all_reduce_sum((z_a - z_b).pow(2).sum(), group) / (n * z_a.shape[1])
 
 

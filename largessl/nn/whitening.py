@@ -221,7 +221,7 @@ class DBN(nn.Module):
                 f"{type(self).__name__} group size G={g} needs a global batch of at least G+1={g + 1} samples "
                 f"(rank bound N−1 ≥ G) but got {n_global}; lower method.group_size or raise train.global_batch_size"
             )
-        n_local = torch.tensor([x.shape[0]], dtype=x.dtype, device=x.device)
+        n_local = x.new_full((1,), x.shape[0])
         packed = all_reduce_sum(torch.cat([x.sum(0), n_local]), self.group)
         n = packed[-1]
         mean = packed[:-1] / n
