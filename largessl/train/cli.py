@@ -33,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
     """Resolve the config, join the process group, train (resuming), then run the configured stages."""
     cfg = load_config(args.config, args.overrides)
     env = detect_env()
+    logging.getLogger().handlers.clear()  # replace the CLI's default handler by the rank-aware one
     setup_logging(env, cfg.log.level)
     device = resolve_device(cfg.train.device, env.local_rank)
     backend = resolve_backend(cfg.dist.backend, device)
