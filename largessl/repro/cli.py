@@ -1,4 +1,4 @@
-"""``largessl repro NAME [--minutes M] [--steps N] [--out DIR]`` and ``largessl repro --list``.
+"""``largessl repro NAME [--minutes M] [--steps N] [--out DIR] [key=value ...]`` and ``largessl repro --list``.
 
 Runs the variants of one seed-paper table with the real trainer on CPU (digits shards, no download), prints
 the paper's numbers beside ours with a verdict per row, and writes ``DIR/NAME/results.json`` and
@@ -25,6 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "table's, see --list)")
     p.add_argument("--steps", type=int, default=None, help="training steps per variant (default: the table's)")
     p.add_argument("--out", default="runs/repro", help="output directory (default: runs/repro)")
+    p.add_argument("overrides", nargs="*", default=[],
+                   help="config overrides for every variant, after the table's own (e.g. train.seed=1)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
     tables = [get_table(n) for n in names]  # unknown names fail before any training
     for t in tables:
-        result = run_table(t, args.out, minutes=args.minutes, num_steps=args.steps)
+        result = run_table(t, args.out, minutes=args.minutes, num_steps=args.steps, overrides=args.overrides)
         print(format_table(t, result))
         print(f"results: {result['json']}\nplot:    {result['png']}\n", flush=True)
     return 0

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,9 +78,9 @@ def prepare_digits(out_dir: str | Path) -> tuple[str, str]:
 
 
 def variant_config(table: Table, variant: Variant, train_url: str, val_url: str, run_dir: str | Path,
-                   num_steps: int, max_minutes: float) -> Config:
-    """The resolved config of one variant: shared recipe < table base < variant < length and paths."""
-    overrides = [*COMMON, *table.base, *variant.overrides,
+                   num_steps: int, max_minutes: float, extra: Sequence[str] = ()) -> Config:
+    """The resolved config of one variant: shared recipe < table base < variant < ``extra`` < length and paths."""
+    overrides = [*COMMON, *table.base, *variant.overrides, *extra,
                  f"data.train_manifest={train_url}", f"data.val_manifest={val_url}", f"train.run_dir={run_dir}",
                  f"train.num_steps={num_steps}", f"train.max_minutes={max_minutes}",
                  f"train.collapse_every={max(5, num_steps // 40)}"]
@@ -118,7 +119,7 @@ def embed(module: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return z
 
 
-def _eval_batches(cfg: Config, manifest: Manifest):
+def _eval_batches(cfg: Config, manifest: Manifest) -> Iterable[Any]:
     from largessl.data.stream import build_eval_stream
 
     return build_eval_stream(cfg.data, manifest, EVAL_BATCH, 0, 1, transform="eval")
@@ -171,13 +172,13 @@ def evaluate(module: nn.Module, cfg: Config, train_m: Manifest, val_m: Manifest)
 
 
 def run_variant(table: Table, variant: Variant, out_dir: Path, train_url: str, val_url: str, num_steps: int,
-                max_minutes: float) -> VariantResult:
+                max_minutes: float, extra: Sequence[str] = ()) -> VariantResult:
     """Train (or resume / reuse) one variant and evaluate it."""
     from largessl.train.trainer import build_trainer
 
     t0 = time.perf_counter()
     run_dir = out_dir / table.name / variant.key
-    cfg = variant_config(table, variant, train_url, val_url, run_dir, num_steps, max_minutes)
+    cfg = variant_config(table, variant, train_url, val_url, run_dir, num_steps, max_minutes, extra)
     _check_reusable(run_dir, cfg)
     log.info("repro %s: variant %s (%d steps, at most %.1f min)", table.name, variant.key, num_steps, max_minutes)
     trainer = build_trainer(cfg, DistEnv())
@@ -197,11 +198,12 @@ def run_variant(table: Table, variant: Variant, out_dir: Path, train_url: str, v
 
 
 def run_table(table: Table, out_dir: str | Path, minutes: float | None = None,
-              num_steps: int | None = None) -> dict[str, Any]:
+              num_steps: int | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Train and evaluate every variant of ``table``; writes ``out/NAME/results.json`` and ``out/NAME/NAME.png``.
 
     ``minutes`` (default: the table's) is the training budget of the whole table, split evenly over the
-    variants as ``train.max_minutes``; ``num_steps`` (default: the table's) is each variant's length.
+    variants as ``train.max_minutes``; ``num_steps`` (default: the table's) is each variant's length;
+    ``overrides`` (``key=value``) apply to every variant after the table's own.
     """
     from largessl.eval.linear import write_json_atomic
     from largessl.repro.plots import plot_table
@@ -216,7 +218,8 @@ def run_table(table: Table, out_dir: str | Path, minutes: float | None = None,
     t0 = time.perf_counter()
     train_url, val_url = prepare_digits(out)
     per_variant = minutes / len(table.variants)
-    results = [run_variant(table, v, out, train_url, val_url, num_steps, per_variant) for v in table.variants]
+    results = [run_variant(table, v, out, train_url, val_url, num_steps, per_variant, overrides)
+               for v in table.variants]
     measured = {v.key: r.metrics for v, r in zip(table.variants, results)}
     verdicts = table.verdict(measured)
     rows = []
@@ -232,7 +235,7 @@ def run_table(table: Table, out_dir: str | Path, minutes: float | None = None,
         "name": table.name, "title": table.title, "source": table.source, "notes": table.notes,
         "base_overrides": list(table.base), "common_overrides": list(COMMON), "thresholds": dict(THRESHOLDS),
         "columns": [list(c) for c in table.columns], "paper_columns": [list(c) for c in table.paper_columns],
-        "curves": list(table.curves), "rows": rows, "minutes_budget": minutes, "num_steps": num_steps,
+        "curves": list(table.curves), "rows": rows, "overrides": list(overrides), "minutes_budget": minutes, "num_steps": num_steps,
         "minutes": (time.perf_counter() - t0) / 60, "reproduced": sum(r["verdict"]["reproduced"] for r in rows),
     }
     table_dir = out / table.name

@@ -194,7 +194,7 @@ def _verdict_004_t5(rows: Rows) -> dict[str, Verdict]:
 _SEED000 = ("method.name=decorrelation", "data.augment=decorrelation", "train.global_batch_size=256",
             "optim.name=sgd", "optim.base_lr=0.06", "optim.bias_norm_lr=0", "optim.weight_decay=0.001",
             "optim.warmup_epochs=2", "optim.final_lr_ratio=0.0")
-_SEED004 = ("method.name=simsiam", "data.augment=simsiam", "train.global_batch_size=256",
+_SEED004 = ("method.name=simsiam", "data.augment=simsiam", "train.global_batch_size=128",
             "method.projector=256-256", "method.predictor_hidden=64", "optim.name=sgd", "optim.base_lr=0.05",
             "optim.bias_norm_lr=0", "optim.weight_decay=0.0005", "optim.warmup_epochs=0",
             "optim.fixed_predictor_lr=true", "optim.final_lr_ratio=0.0")

@@ -1,0 +1,129 @@
+"""largessl repro without training: table configs, verdict rules, report text, plot, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from largessl import exit_codes
+from largessl.cli import main
+from largessl.config import config_to_dict, parse_override, plan_run, save_config
+from largessl.models import build_backbone
+from largessl.models.config import ModelConfig
+from largessl.repro.backbone import ARCH, small_convnet
+from largessl.repro.plots import plot_table
+from largessl.repro.report import format_list, format_table
+from largessl.repro.runner import _check_reusable, variant_config
+from largessl.repro.tables import TABLES, THRESHOLDS, get_table, siam_collapsed
+
+DIGITS_TRAIN = 1437  # samples in the digits train split (80% of 1797)
+
+HEALTHY = {"knn": 90.0, "knn200": 88.0, "std": 1.0, "std_l2": 0.08, "corr": 0.05, "rank": 120.0, "rankme": 60.0,
+           "m_o": 0.1, "m_r": 0.99, "loss": 10.0, "dim": 128.0}
+COLLAPSED = {**HEALTHY, "knn": 40.0, "std": 0.001, "std_l2": 0.001, "corr": 0.9, "rankme": 1.0, "m_o": 0.99,
+             "m_r": 0.01, "loss": 0.0}
+
+
+@pytest.mark.parametrize("name", list(TABLES))
+def test_every_variant_config_is_valid_and_fits_the_digits(name, tmp_path):
+    table = get_table(name)
+    assert len({v.key for v in table.variants}) == len(table.variants) >= 2
+    for v in table.variants:
+        cfg = variant_config(table, v, "file:///x/train/manifest.json", "file:///x/val/manifest.json",
+                             tmp_path / v.key, table.num_steps, 1.0)
+        assert cfg.model.arch == ARCH and cfg.train.num_steps == table.num_steps
+        plan = plan_run(cfg, 1, DIGITS_TRAIN)  # raises when DBN's rank bound B - 1 >= G fails
+        assert plan.global_batch_size <= DIGITS_TRAIN
+        for o in v.overrides:  # the variant's own overrides win over the table's base
+            key, value = parse_override(o)
+            section, field = key.split(".")
+            assert getattr(getattr(cfg, section), field) == value
+
+
+def test_table1_verdicts_follow_the_numbers():
+    t = get_table("000-table1")
+    ok = t.verdict({"vanilla": COLLAPSED, "bn": {**HEALTHY, "corr": 0.95, "knn": 80.0}, "dbn": HEALTHY})
+    assert all(v.reproduced for v in ok.values())
+    # DBN with strong correlation and BN without: both rows fail, and the evidence says why
+    bad = t.verdict({"vanilla": {**HEALTHY, "std": 0.3}, "bn": HEALTHY, "dbn": {**HEALTHY, "corr": 0.5}})
+    assert not any(v.reproduced for v in bad.values())
+    assert "FAILS" in bad["dbn"].explain() and "corr 0.50 < 0.1" in bad["dbn"].explain()
+    assert "std 0.300 < 0.05" in bad["vanilla"].explain()
+
+
+def test_seed004_collapse_rule_and_table5_ordering():
+    assert siam_collapsed(COLLAPSED) and not siam_collapsed(HEALTHY)
+    # small std of l2-normalised outputs alone is collapse, relative to the 1/sqrt(D) of spread-out ones
+    assert siam_collapsed({**HEALTHY, "std_l2": 0.1 * THRESHOLDS["std_l2_collapsed"] / math.sqrt(128)})
+    t2 = get_table("004-table2").verdict({"simsiam": HEALTHY, "mirror": COLLAPSED, "naive": COLLAPSED,
+                                          "symmetric": HEALTHY})
+    assert [t2[k].reproduced for k in ("simsiam", "mirror", "naive", "symmetric")] == [True, True, True, False]
+    rows = {k: {**HEALTHY, "knn": acc} for k, acc in (("mlp", 90), ("fc_fc_bias", 89), ("tanh_fc", 88), ("bias", 95))}
+    t5 = get_table("004-table5").verdict(rows)
+    assert t5["mlp"].reproduced and not t5["bias"].reproduced  # bias-only must be the worst predictor
+
+
+def _fake_result(name: str, rows_metrics: dict[str, dict[str, float]]) -> dict:
+    t = get_table(name)
+    verdicts = t.verdict(rows_metrics)
+    rows = []
+    for v in t.variants:
+        pts = [[float(i % 7), float(i % 5)] for i in range(20)] if name == "000-fig2" else []
+        rows.append({"key": v.key, "name": v.name, "paper": dict(v.paper), "metrics": rows_metrics[v.key],
+                     "verdict": {"claim": verdicts[v.key].claim, "reproduced": verdicts[v.key].reproduced,
+                                 "evidence": verdicts[v.key].explain()},
+                     "steps_done": 7, "steps_planned": 10, "stopped_early": True, "minutes": 0.1, "run_dir": "x",
+                     "curves": {c: [[5, 1.0], [10, 0.5]] for c in t.curves}, "points": pts,
+                     "labels": [i % 10 for i in range(len(pts))]})
+    return {"name": name, "title": t.title, "rows": rows, "curves": list(t.curves), "minutes": 0.3}
+
+
+def test_report_prints_paper_beside_ours_and_never_hides_a_failed_row():
+    rows = {"vanilla": {**HEALTHY, "std": 0.3, "knn": 50.0}, "bn": {**HEALTHY, "corr": 0.95, "knn": 80.0}, "dbn": HEALTHY}
+    text = format_table(get_table("000-table1"), _fake_result("000-table1", rows))
+    assert "paper acc%" in text and "kNN%" in text and "84.41" in text and "35.44" in text
+    assert "vanilla: NOT REPRODUCED" in text and "BN: REPRODUCED" in text and "NOT reproduced" in text
+    assert "7/10*" in text and "rerun the same command" in text  # a time-stopped variant is marked
+    assert "2/3 rows reproduced" in text and "std_collapsed=0.05" in text
+    listing = format_list(TABLES)
+    assert all(n in listing for n in ("000-table1", "000-table2", "000-fig4", "004-table2", "004-table5"))
+
+
+def test_plot_writes_a_png_with_scatter_panels(tmp_path):
+    rows = {"vanilla": COLLAPSED, "bn": HEALTHY, "dbn": HEALTHY}
+    path = plot_table(_fake_result("000-fig2", rows), tmp_path / "fig2.png")
+    assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_small_backbone_is_registered_and_has_num_features():
+    net = build_backbone(ModelConfig(arch=ARCH))
+    assert net.num_features == 128 and net(torch.randn(3, 3, 16, 16)).shape == (3, 128)
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        small_convnet(weights="IMAGENET1K_V1")
+
+
+def test_a_run_directory_with_another_config_is_refused(tmp_path):
+    t = get_table("000-table2")
+    cfg = variant_config(t, t.variants[0], "file:///x/t.json", "file:///x/v.json", tmp_path, 10, 1.0)
+    save_config(cfg, tmp_path / "config.yaml")
+    _check_reusable(tmp_path, variant_config(t, t.variants[0], "file:///x/t.json", "file:///x/v.json", tmp_path,
+                                             10, 3.0))  # only the time budget differs: reusable
+    other = variant_config(t, t.variants[1], "file:///x/t.json", "file:///x/v.json", tmp_path, 10, 1.0)
+    with pytest.raises(ValueError, match="method.bn_eps"):
+        _check_reusable(tmp_path, other)
+    assert config_to_dict(cfg)["train"]["max_minutes"] == 1.0
+
+
+def test_cli_list_and_bad_names(capsys):
+    assert main(["repro", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert "004-table5" in out and "default --minutes" in out
+    assert main(["repro", "000-table9"]) == exit_codes.BAD_INPUT
+    assert main(["repro"]) == exit_codes.BAD_INPUT
+
+
+def test_json_thresholds_are_plain_numbers():
+    assert json.loads(json.dumps(THRESHOLDS)) == THRESHOLDS
