@@ -20,7 +20,7 @@ from largessl.dist.env import DistEnv, setup_logging
 log = logging.getLogger(__name__)
 
 DEMO_OVERRIDES = [
-    "model.arch=resnet18", "model.small_input=true",
+    "model.arch=resnet18", "model.small_input=false",
     "method.name=barlow_twins", "method.projector=1024-1024", "method.lambd=0.005",
     "data.augment=small", "data.image_size=32", "data.num_workers=1", "data.shuffle_buffer=500",
     "data.pin_memory=false",

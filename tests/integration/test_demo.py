@@ -1,0 +1,23 @@
+"""`largessl demo` end to end on the real path (digits shards → pretrain → kNN/linear), shortened for CI."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from largessl.demo import run_demo
+
+
+def test_demo_pretraining_beats_random_init(tmp_path, capsys):
+    torch.set_num_threads(2)
+    res = run_demo(str(tmp_path / "demo"), steps=60, threads=2, linear_epochs=30,
+                   overrides=["train.log_every=5", "checkpoint.every_steps=30"])
+    rows = res["rows"]
+    assert rows["Barlow Twins"]["knn_top1"] > rows["random init"]["knn_top1"], rows
+    assert rows["Barlow Twins"]["linear_top1"] > rows["random init"]["linear_top1"] - 2.0, rows
+    printed = capsys.readouterr().out
+    assert "kNN top-1" in printed and "run directory:" in printed and "tensorboard --logdir" in printed
+    run = tmp_path / "demo" / "run"
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 60 and (run / "tb").is_dir() and (run / "config.yaml").is_file()
