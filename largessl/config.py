@@ -354,8 +354,12 @@ class RunPlan:
     bias_norm_lr: float
 
 
-def plan_run(cfg: Config, world_size: int, num_train_samples: int) -> RunPlan:
-    """Derive per-rank batch, step counts and scaled lrs; impossible combinations raise ``ValueError``."""
+def plan_run(cfg: Config, world_size: int, num_train_samples: int, steps_per_epoch: int | None = None) -> RunPlan:
+    """Derive per-rank batch, step counts and scaled lrs; impossible combinations raise ``ValueError``.
+
+    ``steps_per_epoch`` is what the data stream really yields per rank when known (it may be lower than
+    samples // batch when shards are uneven); the schedule follows it.
+    """
     gbs = cfg.train.global_batch_size
     if world_size < 1:
         raise ValueError(f"world size must be >= 1 (got {world_size})")
@@ -369,7 +373,10 @@ def plan_run(cfg: Config, world_size: int, num_train_samples: int) -> RunPlan:
             f"the training set has {num_train_samples} samples, fewer than train.global_batch_size={gbs}; "
             "lower the batch size or use more data"
         )
-    steps_per_epoch = num_train_samples // gbs
+    if steps_per_epoch is None:
+        steps_per_epoch = num_train_samples // gbs
+    if steps_per_epoch < 1:
+        raise ValueError("the training stream yields no full batch per epoch; lower train.global_batch_size")
     num_steps = cfg.train.num_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
     warmup_steps = min(num_steps, round(cfg.optim.warmup_epochs * steps_per_epoch))
     scale = gbs / 256 if cfg.optim.scale_lr else 1.0

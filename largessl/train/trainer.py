@@ -8,9 +8,7 @@ metrics. A stop request saves a checkpoint on every rank and ends with ``exit_co
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import math
 import os
 import time
 from collections.abc import Iterator
@@ -27,8 +25,9 @@ from largessl.config import Config, RunPlan, config_to_dict, plan_run, save_conf
 from largessl.data.batch import Batch
 from largessl.dist.collectives import all_reduce_sum_no_grad, get_rank, get_world_size
 from largessl.dist.env import DistEnv
+from largessl.eval.online_probe import OnlineProbe
 from largessl.methods import build_method
-from largessl.methods.base import MethodOutput
+from largessl.methods.base import MethodOutput, check_output
 from largessl.models import build_backbone
 from largessl.train.checkpoint import (
     CheckpointManager,
@@ -150,17 +149,12 @@ class Trainer:
     # setup helpers
 
     def _plan(self, num_train_samples: int) -> RunPlan:
-        plan = plan_run(self.cfg, self.world_size, num_train_samples)
         bpe = self.stream.batches_per_epoch
-        if bpe < 1:
-            raise ValueError("the training stream yields no full batch per epoch; lower train.global_batch_size")
-        if bpe != plan.steps_per_epoch:
+        if bpe != num_train_samples // self.cfg.train.global_batch_size:
             # The stream's count is what each rank really gets; the schedule must follow it.
-            log.info("stream gives %d batches per epoch per rank (plan from sample count: %d); using the stream's",
-                     bpe, plan.steps_per_epoch)
-            num_steps = self.cfg.train.num_steps or max(1, math.ceil(self.cfg.train.epochs * bpe))
-            plan = dataclasses.replace(plan, steps_per_epoch=bpe, num_steps=num_steps,
-                                       warmup_steps=min(num_steps, round(self.cfg.optim.warmup_epochs * bpe)))
+            log.info("stream gives %d batches per epoch per rank (sample count suggests %d); using the stream's",
+                     bpe, num_train_samples // self.cfg.train.global_batch_size)
+        plan = plan_run(self.cfg, self.world_size, num_train_samples, steps_per_epoch=bpe)
         log.info("plan: %d rank(s) x %d = global batch %d; %d steps (%d per epoch, %d warm-up); "
                  "lr %.4g, bias/norm lr %.4g", plan.world_size, plan.per_rank_batch_size, plan.global_batch_size,
                  plan.num_steps, plan.steps_per_epoch, plan.warmup_steps, plan.lr, plan.bias_norm_lr)
@@ -168,11 +162,6 @@ class Trainer:
 
     def _build_probe(self, backbone: nn.Module) -> nn.Module | None:
         if not self.cfg.eval.online_probe or self.stream.num_classes < 2:
-            return None
-        try:
-            from largessl.eval.online_probe import OnlineProbe
-        except ImportError:
-            log.warning("eval.online_probe=true but largessl.eval.online_probe is not available; probe disabled")
             return None
         return OnlineProbe(backbone.num_features, self.stream.num_classes, self.cfg.eval.online_probe_lr,
                            group=self.group).to(self.device)
@@ -393,10 +382,9 @@ class Trainer:
     def _record(self, out: MethodOutput, probe: dict[str, torch.Tensor], lr: float, steps: int, elapsed: float,
                 wait: float, skips: _SkipCounter, with_collapse: bool) -> dict[str, Any]:
         """A log step's record: the only place with .item() and cross-rank sums (sync points)."""
+        # Names the step, the non-finite loss terms and views (methods skip this per-step sync on GPU).
+        check_output(self.cfg.method.name, out, self.step)
         loss = float(out.loss.detach().float().item())
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss} at step {self.step}; lower the learning rate, check the "
-                                     "data, or use train.precision=fp32")
         # One all-reduce for every cross-rank number of this record: throughput, data wait, skips.
         counters = torch.tensor([steps * self.plan.per_rank_batch_size, elapsed, wait,
                                  skips.total("skipped_samples"), *[float(v) for v in probe.values()]],
