@@ -40,12 +40,17 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"name a table to reproduce ({', '.join(TABLES)}, or all); largessl repro --list "
                          "describes them")
     names = list(TABLES) if args.name == "all" else [args.name]
-    from largessl.repro.runner import run_table
+    from largessl import exit_codes
+    from largessl.repro.runner import Interrupted, run_table
     from largessl.repro.tables import get_table
 
     tables = [get_table(n) for n in names]  # unknown names fail before any training
     for t in tables:
-        result = run_table(t, args.out, minutes=args.minutes, num_steps=args.steps, overrides=args.overrides)
+        try:
+            result = run_table(t, args.out, minutes=args.minutes, num_steps=args.steps, overrides=args.overrides)
+        except Interrupted as e:
+            log.error("%s", e)
+            return exit_codes.REQUEUE
         print(format_table(t, result))
         print(f"results: {result['json']}\nplot:    {result['png']}\n", flush=True)
     return 0

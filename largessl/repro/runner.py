@@ -4,12 +4,13 @@ Per variant: a config built with :func:`largessl.config.load_config` (the table'
 shared small-scale recipe) → :func:`largessl.train.trainer.build_trainer` on the digits shards → ``fit()``
 (one run directory per variant under ``out/NAME/``; rerunning resumes a variant stopped by its time budget
 and reuses a finished one) → on the held-out digits: weighted kNN top-1 of the backbone features
-(:mod:`largessl.eval.knn`) and collapse indicators of the projector output in eval mode
+(:mod:`largessl.eval.knn`) and collapse indicators of the held-out projections
 (:mod:`largessl.metrics.collapse`) → training curves read back from ``metrics.jsonl``.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -48,6 +49,10 @@ COMMON = (
     "checkpoint.every_steps=1000000", "log.tensorboard=false", "log.progress=false", "eval.online_probe=false",
 )
 """Overrides every repro run shares: CPU, fp32, the small backbone, a checkpoint only at the end (or stop)."""
+
+
+class Interrupted(RuntimeError):
+    """A signal stopped a variant (its checkpoint is saved): rerunning the same command continues it."""
 
 
 @dataclass
@@ -109,7 +114,7 @@ def _check_reusable(run_dir: Path, cfg: Config) -> None:
 
 @torch.no_grad()
 def embed(module: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """The method's projection-space output for ``images`` (eval mode: BN/DBN use running statistics)."""
+    """The method's projection-space output for ``images`` (the head the loss sees; SimSiam: z, not p)."""
     if hasattr(module, "embed"):  # decorrelation: backbone → projector → BN/DBN head
         return module.embed(images, None)[1]
     z = module.projector(module.backbone(images))  # SimSiam family: the encoder output z
@@ -127,17 +132,18 @@ def _eval_batches(cfg: Config, manifest: Manifest) -> Iterable[Any]:
 
 @torch.no_grad()
 def held_out_embeddings(module: nn.Module, cfg: Config, manifest: Manifest) -> tuple[torch.Tensor, torch.Tensor]:
-    """Projection-space embeddings and labels of every held-out image."""
-    was_training = module.training
-    module.eval()
-    zs, ys = [], []
-    try:
-        for batch in _eval_batches(cfg, manifest):
-            zs.append(embed(module, batch.views[0]).float())
-            ys.append(batch.labels.long())
-    finally:
-        module.train(was_training)
-    return torch.cat(zs), torch.cat(ys)
+    """Projections of every held-out image as one batch, normalised with that batch's statistics.
+
+    Training mode on a copy: BN/DBN standardise over the batch as they do while training (seed 000's
+    std = 1.00 for BN and DBN is that), and the trained model's running buffers stay untouched. Running
+    statistics would mix the augmented training distribution into the centre and hide or fake a collapse.
+    """
+    images, labels = [], []
+    for batch in _eval_batches(cfg, manifest):
+        images.append(batch.views[0])
+        labels.append(batch.labels.long())
+    probe = copy.deepcopy(module).train()
+    return embed(probe, torch.cat(images)).float(), torch.cat(labels)
 
 
 def read_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -183,6 +189,8 @@ def run_variant(table: Table, variant: Variant, out_dir: Path, train_url: str, v
     log.info("repro %s: variant %s (%d steps, at most %.1f min)", table.name, variant.key, num_steps, max_minutes)
     trainer = build_trainer(cfg, DistEnv())
     result = trainer.fit()
+    if result.step < num_steps and "max_minutes" not in result.reason:
+        raise Interrupted(f"{table.name}/{variant.key}: {result.reason}; rerun the same command to continue")
     train_m, val_m = read_manifest(train_url), read_manifest(val_url)
     metrics, z, labels = evaluate(trainer.module, cfg, train_m, val_m)
     curves = read_curves(run_dir)
