@@ -32,6 +32,7 @@ def _results(out: Path) -> tuple[dict, dict]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)
 def test_pretrained_beats_random_init_on_digits(tmp_path):
     train, val = write_digits_shards(str(tmp_path / "digits"), image_size=16)
     run_dir = tmp_path / "run"
