@@ -14,7 +14,7 @@ from largessl.cli import main
 from largessl.repro.runner import run_table
 from largessl.repro.tables import TABLES, THRESHOLDS, get_table, siam_collapsed
 
-SHORT_STEPS = {"000-table1": 25, "000-table2": 10, "000-fig4": 10, "000-fig2": 25, "004-table2": 30,
+SHORT_STEPS = {"000-table1": 40, "000-table2": 10, "000-fig4": 10, "000-fig2": 40, "004-table2": 30,
                "004-table5": 10}
 """Steps per variant in this test (the defaults are in largessl/repro/tables.py)."""
 
@@ -42,12 +42,9 @@ def test_000_table1_vanilla_collapses_and_dbn_does_not(out_dir):
     rows = _check_written(result, "000-table1")
     vanilla, bn, dbn = rows["vanilla"]["metrics"], rows["bn"]["metrics"], rows["dbn"]["metrics"]
     assert rows["vanilla"]["verdict"]["reproduced"], rows["vanilla"]["verdict"]
-    # DBN does not collapse completely (its std stays far above the collapse threshold) and is less
-    # correlated than BN, which collapses dimensionally; DBN's corr < 0.1 is checked by the verdict only
-    assert vanilla["std"] < THRESHOLDS["std_collapsed"] and dbn["std"] > 4 * THRESHOLDS["std_collapsed"], \
-        (vanilla, dbn)
+    assert vanilla["std"] < THRESHOLDS["std_collapsed"] and dbn["std"] > THRESHOLDS["std_healthy"], (vanilla, dbn)
     assert bn["std"] > THRESHOLDS["std_healthy"] and bn["corr"] > THRESHOLDS["corr_high"]
-    assert dbn["corr"] < bn["corr"], (dbn["corr"], bn["corr"])
+    assert dbn["corr"] < THRESHOLDS["corr_low"] < bn["corr"], (dbn["corr"], bn["corr"])
 
 
 def test_004_table2_naive_collapses_and_simsiam_does_not(out_dir):
