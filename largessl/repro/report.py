@@ -9,7 +9,7 @@ from largessl.repro.tables import THRESHOLDS, Table, siam_collapsed
 SUBSTITUTIONS = ("small scale: 1437 train / 360 held-out sklearn digits at 16 px (not CIFAR), a 3-conv backbone "
                  "(not ResNet-18), a few hundred SGD steps (not 200-1000 epochs); our accuracy is weighted kNN "
                  "(k=20) on backbone features, the paper's is a linear probe unless noted; std/corr/rank/m_o/m_r "
-                 "are measured on held-out projections in eval mode.")
+                 "are measured on the 360 held-out projections as one batch (batch statistics).")
 
 
 def cell(metrics: dict[str, float], key: str) -> str:
