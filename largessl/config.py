@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,6 +30,21 @@ from largessl.models.config import ModelConfig
 from largessl.train.config import CheckpointConfig, LogConfig, OptimConfig, TrainConfig
 
 log = logging.getLogger(__name__)
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-9`` as a float (YAML 1.1 wants ``1.0e-9``; users write both)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 STAGES = ("linear", "knn", "push")
 DEFAULTS = "defaults"
@@ -92,7 +108,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ValueError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _yaml_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ValueError(f"config file {path} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
@@ -160,7 +176,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not key or any(not part for part in key.split(".")):
         raise ValueError(f"override {text!r} has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+        value = _yaml_load(raw) if raw.strip() != "" else ""
     except yaml.YAMLError:
         value = raw
     return key, value

@@ -8,6 +8,8 @@ import torchvision
 from torch import nn
 
 from largessl.models.config import ModelConfig
+from largessl.models.convnet import ARCH as CONVNET
+from largessl.models.convnet import small_convnet
 from largessl.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -15,6 +17,7 @@ log = logging.getLogger(__name__)
 BACKBONES: Registry = Registry("backbone")
 for _name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"):
     BACKBONES.add(_name, getattr(torchvision.models, _name))
+BACKBONES.add(CONVNET, small_convnet)
 
 
 def build_backbone(cfg: ModelConfig) -> nn.Module:
@@ -25,6 +28,8 @@ def build_backbone(cfg: ModelConfig) -> nn.Module:
     """
     factory = BACKBONES.get(cfg.arch)
     net = factory(weights=None, zero_init_residual=cfg.zero_init_residual)
+    if cfg.small_input and not cfg.arch.startswith("resnet"):
+        raise ValueError(f"model.small_input=true applies to ResNets only; {cfg.arch} has its own stem")
     if cfg.small_input:
         # 32-64 px inputs: a 7x7/2 conv plus max-pool would shrink them to 8-16 px before stage 1.
         net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)

@@ -30,7 +30,7 @@ from largessl.dist.env import DistEnv
 from largessl.eval.features import extract_features
 from largessl.eval.knn import knn_accuracy
 from largessl.metrics.collapse import collapse_metrics
-from largessl.repro.backbone import ARCH
+from largessl.models.convnet import ARCH
 from largessl.repro.tables import THRESHOLDS, Table, Variant
 
 log = logging.getLogger(__name__)

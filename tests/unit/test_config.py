@@ -74,3 +74,12 @@ def test_parse_override_errors():
     with pytest.raises(ValueError, match="section.key=value"):
         parse_override("optim.base_lr")
     assert parse_override("a.b=[1, 2]") == ("a.b", [1, 2])
+
+
+def test_exponent_floats_without_a_dot(tmp_path):
+    # YAML 1.1 reads "1e-9" as a string; the loader treats it as the float users mean.
+    cfg = load_config(None, ["method.name=decorrelation", "method.dbn_eps=1e-9", "optim.weight_decay=2E-4"])
+    assert cfg.method.dbn_eps == 1e-9 and cfg.optim.weight_decay == 2e-4
+    f = tmp_path / "c.yaml"
+    f.write_text("optim:\n  weight_decay: 1e-6\n")
+    assert load_config(f).optim.weight_decay == 1e-6

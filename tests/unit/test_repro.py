@@ -13,7 +13,7 @@ from largessl.cli import main
 from largessl.config import config_to_dict, parse_override, plan_run, save_config
 from largessl.models import build_backbone
 from largessl.models.config import ModelConfig
-from largessl.repro.backbone import ARCH, small_convnet
+from largessl.models.convnet import ARCH, small_convnet
 from largessl.repro.plots import plot_table
 from largessl.repro.report import format_list, format_table
 from largessl.repro.runner import _check_reusable, variant_config

@@ -5,16 +5,15 @@ leaves a few dozen steps per variant in a 10-minute table, too few for collapse 
 patterns live in the projector, its normalisation and the loss, not in the backbone's depth, so a
 3-conv network with BatchNorm (the same BN-in-the-backbone situation as a ResNet) keeps the claims testable.
 
-Registered in the backbone registry as ``repro_convnet`` when :mod:`largessl.repro` is imported; it follows
-torchvision's classifier layout (``fc`` head, removed by :func:`largessl.models.build_backbone`).
+Registered in the backbone registry as ``repro_convnet`` (so evaluation, the hub and ``pretrain`` can rebuild
+it from a run's config); it follows torchvision's classifier layout (``fc`` head, removed by
+:func:`largessl.models.build_backbone`).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-
-from largessl.models import BACKBONES
 
 ARCH = "repro_convnet"
 """Registry name of :class:`SmallConvNet`."""
@@ -45,7 +44,3 @@ def small_convnet(weights: None = None, zero_init_residual: bool = False, **_: o
     if weights is not None:
         raise ValueError(f"{ARCH} has no pretrained weights; build it with weights=None")
     return SmallConvNet()
-
-
-if ARCH not in BACKBONES:
-    BACKBONES.add(ARCH, small_convnet)
