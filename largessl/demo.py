@@ -22,15 +22,18 @@ log = logging.getLogger(__name__)
 DEMO_OVERRIDES = [
     "model.arch=resnet18", "model.small_input=false",
     "method.name=barlow_twins", "method.projector=1024-1024", "method.lambd=0.005",
-    "data.augment=small", "data.image_size=32", "data.num_workers=1", "data.shuffle_buffer=500",
+    "data.augment=small", "data.min_scale=0.6", "data.image_size=32", "data.num_workers=1", "data.shuffle_buffer=500",
     "data.pin_memory=false",
-    "optim.name=lars", "optim.base_lr=0.3", "optim.bias_norm_lr=0.01", "optim.weight_decay=0.00001",
+    "optim.name=lars", "optim.base_lr=0.8", "optim.bias_norm_lr=0.01", "optim.weight_decay=0.00001",
     "optim.warmup_epochs=1", "optim.final_lr_ratio=0.01",
     "train.global_batch_size=128", "train.device=cpu", "train.log_every=10", "train.collapse_every=50",
-    "checkpoint.every_steps=100",
-    "eval.knn_k=[20]", "eval.online_probe=true",
+    "checkpoint.every_steps=100", "checkpoint.at_epoch_end=false",
+    "eval.knn_k=[20]", "eval.online_probe=true", "eval.cache_features=true", "eval.linear_lr=0.1",
+    "eval.linear_weight_decay=0.0", "eval.linear_normalize=true",
 ]
 """The embedded demo recipe (configs/demo_digits.yaml holds the same values for reading)."""
+DEMO_MODEL = "demo-bt-resnet18-digits"
+"""Hub name of the demo's backbone (each run pushes a new timestamped version)."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,37 +45,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="extra dotted config overrides")
 
 
-def _features(backbone: torch.nn.Module, cfg, manifest) -> tuple[torch.Tensor, torch.Tensor]:
-    from largessl.data.stream import build_eval_stream
-    from largessl.eval.features import extract_features
+def evaluate_encoder(cfg, backbone: torch.nn.Module, description: dict, out_dir: Path) -> dict:
+    """kNN and linear-probe top-1 (%) of a frozen backbone on the digits val split, via the eval stages.
 
-    stream = build_eval_stream(cfg.data, manifest, 256, 0, 1, transform="eval")
-    with torch.no_grad():
-        return extract_features(backbone, stream, "cpu")
+    Results land in ``out_dir/eval/{knn,linear}.json`` (for the trained run they go into the model card).
+    """
+    from largessl.eval.runner import EvalSource, evaluate_knn, evaluate_linear
 
-
-def evaluate_encoder(backbone: torch.nn.Module, cfg, train_manifest, val_manifest, linear_epochs: int) -> dict:
-    """kNN top-1 and linear-probe top-1 (%) of a frozen backbone on the digits val split."""
-    from largessl.eval.knn import knn_accuracy
-    from largessl.eval.linear import train_linear_probe
-
-    tr_x, tr_y = _features(backbone, cfg, train_manifest)
-    va_x, va_y = _features(backbone, cfg, val_manifest)
-    k = cfg.eval.knn_k[0]
-    knn = knn_accuracy(tr_x, tr_y, va_x, va_y, k=[k], temperature=cfg.eval.knn_temperature)[k]
-    lin = train_linear_probe(tr_x, tr_y, va_x, va_y, epochs=linear_epochs, lr=0.1, batch_size=256,
-                             weight_decay=0.0, normalize=True)
-    return {"knn_top1": float(knn), "linear_top1": float(lin["top1"])}
+    source = EvalSource(backbone.eval(), description)
+    device = torch.device("cpu")
+    knn = evaluate_knn(cfg, source, out_dir, device)
+    lin = evaluate_linear(cfg, source, out_dir, device)
+    k = str(cfg.eval.knn_k[0])
+    return {"knn_top1": float(knn["top1"][k]), "linear_top1": float(lin["top1"])}
 
 
 def run_demo(out: str, steps: int, threads: int = 2, linear_epochs: int = 100,
-             overrides: list[str] | None = None) -> dict:
-    """Build shards, pretrain, evaluate both encoders; returns the results (also printed as a table)."""
+             overrides: list[str] | None = None, push: bool = True) -> dict:
+    """Build shards, pretrain, evaluate both encoders, push to a local hub; returns the results (also printed)."""
     from largessl.data.digits import write_digits_shards
-    from largessl.data.manifest import read_manifest
-    from largessl.methods import build_method
+    from largessl.hub.export import load_backbone_from_checkpoint, push_run
     from largessl.models import build_backbone
-    from largessl.train.checkpoint import load_model_state
     from largessl.train.trainer import build_trainer
 
     torch.set_num_threads(threads)
@@ -81,31 +74,39 @@ def run_demo(out: str, steps: int, threads: int = 2, linear_epochs: int = 100,
     train_url, val_url = write_digits_shards(str(out_p / "data"), image_size=32)
     run_dir = out_p / "run"
     cfg = load_config(None, [*DEMO_OVERRIDES, f"data.train_manifest={train_url}", f"data.val_manifest={val_url}",
-                             f"train.run_dir={run_dir}", f"train.num_steps={steps}", *(overrides or [])])
+                             f"train.run_dir={run_dir}", f"train.num_steps={steps}",
+                             f"eval.linear_epochs={linear_epochs}", *(overrides or [])])
     result = build_trainer(cfg, DistEnv()).fit()
     t_train = time.perf_counter() - t0
     if result.exit_code != 0:
         raise RuntimeError(f"demo pretraining stopped early ({result.reason}); rerun `largessl demo` to continue")
 
-    train_m, val_m = read_manifest(train_url), read_manifest(val_url)
-    state, _, _ = load_model_state(run_dir)
-    trained = build_method(cfg.method, build_backbone(cfg.model))
-    trained.load_state_dict(state)
+    trained, _, meta = load_backbone_from_checkpoint(run_dir)
     torch.manual_seed(cfg.train.seed + 1)
-    random_init = build_backbone(cfg.model)
-    rows = {"random init": evaluate_encoder(random_init, cfg, train_m, val_m, linear_epochs),
-            "Barlow Twins": evaluate_encoder(trained.backbone, cfg, train_m, val_m, linear_epochs)}
+    rows = {"random init": evaluate_encoder(cfg, build_backbone(cfg.model), {"random_init": cfg.train.seed + 1},
+                                            out_p / "random-init"),
+            "Barlow Twins": evaluate_encoder(cfg, trained, {"checkpoint": str(meta.get("path", run_dir))}, run_dir)}
     k = cfg.eval.knn_k[0]
     lines = [f"{'encoder (resnet18, 32 px)':<28}{f'kNN top-1 (k={k})':>18}{'linear top-1':>15}"]
     for name, r in rows.items():
         lines.append(f"{name:<28}{r['knn_top1']:>17.1f}%{r['linear_top1']:>14.1f}%")
     gain = rows["Barlow Twins"]["knn_top1"] - rows["random init"]["knn_top1"]
-    print("\n".join(["", *lines, "",
-                     f"kNN gain over random init: {gain:+.1f} points ({steps} steps, "
-                     f"{t_train / 60:.1f} min incl. shards; total {(time.perf_counter() - t0) / 60:.1f} min)",
-                     f"run directory: {run_dir}",
-                     f"TensorBoard:   tensorboard --logdir {run_dir / 'tb'}", ""]))
-    return {"rows": rows, "knn_gain": gain, "run_dir": str(run_dir), "steps": steps}
+    text = ["", *lines, "",
+            f"kNN gain over random init: {gain:+.1f} points ({steps} steps, "
+            f"{t_train / 60:.1f} min incl. shards; total {(time.perf_counter() - t0) / 60:.1f} min)",
+            f"run directory: {run_dir}",
+            f"TensorBoard:   tensorboard --logdir {run_dir / 'tb'}"]
+    card = None
+    if push:
+        hub_dir = out_p / "hub"
+        card = push_run(run_dir, str(hub_dir), name=DEMO_MODEL)
+        ref = f"{card['name']}@{card['version']}"
+        text += [f"hub:           pushed {ref} to {hub_dir} (index: {hub_dir / 'index.html'})",
+                 f"load it:       python -c \"from largessl.hub import load_backbone; "
+                 f"print(load_backbone('{ref}', hub='{hub_dir}'))\""]
+    print("\n".join([*text, ""]))
+    return {"rows": rows, "knn_gain": gain, "run_dir": str(run_dir), "steps": steps,
+            "hub_ref": f"{card['name']}@{card['version']}" if card else None}
 
 
 def run(args: argparse.Namespace) -> int:

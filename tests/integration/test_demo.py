@@ -7,6 +7,7 @@ import json
 import torch
 
 from largessl.demo import run_demo
+from largessl.hub import load_backbone
 
 
 def test_demo_pretraining_beats_random_init(tmp_path, capsys):
@@ -21,3 +22,8 @@ def test_demo_pretraining_beats_random_init(tmp_path, capsys):
     run = tmp_path / "demo" / "run"
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps[-1] == 60 and (run / "tb").is_dir() and (run / "config.yaml").is_file()
+    # the demo publishes its backbone to a local hub; the printed load line works
+    hub = tmp_path / "demo" / "hub"
+    assert "load_backbone" in printed and (hub / "index.html").is_file()
+    net = load_backbone(res["hub_ref"], hub=str(hub))
+    assert net(torch.zeros(2, 3, 32, 32)).shape == (2, net.num_features)
