@@ -26,11 +26,12 @@ from largessl.methods.base import (
     MethodConfig,
     MethodOutput,
     as_loss_dtype,
-    backbone_features,
     backbone_width,
-    check_loss,
     check_pair,
+    encode_views,
     full_precision,
+    method_output,
+    require_views,
 )
 from largessl.methods.heads import mlp, parse_dims
 from largessl.nn.batchnorm import global_mean_var
@@ -104,12 +105,7 @@ class BarlowTwins(nn.Module):
 
     def forward(self, views: list[torch.Tensor], step: int | None = None) -> MethodOutput:
         """Loss of the two views (the recipe makes exactly two)."""
-        if len(views) != 2:
-            raise ValueError(f"barlow_twins expects 2 views, got {len(views)}; set data.num_views=2")
-        feats = [backbone_features(self.backbone, v) for v in views]
-        z = [self.projector(f) for f in feats]
+        require_views("barlow_twins", views, 2)
+        feats, z = encode_views(self.backbone, self.projector, views)
         total, terms = loss(z[0], z[1], self.cfg.lambd, self.group, self.cfg.collective, self.cfg.eps)
-        if not total.is_cuda:
-            check_loss("barlow_twins", total, terms, step, z)
-        return MethodOutput(loss=total, metrics=terms, embeddings=[t.detach() for t in z],
-                            features=feats[0].detach())
+        return method_output("barlow_twins", total, terms, step, z, feats[0])

@@ -115,3 +115,25 @@ def backbone_width(backbone: nn.Module) -> int:
         raise ValueError(f"the backbone {type(backbone).__name__} must have an int attribute num_features "
                          "(the width of its pooled features) to size the projector")
     return width
+
+
+def require_views(method: str, views: Sequence[torch.Tensor], expected: int) -> None:
+    """Raise ``ValueError`` unless the data pipeline made ``expected`` views."""
+    if len(views) != expected:
+        raise ValueError(f"{method} expects {expected} views, got {len(views)}; set data.num_views={expected}")
+
+
+def encode_views(backbone: nn.Module, projector: nn.Module,
+                 views: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Backbone features and projector outputs of every view (the same modules for all views)."""
+    feats = [backbone_features(backbone, v) for v in views]
+    return feats, [projector(f) for f in feats]
+
+
+def method_output(method: str, total: torch.Tensor, terms: dict[str, torch.Tensor], step: int | None,
+                  z: Sequence[torch.Tensor], first_features: torch.Tensor) -> MethodOutput:
+    """Pack a :class:`MethodOutput`; on CPU check the loss is finite here (on GPU the trainer does, on log steps)."""
+    if not total.is_cuda:
+        check_loss(method, total, terms, step, z)
+    return MethodOutput(loss=total, metrics=terms, embeddings=[t.detach() for t in z],
+                        features=first_features.detach())

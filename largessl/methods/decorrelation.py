@@ -33,9 +33,10 @@ from largessl.methods.base import (
     as_loss_dtype,
     backbone_features,
     backbone_width,
-    check_loss,
     check_pair,
     full_precision,
+    method_output,
+    require_views,
 )
 from largessl.methods.heads import mlp, parse_dims
 from largessl.nn.batchnorm import GlobalBatchNorm1d
@@ -158,8 +159,7 @@ class Decorrelation(nn.Module):
 
     def forward(self, views: list[torch.Tensor], step: int | None = None) -> MethodOutput:
         """Loss of the two views; both views use the same Shuffled-DBN permutation (same step)."""
-        if len(views) != 2:
-            raise ValueError(f"decorrelation expects 2 views, got {len(views)}; set data.num_views=2")
+        require_views("decorrelation", views, 2)
         if step is None and isinstance(self.head, ShuffledDBN) and self.training:
             # Without the trainer's step, derive one from the layer's counter (identical on every rank,
             # checkpointed) so both views of this call share a permutation: it advances by 2 per call.
@@ -175,7 +175,4 @@ class Decorrelation(nn.Module):
                 ) from None
         (f_a, z_a), (_, z_b) = out
         total, terms = loss(z_a, z_b, self.cfg.loss, self.group)
-        if not total.is_cuda:
-            check_loss("decorrelation", total, terms, step, [z_a, z_b])
-        return MethodOutput(loss=total, metrics=terms, embeddings=[z_a.detach(), z_b.detach()],
-                            features=f_a.detach())
+        return method_output("decorrelation", total, terms, step, [z_a, z_b], f_a)

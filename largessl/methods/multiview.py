@@ -31,10 +31,10 @@ from largessl.methods.base import (
     MethodConfig,
     MethodOutput,
     as_loss_dtype,
-    backbone_features,
     backbone_width,
-    check_loss,
+    encode_views,
     full_precision,
+    method_output,
 )
 from largessl.methods.heads import mlp, parse_dims
 
@@ -129,12 +129,8 @@ class MultiView(nn.Module):
         if len(views) != self.cfg.num_views:
             raise ValueError(f"multiview expects method.num_views={self.cfg.num_views} views, got {len(views)}; "
                              "set data.num_views and method.num_views to the same M")
-        feats = [backbone_features(self.backbone, v) for v in views]
-        z = [self.projector(f) for f in feats]
+        feats, z = encode_views(self.backbone, self.projector, views)
         c = self.cfg
         total, terms = loss(z, c.regularizer, c.lambd, self.group, c.eps, c.sim_coeff, c.std_coeff, c.cov_coeff,
                             c.collective)
-        if not total.is_cuda:
-            check_loss("multiview", total, terms, step, z)
-        return MethodOutput(loss=total, metrics=terms, embeddings=[t.detach() for t in z],
-                            features=feats[0].detach())
+        return method_output("multiview", total, terms, step, z, feats[0])

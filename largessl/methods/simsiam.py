@@ -31,11 +31,12 @@ from largessl.methods.base import (
     MethodConfig,
     MethodOutput,
     as_loss_dtype,
-    backbone_features,
     backbone_width,
-    check_loss,
     check_pair,
+    encode_views,
     full_precision,
+    method_output,
+    require_views,
 )
 from largessl.methods.heads import PREDICTORS, mlp, parse_dims, predictor
 
@@ -127,10 +128,8 @@ class SimSiam(nn.Module):
 
     def forward(self, views: list[torch.Tensor], step: int | None = None) -> MethodOutput:
         """Loss of the two views."""
-        if len(views) != 2:
-            raise ValueError(f"simsiam expects 2 views, got {len(views)}; set data.num_views=2")
-        feats = [backbone_features(self.backbone, v) for v in views]
-        z = [self.projector(f) for f in feats]
+        require_views("simsiam", views, 2)
+        feats, z = encode_views(self.backbone, self.projector, views)
         if self.cfg.normalises_z():
             z = [F.normalize(t, dim=1) for t in z]
         if self.predictor is None:
@@ -140,7 +139,4 @@ class SimSiam(nn.Module):
         else:
             p = [self.predictor(t) for t in z]
         total, terms = loss(p[0], p[1], z[0], z[1], self.cfg.variant, self.group)
-        if not total.is_cuda:
-            check_loss("simsiam", total, terms, step, z)
-        return MethodOutput(loss=total, metrics=terms, embeddings=[t.detach() for t in z],
-                            features=feats[0].detach())
+        return method_output("simsiam", total, terms, step, z, feats[0])

@@ -27,11 +27,12 @@ from largessl.methods.base import (
     MethodConfig,
     MethodOutput,
     as_loss_dtype,
-    backbone_features,
     backbone_width,
-    check_loss,
     check_pair,
+    encode_views,
     full_precision,
+    method_output,
+    require_views,
 )
 from largessl.methods.heads import mlp, parse_dims
 from largessl.nn.batchnorm import global_mean_var
@@ -116,14 +117,9 @@ class VICReg(nn.Module):
 
     def forward(self, views: list[torch.Tensor], step: int | None = None) -> MethodOutput:
         """Loss of the two views."""
-        if len(views) != 2:
-            raise ValueError(f"vicreg expects 2 views, got {len(views)}; set data.num_views=2")
-        feats = [backbone_features(self.backbone, v) for v in views]
-        z = [self.projector(f) for f in feats]
+        require_views("vicreg", views, 2)
+        feats, z = encode_views(self.backbone, self.projector, views)
         c = self.cfg
         total, terms = loss(z[0], z[1], c.sim_coeff, c.std_coeff, c.cov_coeff, self.group, c.gamma, c.eps,
                             c.collective)
-        if not total.is_cuda:
-            check_loss("vicreg", total, terms, step, z)
-        return MethodOutput(loss=total, metrics=terms, embeddings=[t.detach() for t in z],
-                            features=feats[0].detach())
+        return method_output("vicreg", total, terms, step, z, feats[0])
