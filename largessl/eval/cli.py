@@ -12,6 +12,7 @@ and ``<out>/tb``; ``<out>`` defaults to the checkpoint's run directory.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import tempfile
@@ -51,7 +52,7 @@ def load_source(checkpoint: str, base_cfg: Config | None = None, hub_url: str | 
     from largessl.eval.runner import EvalSource
     from largessl.hub.api import load_backbone
     from largessl.hub.card import METRICS_FILE
-    from largessl.hub.export import build_backbone_from_config, load_backbone_from_checkpoint
+    from largessl.hub.export import load_backbone_from_checkpoint
     from largessl.hub.store import CARD
 
     if checkpoint == RANDOM:
@@ -62,9 +63,14 @@ def load_source(checkpoint: str, base_cfg: Config | None = None, hub_url: str | 
         cfg_dict = config_to_dict(base_cfg)
         import torch
 
+        from largessl.models import build_backbone
+
+        # The encoder exactly as pretraining starts from it (same model.* config, zero_init_residual
+        # included), so "pretrained vs random" measures what training added.
         torch.manual_seed(base_cfg.train.seed)
-        net = build_backbone_from_config(cfg_dict["model"])
-        return EvalSource(net, {"random_init": True, "seed": base_cfg.train.seed}), cfg_dict, None
+        net = build_backbone(dataclasses.replace(base_cfg.model, sync_bn=False))
+        return EvalSource(net, {"random_init": True, "seed": base_cfg.train.seed,
+                                "zero_init_residual": base_cfg.model.zero_init_residual}), cfg_dict, None
     if checkpoint.startswith(HUB_PREFIX):
         ref = checkpoint[len(HUB_PREFIX):]
         url = hub_url or (base_cfg.hub.url if base_cfg else "hub")

@@ -37,7 +37,7 @@ def test_entrypoint_warns_about_small_shared_memory(repo_root: Path) -> None:
 def test_dockerfile_shape(repo_root: Path) -> None:
     text = (repo_root / "docker" / "Dockerfile").read_text()
     assert "cuda" in text.split("FROM", 1)[0].lower()  # a CUDA PyTorch base image
-    assert "USER largessl" in text and 'ENTRYPOINT ["/usr/local/bin/largessl-entrypoint"]' in text
+    assert "USER 1000:1000" in text and 'ENTRYPOINT ["/usr/local/bin/largessl-entrypoint"]' in text
     assert '".[s3,deepspeed]"' in text and "NCCL" in text
 
 
