@@ -31,6 +31,7 @@ from largessl.methods.base import (
     MethodConfig,
     MethodOutput,
     as_loss_dtype,
+    backbone_features,
     backbone_width,
     check_pair,
     encode_views,
@@ -126,6 +127,23 @@ class SimSiam(nn.Module):
         """The predictor's parameters, which SimSiam trains with a constant learning rate."""
         return {"predictor": [] if self.predictor is None else list(self.predictor.parameters())}
 
+    def collapse_space(self, z: torch.Tensor, p: torch.Tensor | None) -> torch.Tensor:
+        """The output whose collapse the variant is about: z, except p for the symmetric predictor.
+
+        Seed 004 reads the symmetric predictor as a new encoder F = h∘f whose output p enters the loss on
+        both paths; there the collapse shows in p (the loss reaches −1) while z may stay spread.
+        """
+        return p if self.cfg.variant == "symmetric" and p is not None else z
+
+    def embed(self, x: torch.Tensor, step: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(backbone features, :meth:`collapse_space` output) of one view."""
+        f = backbone_features(self.backbone, x)
+        z = self.projector(f)
+        if self.cfg.normalises_z():
+            z = F.normalize(z, dim=1)
+        p = self.predictor(z) if self.predictor is not None and self.cfg.variant == "symmetric" else None
+        return f, self.collapse_space(z, p)
+
     def forward(self, views: list[torch.Tensor], step: int | None = None) -> MethodOutput:
         """Loss of the two views."""
         require_views("simsiam", views, 2)
@@ -139,4 +157,5 @@ class SimSiam(nn.Module):
         else:
             p = [self.predictor(t) for t in z]
         total, terms = loss(p[0], p[1], z[0], z[1], self.cfg.variant, self.group)
-        return method_output("simsiam", total, terms, step, z, feats[0])
+        watched = [self.collapse_space(zi, pi) for zi, pi in zip(z, p)]
+        return method_output("simsiam", total, terms, step, watched, feats[0])

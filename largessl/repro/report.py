@@ -4,18 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from largessl.repro.tables import THRESHOLDS, Table, siam_collapsed
+from largessl.repro.tables import THRESHOLDS, Table, siam_collapse
 
 SUBSTITUTIONS = ("small scale: 1437 train / 360 held-out sklearn digits at 16 px (not CIFAR), a 3-conv backbone "
                  "(not ResNet-18), a few hundred SGD steps (not 200-1000 epochs); our accuracy is weighted kNN "
                  "(k=20) on backbone features, the paper's is a linear probe unless noted; std/corr/rank/m_o/m_r "
-                 "are measured on the 360 held-out projections as one batch (batch statistics).")
+                 "are measured on the 360 held-out projections as one batch (batch statistics); for the SimSiam family on "
+                 "the output the loss compares: z, or p for the symmetric predictor.")
 
 
 def cell(metrics: dict[str, float], key: str) -> str:
     """One measured value as printed."""
     if key == "collapse":
-        return "yes" if siam_collapsed(metrics) else "no"
+        return siam_collapse(metrics)
     v = metrics.get(key)
     if v is None:
         return "-"

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from largessl.config import Config, config_to_dict, load_config
@@ -114,14 +113,11 @@ def _check_reusable(run_dir: Path, cfg: Config) -> None:
 
 @torch.no_grad()
 def embed(module: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """The method's projection-space output for ``images`` (the head the loss sees; SimSiam: z, not p)."""
-    if hasattr(module, "embed"):  # decorrelation: backbone → projector → BN/DBN head
-        return module.embed(images, None)[1]
-    z = module.projector(module.backbone(images))  # SimSiam family: the encoder output z
-    cfg = getattr(module, "cfg", None)
-    if cfg is not None and hasattr(cfg, "normalises_z") and cfg.normalises_z():
-        z = F.normalize(z, dim=1)
-    return z
+    """The output whose collapse the table is about: the BN/DBN head's output (seed 000), the encoder
+    output z for the SimSiam family and the predictor output p for its symmetric variant (seed 004)."""
+    if not hasattr(module, "embed"):
+        raise TypeError(f"{type(module).__name__} has no embed(); largessl repro needs the method's loss-space output")
+    return module.embed(images, None)[1]
 
 
 def _eval_batches(cfg: Config, manifest: Manifest) -> Iterable[Any]:

@@ -22,14 +22,20 @@ THRESHOLDS: dict[str, float] = {
     "corr_low": 0.1,
     "m_o_collapsed": 0.9,
     "std_l2_collapsed": 0.2,
+    "rankme_collapsed": 0.05,
 }
 """Verdict thresholds.
 
 - complete collapse (seed 000): ``std < std_collapsed`` (BN/DBN outputs have std 1 when healthy);
   no complete collapse: ``std > std_healthy``.
 - dimensional collapse: ``corr > corr_high`` (paper: BN 0.99); decorrelated: ``corr < corr_low`` (DBN 0.00).
-- SimSiam-family collapse (seed 004): ``m_o > m_o_collapsed`` or ``std_l2·√D < std_l2_collapsed``
-  (l2-normalised outputs have std ≈ 1/√D when spread out, → 0 when collapsed; m_o → 1 when collapsed).
+- SimSiam-family collapse (seed 004), measured on the output the loss compares (z; p for the symmetric
+  predictor): *complete* when ``m_o > m_o_collapsed`` or ``std_l2·√D < std_l2_collapsed`` (l2-normalised
+  outputs have std ≈ 1/√D when spread out, → 0 when collapsed; m_o → 1 when collapsed); *dimensional* when
+  ``RankMe < rankme_collapsed·D`` (the outputs span a handful of directions, seed 000's second pattern).
+  The projector's last BN (SimSiam's, no affine) keeps every dimension centred before the l2-normalisation,
+  which slows the centre's growth: in a few hundred steps the collapsing variants reach the dimensional
+  pattern first (RankMe 3-9 of 256) while m_o is still ~0.7.
 """
 
 
@@ -110,16 +116,28 @@ def _complete_collapse(r: dict[str, float]) -> Check:
     return Check(f"std {r['std']:.3f} < {THRESHOLDS['std_collapsed']}", r["std"] < THRESHOLDS["std_collapsed"])
 
 
-def siam_collapsed(r: dict[str, float]) -> bool:
-    """Seed 004's collapse: the centre dominates (m_o → 1) or l2-normalised outputs stop spreading (std → 0)."""
+def siam_collapse(r: dict[str, float]) -> str:
+    """Seed 004's collapse of one row: ``"complete"`` (the centre dominates, m_o → 1, or l2-normalised
+    outputs stop spreading, std → 0), ``"dimensional"`` (RankMe below ``rankme_collapsed``·D) or ``"no"``."""
     scaled = r["std_l2"] * r["dim"] ** 0.5
-    return r["m_o"] > THRESHOLDS["m_o_collapsed"] or scaled < THRESHOLDS["std_l2_collapsed"]
+    if r["m_o"] > THRESHOLDS["m_o_collapsed"] or scaled < THRESHOLDS["std_l2_collapsed"]:
+        return "complete"
+    if r["rankme"] < THRESHOLDS["rankme_collapsed"] * r["dim"]:
+        return "dimensional"
+    return "no"
+
+
+def siam_collapsed(r: dict[str, float]) -> bool:
+    """Whether the row collapsed in either pattern (:func:`siam_collapse`)."""
+    return siam_collapse(r) != "no"
 
 
 def _siam_check(r: dict[str, float], collapsed: bool) -> Check:
     scaled = r["std_l2"] * r["dim"] ** 0.5
-    state = "collapsed" if siam_collapsed(r) else "not collapsed"
-    return Check(f"{state} (m_o {r['m_o']:.2f}, std·√D {scaled:.2f})", siam_collapsed(r) == collapsed)
+    kind = siam_collapse(r)
+    state = "not collapsed" if kind == "no" else f"{kind} collapse"
+    return Check(f"{state} (m_o {r['m_o']:.2f}, std·√D {scaled:.2f}, RankMe {r['rankme']:.1f} of D={r['dim']:.0f})",
+                 (kind != "no") == collapsed)
 
 
 def _verdict_t1(rows: Rows) -> dict[str, Verdict]:

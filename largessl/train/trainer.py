@@ -344,8 +344,10 @@ class Trainer:
                         for s in sinks:
                             s.write(last)
                         t_window, wait_window, steps_window = time.perf_counter(), 0.0, 0
-                    bar.update(1, loss=f"{last.get('loss', float('nan')):.4g}",
-                               img_s=f"{last.get('images_per_s', 0.0):.0f}")
+                    if "loss" in last:  # nothing to show before the first logged step
+                        bar.update(1, loss=f"{last['loss']:.4g}", img_s=f"{last.get('images_per_s', 0.0):.0f}")
+                    else:
+                        bar.update(1)
                     done = self.step >= plan.num_steps
                     if (self.step % cfg.checkpoint.every_steps == 0 or done
                             or (end_of_epoch and cfg.checkpoint.at_epoch_end)):

@@ -14,7 +14,7 @@ from largessl.cli import main
 from largessl.repro.runner import run_table
 from largessl.repro.tables import TABLES, THRESHOLDS, get_table, siam_collapsed
 
-SHORT_STEPS = {"000-table1": 40, "000-table2": 10, "000-fig4": 10, "000-fig2": 40, "004-table2": 30,
+SHORT_STEPS = {"000-table1": 40, "000-table2": 10, "000-fig4": 10, "000-fig2": 40, "004-table2": 100,
                "004-table5": 10}
 """Steps per variant in this test (the defaults are in largessl/repro/tables.py)."""
 
@@ -52,9 +52,10 @@ def test_004_table2_naive_collapses_and_simsiam_does_not(out_dir):
     rows = _check_written(result, "004-table2")
     naive, simsiam = rows["naive"]["metrics"], rows["simsiam"]["metrics"]
     assert not siam_collapsed(simsiam) and rows["simsiam"]["verdict"]["reproduced"], simsiam
-    # At this length Naive Siamese is on its way to collapse, not there (m_o reaches 0.9 only later, see
-    # docs/repro.md): its centre grows and its effective rank falls faster than SimSiam's
-    assert naive["m_o"] > simsiam["m_o"] and naive["rankme"] < simsiam["rankme"], (naive, simsiam)
+    # Naive Siamese collapses: dimensionally by 100 steps (RankMe ~8 of 256 at 100 steps, ~13 at 65 in the
+    # full-length run), its centre growing; the complete pattern (m_o > 0.9) needs more steps than this
+    assert siam_collapsed(naive) and rows["naive"]["verdict"]["reproduced"], naive
+    assert naive["m_o"] > simsiam["m_o"] and naive["corr"] > simsiam["corr"], (naive, simsiam)
 
 
 @pytest.mark.parametrize("name", [n for n in TABLES if n not in ("000-table1", "004-table2")])

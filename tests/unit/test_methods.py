@@ -222,7 +222,16 @@ def test_simsiam_predictors_and_variants(pred, variant):
         assert model.predictor is None and hint == []
     else:
         assert {id(p) for p in hint} == {id(p) for p in model.predictor.parameters()} and hint
-    if pred != "mlp":  # seed 004 §4: simplified predictors need an l2-normalised encoder output
+    # collapse is watched on what the loss compares on the gradient path: p for the symmetric predictor, else z
+    views = _views(2)
+    with torch.no_grad():
+        z = model.projector(model.backbone(views[0]))
+        if model.cfg.normalises_z():
+            z = F.normalize(z, dim=1)
+        watched = model.predictor(z) if variant == "symmetric" else z
+        torch.testing.assert_close(model.embed(views[0])[1], watched)
+        torch.testing.assert_close(out.embeddings[0], watched)
+    if pred != "mlp" and variant != "symmetric":  # seed 004 §4: simplified predictors need an l2-normalised z
         assert torch.allclose(out.embeddings[0].norm(dim=1), torch.ones(16, dtype=DT))
     if pred == "tanh_fc" and variant != "naive":
         with torch.no_grad():

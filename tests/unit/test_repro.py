@@ -17,7 +17,7 @@ from largessl.models.convnet import ARCH, small_convnet
 from largessl.repro.plots import plot_table
 from largessl.repro.report import format_list, format_table
 from largessl.repro.runner import _check_reusable, variant_config
-from largessl.repro.tables import TABLES, THRESHOLDS, get_table, siam_collapsed
+from largessl.repro.tables import TABLES, THRESHOLDS, get_table, siam_collapse, siam_collapsed
 
 DIGITS_TRAIN = 1437  # samples in the digits train split (80% of 1797)
 
@@ -58,6 +58,12 @@ def test_seed004_collapse_rule_and_table5_ordering():
     assert siam_collapsed(COLLAPSED) and not siam_collapsed(HEALTHY)
     # small std of l2-normalised outputs alone is collapse, relative to the 1/sqrt(D) of spread-out ones
     assert siam_collapsed({**HEALTHY, "std_l2": 0.1 * THRESHOLDS["std_l2_collapsed"] / math.sqrt(128)})
+    # dimensional collapse: spread and centred (m_o small) but spanning a handful of directions
+    few_dirs = {**HEALTHY, "rankme": 0.5 * THRESHOLDS["rankme_collapsed"] * 128}
+    assert siam_collapse(few_dirs) == "dimensional" and siam_collapse(COLLAPSED) == "complete"
+    assert siam_collapse({**HEALTHY, "rankme": 2 * THRESHOLDS["rankme_collapsed"] * 128}) == "no"
+    assert "dimensional collapse" in get_table("004-table2").verdict(
+        {"simsiam": HEALTHY, "mirror": few_dirs, "naive": few_dirs, "symmetric": few_dirs})["naive"].explain()
     t2 = get_table("004-table2").verdict({"simsiam": HEALTHY, "mirror": COLLAPSED, "naive": COLLAPSED,
                                           "symmetric": HEALTHY})
     assert [t2[k].reproduced for k in ("simsiam", "mirror", "naive", "symmetric")] == [True, True, True, False]
