@@ -86,3 +86,31 @@ def test_build_optimizer_choice(name, cls):
     opt.step()
     assert not torch.equal(before, m[0].weight.detach())
     assert [g["weight_decay"] for g in opt.param_groups] == [opt.param_groups[0]["weight_decay"], 0.0]
+
+
+def test_foreach_lars_equals_the_per_parameter_loop():
+    """The multi-tensor path (default) makes bitwise the same updates as the loop, incl. a zero weight
+    (trust ratio 1), a parameter without a gradient, and a non-adapted group."""
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Linear(4, 3), nn.Linear(3, 2)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = []
+    for m, foreach in zip(models, (False, True)):
+        with torch.no_grad():
+            m[2].weight.zero_()
+        weights = [p for p in m.parameters() if p.ndim > 1]
+        others = [p for p in m.parameters() if p.ndim == 1]
+        opts.append(LARS([{"params": weights}, {"params": others, "lars_adapt": False, "weight_decay": 0.0, "lr": 0.1}],
+                         lr=0.5, weight_decay=0.01, momentum=0.9, eta=0.02, foreach=foreach))
+    x = torch.randn(8, 5)
+    for _ in range(4):
+        for m, opt in zip(models, opts):
+            opt.zero_grad(set_to_none=True)
+            m[:3](x).pow(2).sum().backward()  # the last Linear gets no gradient
+            opt.step()
+    changed = False
+    for pa, pb in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(pa, pb)
+        changed |= bool(pa.grad is not None)
+    assert changed and models[1][3].weight.grad is None
+    assert not torch.equal(models[1][2].weight, torch.zeros(3, 4)), "the zero weight moves with trust ratio 1"
