@@ -39,9 +39,13 @@ class _InvSqrtPSD(torch.autograd.Function):
     """Σ^{-1/2} of a batch of symmetric PSD matrices, with a backward that stays finite for repeated eigenvalues."""
 
     @staticmethod
-    def forward(ctx: Any, sigma: torch.Tensor, floor: float) -> torch.Tensor:
+    def forward(ctx: Any, sigma: torch.Tensor, floor: float, rel_noise: float) -> torch.Tensor:
         lam, q = torch.linalg.eigh(sigma)
-        s = lam.clamp_min(floor).sqrt()
+        # Eigenvalues are resolved only to about G·ε·λ_max (ε of the precision Σ was computed or stored
+        # in); below that they are round-off, possibly negative, and whitening them would multiply noise
+        # by up to 1/√floor. Floor them at that level.
+        noise = lam.amax(-1, keepdim=True).clamp_min(0) * (sigma.shape[-1] * rel_noise)
+        s = torch.maximum(lam, noise.clamp_min(floor)).sqrt()
         ctx.save_for_backward(q, s)
         return (q / s.unsqueeze(-2)) @ q.mT
 
@@ -52,15 +56,20 @@ class _InvSqrtPSD(torch.autograd.Function):
         # Daleckii–Krein: dF = Q (K ∘ Qᵀ dΣ Q) Qᵀ with K the divided differences of λ^{-1/2}.
         k = -1.0 / (s.unsqueeze(-1) * s.unsqueeze(-2) * (s.unsqueeze(-1) + s.unsqueeze(-2)))
         g = 0.5 * (grad + grad.mT)  # Σ is symmetric: only the symmetric part of the gradient is meaningful
-        return q @ (k * (q.mT @ g @ q)) @ q.mT, None
+        return q @ (k * (q.mT @ g @ q)) @ q.mT, None, None
 
 
-def inv_sqrt_psd(sigma: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
-    """(Σ + eps·I)^{-1/2} for symmetric PSD ``sigma`` (..., G, G) by eigendecomposition, stable backward."""
+def inv_sqrt_psd(sigma: torch.Tensor, eps: float = 0.0, source_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(Σ + eps·I)^{-1/2} for symmetric PSD ``sigma`` (..., G, G) by eigendecomposition, stable backward.
+
+    ``source_dtype``: the precision Σ was computed or stored in (default ``sigma.dtype``); eigenvalues
+    below G·ε·λ_max of that precision are round-off and are floored there.
+    """
     eye = torch.eye(sigma.shape[-1], dtype=sigma.dtype, device=sigma.device)
     # The floor guards round-off (tiny negative eigenvalues) even when eps = 0.
     floor = max(eps, torch.finfo(sigma.dtype).tiny ** 0.5)
-    return _InvSqrtPSD.apply(sigma + eps * eye, floor)
+    rel_noise = torch.finfo(source_dtype or sigma.dtype).eps
+    return _InvSqrtPSD.apply(sigma + eps * eye, floor, rel_noise)
 
 
 def inv_sqrt_newton_schulz(sigma: torch.Tensor, eps: float = 0.0, iters: int = 5) -> torch.Tensor:
@@ -156,27 +165,28 @@ class DBN(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------------
 
-    def _whiten_matrix(self, cov: torch.Tensor) -> torch.Tensor:
+    def _whiten_matrix(self, cov: torch.Tensor, source_dtype: torch.dtype) -> torch.Tensor:
         if self.method == "newton_schulz":
             return inv_sqrt_newton_schulz(cov, self.eps, self.ns_iters)
         try:
-            return inv_sqrt_psd(cov, self.eps)
+            return inv_sqrt_psd(cov, self.eps, source_dtype)
         except torch.linalg.LinAlgError as e:  # NaN/Inf input: a diverged run, not a broken environment
             raise FloatingPointError(
                 f"{type(self).__name__}: eigendecomposition of the group covariance failed; its input holds "
                 f"NaN/Inf ({e})"
             ) from None
 
-    def _whiten(self, xc: torch.Tensor, cov_full: torch.Tensor, cov_tail: torch.Tensor) -> torch.Tensor:
-        """Apply the per-group Σ^{-1/2} to centred ``xc`` (N, D)."""
+    def _whiten(self, xc: torch.Tensor, cov_full: torch.Tensor, cov_tail: torch.Tensor,
+                source_dtype: torch.dtype) -> torch.Tensor:
+        """Apply the per-group Σ^{-1/2} to centred ``xc`` (N, D); Σ came from ``source_dtype`` data."""
         h, g = cov_full.shape[0], int(self.group_size)
         n = xc.shape[0]
         parts = []
         if h:
             full = xc[:, : h * g].reshape(n, h, g)
-            parts.append(torch.einsum("nhg,hgk->nhk", full, self._whiten_matrix(cov_full)).reshape(n, h * g))
+            parts.append(torch.einsum("nhg,hgk->nhk", full, self._whiten_matrix(cov_full, source_dtype)).reshape(n, h * g))
         if cov_tail.numel():
-            parts.append(xc[:, h * g:] @ self._whiten_matrix(cov_tail))
+            parts.append(xc[:, h * g:] @ self._whiten_matrix(cov_tail, source_dtype))
         return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
     def _local_group_cov(self, xc: torch.Tensor) -> torch.Tensor:
@@ -203,9 +213,12 @@ class DBN(nn.Module):
             raise ValueError(f"{type(self).__name__}({self.num_features}) expects (N, {self.num_features}), "
                              f"got {tuple(x.shape)}")
         in_dtype = x.dtype
-        # eigh has no half-precision kernels and a bf16 covariance is too coarse to invert: whiten in fp32.
+        # Whiten in float64: eigh has no half-precision kernels, and in fp32 the covariance of a trained
+        # projector is ill-conditioned enough (λ_min/λ_max < 1e-7) that round-off eigenvalues get whitened
+        # into outputs with std ~1e4 (digits repro, 000-table1 DBN, diverged at step ~40 in fp32). The
+        # (N, D) input and the G×G matrices are small next to the backbone.
         with torch.autocast(device_type=x.device.type, enabled=False):
-            x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+            x = x.double()
             y = self._forward_train(x, perm) if self.training else self._forward_eval(x)
         return y if in_dtype == torch.float64 else y.to(torch.float32)
 
@@ -229,7 +242,7 @@ class DBN(nn.Module):
         xp = xc if perm is None else xc[:, perm]
         cov = all_reduce_sum(self._local_group_cov(xp), self.group) / n
         cov_full, cov_tail = self._unpack(cov)
-        y = self._whiten(xp, cov_full, cov_tail)
+        y = self._whiten(xp, cov_full, cov_tail, torch.float64)
         if perm is not None:
             y = y[:, torch.argsort(perm)]
         with torch.no_grad():
@@ -252,7 +265,7 @@ class DBN(nn.Module):
             raise RuntimeError(f"{type(self).__name__} has no running statistics yet: run a training batch or "
                                "load a checkpoint before eval")
         xc = x - self.running_mean.to(x.dtype)
-        return self._whiten(xc, self.running_cov.to(x.dtype), self.running_cov_tail.to(x.dtype))
+        return self._whiten(xc, self.running_cov.to(x.dtype), self.running_cov_tail.to(x.dtype), self.running_cov.dtype)
 
     def extra_repr(self) -> str:
         g = int(self.group_size) or f"auto({self.requested_group_size or 'N/2'})"

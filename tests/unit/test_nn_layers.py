@@ -187,3 +187,22 @@ def test_dbn_autocast_runs_in_fp32():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = dbn(x.bfloat16())
     assert y.dtype == torch.float32 and torch.isfinite(y).all()
+
+
+def test_dbn_whitens_an_ill_conditioned_fp32_batch_without_amplifying_round_off():
+    """A trained projector's fp32 output can span 12 orders of magnitude of variance. Whitened from an fp32
+    covariance with an absolute floor, the round-off eigenvalues (negative here) come out with std ~180
+    (the 000-table1 DBN divergence); DBN whitens in float64 with a round-off floor, so std stays ≤ 1."""
+    torch.manual_seed(0)
+    n, d = 128, 64
+    q, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))
+    x = ((torch.randn(n, d, dtype=torch.float64) * torch.logspace(0, -6, d, dtype=torch.float64)) @ q.T * 100 + 3)
+    x = x.float()
+    xc = x - x.mean(0)
+    lam, vec = torch.linalg.eigh(xc.T @ xc / n)  # the fp32 route, for contrast
+    naive = xc @ ((vec / lam.clamp_min(1e-9).sqrt()) @ vec.T)
+    assert lam.min() < 0 and naive.std(0).max() > 10
+    y = DBN(d, group_size=d, eps=1e-9)(x)
+    assert y.dtype == torch.float32 and torch.isfinite(y).all()
+    std = y.std(0)
+    assert std.max() <= 1.01 and std.mean() > 0.99, (std.max(), std.mean())
