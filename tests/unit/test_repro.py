@@ -131,5 +131,24 @@ def test_cli_list_and_bad_names(capsys):
     assert main(["repro"]) == exit_codes.BAD_INPUT
 
 
+def test_cli_overrides_may_follow_options(monkeypatch, tmp_path):
+    import largessl.repro.runner as runner
+
+    seen = {}
+
+    def fake_run_table(table, out, minutes=None, num_steps=None, overrides=()):
+        seen.update(name=table.name, out=str(out), steps=num_steps, overrides=list(overrides))
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(runner, "run_table", fake_run_table)
+    argv = ["repro", "000-table1", "train.seed=3", "--out", str(tmp_path), "optim.base_lr=0.02", "--steps", "7"]
+    assert main(argv) == exit_codes.BAD_INPUT
+    assert seen == {"name": "000-table1", "out": str(tmp_path), "steps": 7,
+                    "overrides": ["train.seed=3", "optim.base_lr=0.02"]}
+    with pytest.raises(SystemExit) as e:  # a stray option is still an argparse error, not an override
+        main(["repro", "000-table1", "--out", str(tmp_path), "--bogus"])
+    assert e.value.code == 2
+
+
 def test_json_thresholds_are_plain_numbers():
     assert json.loads(json.dumps(THRESHOLDS)) == THRESHOLDS
