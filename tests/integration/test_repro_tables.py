@@ -14,7 +14,7 @@ from largessl.cli import main
 from largessl.repro.runner import run_table
 from largessl.repro.tables import TABLES, THRESHOLDS, get_table, siam_collapsed
 
-SHORT_STEPS = {"000-table1": 40, "000-table2": 10, "000-fig4": 10, "000-fig2": 40, "004-table2": 200,
+SHORT_STEPS = {"000-table1": 40, "000-table2": 10, "000-fig4": 10, "000-fig2": 100, "004-table2": 200,
                "004-table5": 10}
 """Steps per variant in this test (the defaults are in largessl/repro/tables.py)."""
 
@@ -65,6 +65,7 @@ def test_other_tables_run_short_and_write_results(out_dir, name):
     result = run_table(get_table(name), out_dir, minutes=30, num_steps=SHORT_STEPS[name])
     rows = _check_written(result, name)
     if name == "000-fig2":  # the 2-D space: held-out points for the scatter, vanilla collapsed to a point
+        # (held-out std over train.seed 0-3: 0.040-0.055 after 40 steps, 0.023-0.032 after 80, 0.013 after 200)
         assert all(len(r["points"]) == len(r["labels"]) > 100 for r in rows.values())
         assert rows["vanilla"]["metrics"]["std"] < 0.05
 
