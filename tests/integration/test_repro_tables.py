@@ -54,7 +54,7 @@ def test_004_table2_naive_collapses_and_simsiam_does_not(out_dir):
     assert not siam_collapsed(simsiam) and rows["simsiam"]["verdict"]["reproduced"], simsiam
     # Naive Siamese collapses dimensionally, its centre growing. Measured over train.seed 0-3 with the
     # 3-layer projector: held-out RankMe 6-14 of 256 at 100 steps (seed 3 not yet below 12.8), 3.5-4.9 at
-    # 200 (m_o 0.78-0.83, corr >= 0.99); SimSiam RankMe 52-55, m_o <= 0.2. 200 steps (the full table runs 300)
+    # 200 (m_o 0.78-0.83, corr >= 0.99); SimSiam (seeds 0-1) 52-55, m_o <= 0.2. 200 steps (the full table runs 300)
     # leaves a margin for other CPUs' round-off (on CI, 100 steps with a 2-layer projector stayed at corr 0.85).
     assert siam_collapsed(naive) and rows["naive"]["verdict"]["reproduced"], naive
     assert naive["m_o"] > simsiam["m_o"] and naive["corr"] > simsiam["corr"], (naive, simsiam)
