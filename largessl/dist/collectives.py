@@ -8,9 +8,16 @@ The backward of ``all_reduce_sum`` all-reduces (sums) the incoming gradients, an
 ``all_gather_with_grad`` reduce-scatters (sums) them, so each rank's local gradient is W × the
 true one; DDP's gradient averaging (÷ W) then yields exactly the gradient of the global loss.
 Never use ``ReduceOp.AVG``: gloo does not implement it correctly; SUM and divide by the real count.
+
+Devices: every tensor handed to a collective must live on the training device. The default group of a
+CUDA run is ``cpu:gloo,cuda:nccl``, but NCCL itself has no CPU backend, and a group made for one device
+(``cuda:nccl``, or ``cuda:gloo`` in the GPU test tier) fails on the first CPU tensor. Object collectives
+(:func:`broadcast_object`) are the one intended exception: torch moves them to the group's device.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -44,12 +51,61 @@ def all_reduce_sum(x: torch.Tensor, group: ProcessGroup | None = None) -> torch.
     return dist_fn.all_reduce(x, op=dist.ReduceOp.SUM, group=group or dist.group.WORLD)
 
 
+def backend_for(device: torch.device, group: ProcessGroup | None = None) -> str:
+    """Name of the backend (``nccl``, ``gloo``, ...) that serves tensors on ``device`` in ``group``.
+
+    Raises ``RuntimeError`` when the group has no backend for that device type (a CPU tensor on an
+    NCCL-only group): the message names the device so the offending call site is easy to find.
+    """
+    config = dist.get_backend_config(group)  # e.g. "cpu:gloo,cuda:nccl"; a plain name serves every device
+    pairs = dict(p.split(":", 1) for p in config.split(",") if ":" in p)
+    if not pairs:
+        return config
+    if device.type not in pairs:
+        raise RuntimeError(f"the process group ({config}) has no backend for {device.type} tensors; "
+                           "move the tensor to the training device before the collective")
+    return pairs[device.type]
+
+
+class _AllGather(torch.autograd.Function):
+    """All-gather along dim 0 whose backward sums each rank's slice of the incoming gradients.
+
+    torch's own ``distributed.nn.all_gather`` picks reduce-scatter only when the whole group is NCCL and
+    falls back to all-to-all otherwise, which the ``cpu:gloo,cuda:nccl`` group and gloo's CUDA path do
+    not both provide. Here the backward asks which backend serves the gradient's device: NCCL gets one
+    reduce-scatter; any other backend gets an all-reduce of the full gradient and keeps its own slice
+    (W× the traffic, but gloo is the CPU/test path).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:  # type: ignore[override]
+        ctx.group = group
+        x = x.contiguous()
+        world = dist.get_world_size(group)
+        ctx.rows = x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x, group=group)
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        group, rows = ctx.group, ctx.rows
+        grad = grad.contiguous()
+        rank = dist.get_rank(group)
+        if backend_for(grad.device, group) == "nccl":
+            out = grad.new_empty((rows, *grad.shape[1:]))
+            dist.reduce_scatter_tensor(out, grad, op=dist.ReduceOp.SUM, group=group)
+            return out, None
+        total = grad.clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+        return total[rank * rows:(rank + 1) * rows].contiguous(), None
+
+
 def all_gather_with_grad(x: torch.Tensor, group: ProcessGroup | None = None) -> torch.Tensor:
     """Concatenate ``x`` (same shape on every rank) along dim 0 in rank order, differentiable."""
     if not is_distributed(group):
         return x
-    parts = dist_fn.all_gather(x.contiguous(), group=group or dist.group.WORLD)
-    return torch.cat(parts, dim=0)
+    return _AllGather.apply(x, group)
 
 
 def all_gather_no_grad(x: torch.Tensor, group: ProcessGroup | None = None) -> torch.Tensor:
@@ -95,6 +151,15 @@ def all_reduce_sum_no_grad(x: torch.Tensor, group: ProcessGroup | None = None) -
     if is_distributed(group):
         dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
     return x
+
+
+def device_values(values: list[float], device: torch.device, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """A 1-D tensor of host numbers on ``device``, ready for a collective (counters, flags).
+
+    One small host-to-device copy: use it on log steps and stop checks, not per sample. float64 keeps
+    integer counters exact far beyond fp32's 2**24; NCCL and gloo both reduce it.
+    """
+    return torch.tensor(values, dtype=dtype, device=device)
 
 
 def global_count(n_local: int, device: torch.device, group: ProcessGroup | None = None) -> int:

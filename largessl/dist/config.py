@@ -10,8 +10,10 @@ from typing import Literal
 class DistConfig:
     """How ranks talk and how the model is wrapped."""
 
-    backend: Literal["auto", "nccl", "gloo"] = "auto"
-    """Process-group backend; auto = nccl when CUDA is used, gloo on CPU."""
+    backend: str = "auto"
+    """Process-group backend: auto (= cpu:gloo,cuda:nccl on GPU, gloo on CPU), gloo, nccl (also gets the
+    cpu:gloo safety net), or an explicit device map such as cuda:nccl or cuda:gloo (a group without a CPU
+    backend, as the GPU test tier uses to catch CPU tensors handed to collectives)."""
     strategy: Literal["ddp", "deepspeed"] = "ddp"
     """Data-parallel wrapper: torch DDP or DeepSpeed (install the `deepspeed` extra)."""
     zero_stage: int = 0
@@ -25,5 +27,8 @@ class DistConfig:
         """Check values that do not depend on other sections."""
         if self.zero_stage not in (0, 1, 2):
             raise ValueError(f"dist.zero_stage must be 0, 1 or 2 (got {self.zero_stage}); stage 3 is not supported")
+        from largessl.dist.env import parse_backend
+
+        parse_backend(self.backend)
         if self.timeout_minutes <= 0:
             raise ValueError("dist.timeout_minutes must be > 0")

@@ -144,19 +144,72 @@ def _detect(env: Mapping[str, str]) -> DistEnv:
     return DistEnv()
 
 
+BACKEND_NAMES = ("gloo", "nccl")
+DEVICE_TYPES = ("cpu", "cuda")
+
+
+def parse_backend(spec: str) -> dict[str, str]:
+    """``"cpu:gloo,cuda:nccl"`` → ``{"cpu": "gloo", "cuda": "nccl"}``; a plain name maps to ``{"*": name}``.
+
+    Raises ``ValueError`` naming the bad part, so ``dist.backend`` typos fail before any work.
+    """
+    spec = spec.strip()
+    if ":" not in spec:
+        if spec not in ("auto", *BACKEND_NAMES):
+            raise ValueError(f"dist.backend={spec!r} is not auto, gloo, nccl or a device map such as "
+                             "'cpu:gloo,cuda:nccl'")
+        return {"*": spec}
+    out: dict[str, str] = {}
+    for part in spec.split(","):
+        dev, _, name = part.strip().partition(":")
+        if dev not in DEVICE_TYPES or name not in BACKEND_NAMES:
+            raise ValueError(f"dist.backend={spec!r}: {part.strip()!r} is not DEVICE:BACKEND with DEVICE in "
+                             f"{DEVICE_TYPES} and BACKEND in {BACKEND_NAMES}")
+        if dev in out:
+            raise ValueError(f"dist.backend={spec!r} names device {dev!r} twice")
+        if dev == "cpu" and name == "nccl":
+            raise ValueError(f"dist.backend={spec!r}: NCCL has no CPU backend; use cpu:gloo")
+        out[dev] = name
+    return out
+
+
 def resolve_backend(requested: str, device: torch.device) -> str:
-    """nccl for CUDA, gloo for CPU; an explicit choice that cannot work raises."""
-    if requested == "auto":
-        return "nccl" if device.type == "cuda" else "gloo"
-    if requested == "nccl" and device.type != "cuda":
-        raise ValueError("dist.backend=nccl needs CUDA devices; use dist.backend=gloo (or auto) on CPU")
-    return requested
+    """The backend string of the default group for a run on ``device``.
+
+    On CUDA, ``auto`` and ``nccl`` give ``cpu:gloo,cuda:nccl``: NCCL carries every tensor collective, and
+    gloo serves CPU object collectives (and would catch a stray CPU tensor instead of crashing). Every
+    tensor collective of largessl still runs on the training device; the CPU half is a safety net, not a
+    path. A device map (``cuda:nccl``, or ``cuda:gloo`` for two processes on one GPU in the GPU test
+    tier) is used as given, so a group without a CPU backend can be asked for on purpose. On CPU the
+    backend is gloo.
+    """
+    mapping = parse_backend(requested)
+    if "*" in mapping:
+        name = mapping["*"]
+        if device.type == "cuda":
+            return "cpu:gloo,cuda:nccl" if name in ("auto", "nccl") else name
+        if name == "nccl":
+            raise ValueError("dist.backend=nccl needs CUDA devices; use dist.backend=gloo (or auto) on CPU")
+        return "gloo"
+    if device.type not in mapping:
+        raise ValueError(f"dist.backend={requested!r} has no backend for this run's {device.type} device")
+    return requested.replace(" ", "")
 
 
-def init_distributed(env: DistEnv, backend: str = "gloo", timeout_minutes: float = 30.0) -> None:
-    """Initialise the default process group for ``env`` (no-op for a single process)."""
+def init_distributed(env: DistEnv, backend: str = "gloo", timeout_minutes: float = 30.0,
+                     device: torch.device | None = None) -> None:
+    """Initialise the default process group for ``env`` (no-op for a single process).
+
+    ``device`` is the training device; on CUDA it is made current before the group exists (NCCL binds
+    each rank's communicator to the current device, and object collectives stage through it).
+    """
     if not env.distributed or dist.is_initialized():
         return
+    kwargs = {}
+    if device is not None and device.type == "cuda":
+        torch.cuda.set_device(device)
+        if "nccl" in backend:
+            kwargs["device_id"] = device  # eager NCCL init on the right GPU; no device guess at the first barrier
     try:
         dist.init_process_group(
             backend=backend,
@@ -164,6 +217,7 @@ def init_distributed(env: DistEnv, backend: str = "gloo", timeout_minutes: float
             rank=env.rank,
             world_size=env.world_size,
             timeout=datetime.timedelta(minutes=timeout_minutes),
+            **kwargs,
         )
     except Exception as e:  # rendezvous failures come as many exception types
         raise RuntimeError(

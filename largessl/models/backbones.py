@@ -6,10 +6,12 @@ import logging
 
 import torchvision
 from torch import nn
+from torch.distributed import ProcessGroup
 
 from largessl.models.config import ModelConfig
 from largessl.models.convnet import ARCH as CONVNET
 from largessl.models.convnet import small_convnet
+from largessl.nn.batchnorm import convert_to_global_bn
 from largessl.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -20,7 +22,7 @@ for _name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"):
 BACKBONES.add(CONVNET, small_convnet)
 
 
-def build_backbone(cfg: ModelConfig) -> nn.Module:
+def build_backbone(cfg: ModelConfig, group: ProcessGroup | None = None) -> nn.Module:
     """A torchvision ResNet whose ``fc`` is the identity, with ``num_features`` set; no weights are downloaded.
 
     Its ``state_dict`` keys are torchvision's (minus ``fc``), so exported weights load into a plain
@@ -37,5 +39,5 @@ def build_backbone(cfg: ModelConfig) -> nn.Module:
     net.num_features = net.fc.in_features
     net.fc = nn.Identity()
     if cfg.sync_bn:
-        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        net = convert_to_global_bn(net, group)
     return net

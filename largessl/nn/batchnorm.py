@@ -1,7 +1,9 @@
 """Batch normalisation over the global batch of all ranks, autograd-correct, on CPU and GPU.
 
 ``torch.nn.SyncBatchNorm`` refuses CPU tensors, and a per-rank BN silently changes the method when the
-world size changes; this layer gives the same output and gradients on W ranks × B as on 1 rank × W·B.
+world size changes; these layers give the same output and gradients on W ranks × B as on 1 rank × W·B:
+:class:`GlobalBatchNorm1d` for projector heads and :class:`GlobalBatchNorm` (any ``(N, C, ...)``) for
+the backbone's BatchNorm2d layers (``model.sync_bn=true``).
 """
 
 from __future__ import annotations
@@ -84,3 +86,86 @@ class GlobalBatchNorm1d(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, affine={self.affine}, momentum={self.momentum}"
+
+
+class GlobalBatchNorm(nn.SyncBatchNorm):
+    """BatchNorm over (N, C, ...) inputs whose training statistics span the global batch of ``group``.
+
+    A drop-in for ``nn.BatchNorm1d/2d/3d`` with the same parameters, buffers and state_dict keys and the
+    same running-statistics semantics (momentum or cumulative average, unbiased running variance over the
+    global count). Per device:
+
+    - CUDA: torch's ``SyncBatchNorm`` kernels (one all-gather of per-rank mean/invstd/count, fused
+      backward); this class *is* a ``torch.nn.SyncBatchNorm``.
+    - CPU (where torch's SyncBatchNorm refuses to run): two autograd-correct all-reduces (sums and count,
+      then centred squares) through :func:`largessl.dist.collectives.all_reduce_sum`. Statistics are fp32
+      whatever the autocast dtype; the output has the input's dtype, as cuDNN's BN does.
+    - One rank, or eval mode: plain ``F.batch_norm`` with the running statistics.
+
+    Gradients follow the project's convention (every rank computes the same global loss; the collectives'
+    backward sums over ranks and DDP averages), which torch's SyncBatchNorm backward also satisfies
+    because it is linear in the incoming gradient.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, group: ProcessGroup | None = None,
+                 device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, group, device, dtype)
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise with global batch statistics in training (world > 1), else as ``nn.BatchNorm``."""
+        if x.is_cuda or not (self.training and get_world_size(self.group) > 1):
+            return super().forward(x)
+        self._check_input_dim(x)
+        c = self.num_features
+        if x.shape[1] != c:
+            raise ValueError(f"GlobalBatchNorm({c}) expects (N, {c}, ...) inputs, got {tuple(x.shape)}")
+        dims = [0, *range(2, x.dim())]
+        shape = (1, c) + (1,) * (x.dim() - 2)
+        xf = x.float()
+        n_local = xf.new_full((1,), float(x.numel() // c))
+        packed = all_reduce_sum(torch.cat([xf.sum(dims), n_local]), self.group)
+        n = packed[c]
+        mean = packed[:c] / n
+        var = all_reduce_sum((xf - mean.view(shape)).pow(2).sum(dims), self.group) / n
+        if self.track_running_stats:
+            with torch.no_grad():  # n stays a tensor: no host sync for the unbiased correction
+                self.num_batches_tracked.add_(1)
+                factor = (1.0 / self.num_batches_tracked.double()).float() if self.momentum is None \
+                    else self.momentum
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), factor)
+                unbiased = var.detach() * (n / (n - 1).clamp_min(1))
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
+        y = (xf - mean.view(shape)) * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+
+def convert_to_global_bn(module: nn.Module, group: ProcessGroup | None = None) -> nn.Module:
+    """Replace every ``nn.BatchNorm1d/2d/3d`` under ``module`` by a :class:`GlobalBatchNorm` (weights kept).
+
+    The state_dict keys and values are unchanged, so checkpoints load either way.
+    """
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):
+        out = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                              module.track_running_stats, group)
+        with torch.no_grad():
+            if module.affine:
+                out.weight.copy_(module.weight)
+                out.bias.copy_(module.bias)
+            if module.track_running_stats:
+                out.running_mean.copy_(module.running_mean)
+                out.running_var.copy_(module.running_var)
+                out.num_batches_tracked.copy_(module.num_batches_tracked)
+        if module.affine:
+            out.weight.requires_grad_(module.weight.requires_grad)
+            out.bias.requires_grad_(module.bias.requires_grad)
+        out.train(module.training)
+        return out
+    for name, child in module.named_children():
+        new = convert_to_global_bn(child, group)
+        if new is not child:
+            setattr(module, name, new)
+    return module

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     setup_logging(env, cfg.log.level)
     device = resolve_device(cfg.train.device, env.local_rank)
     backend = resolve_backend(cfg.dist.backend, device)
-    init_distributed(env, backend, cfg.dist.timeout_minutes)
+    init_distributed(env, backend, cfg.dist.timeout_minutes, device)
     try:
         from largessl.train.trainer import build_trainer
 

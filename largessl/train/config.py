@@ -64,11 +64,12 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Device; auto = cuda when available."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """Backbone autocast dtype; auto = bf16 on GPU, fp32 on CPU. Losses and batch statistics stay fp32."""
+    """Backbone autocast dtype; auto = bf16 on GPU (fp16 + GradScaler where bf16 is unsupported), fp32 on
+    CPU; bf16 is honoured on CPU too (CPU autocast). Losses and batch statistics stay fp32."""
     channels_last: bool | None = None
-    """NHWC memory format for the backbone; None = on for CUDA."""
+    """NHWC memory format for the backbone; None = on for CUDA, off on CPU (true is honoured on CPU)."""
     compile: bool = False
-    """torch.compile the backbone."""
+    """torch.compile the backbone in place (``nn.Module.compile``: state_dict keys stay unprefixed)."""
     deterministic: bool = False
     """Deterministic kernels and data order (bitwise-reproducible resume on CPU)."""
     log_every: int = 10

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch.distributed import ProcessGroup
 
-from largessl.dist.collectives import all_reduce_sum_no_grad
+from largessl.dist.collectives import all_reduce_sum_no_grad, device_values
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +32,11 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 class StopFlag:
     """Installs the handlers and answers "should every rank stop now?" (a collective)."""
 
-    def __init__(self, max_minutes: float = 0.0, group: ProcessGroup | None = None) -> None:
+    def __init__(self, max_minutes: float = 0.0, group: ProcessGroup | None = None,
+                 device: torch.device | str = "cpu") -> None:
         self.group = group
+        self.device = torch.device(device)
+        """The training device: the agreement's all-reduce runs there (NCCL has no CPU backend)."""
         self.max_seconds = max_minutes * 60.0
         self.start = time.monotonic()
         self.signum: int | None = None
@@ -71,9 +74,9 @@ class StopFlag:
     def agreed(self) -> bool:
         """Collective: True on every rank when any rank got a signal or passed the time limit."""
         timed_out = self.max_seconds > 0 and time.monotonic() - self.start >= self.max_seconds
-        flags = torch.tensor([1.0 if self.local else 0.0, 1.0 if timed_out else 0.0])
+        flags = device_values([1.0 if self.local else 0.0, 1.0 if timed_out else 0.0], self.device)
         all_reduce_sum_no_grad(flags, self.group)
-        got_signal, got_time = bool(flags[0] > 0), bool(flags[1] > 0)
+        got_signal, got_time = (v > 0 for v in flags.tolist())  # one device-to-host copy
         if got_signal:
             name = signal.Signals(self.signum).name if self.signum is not None else "a signal on another rank"
             self.reason = f"received {name}"

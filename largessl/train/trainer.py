@@ -23,12 +23,13 @@ from torch.distributed import ProcessGroup
 from largessl import exit_codes
 from largessl.config import Config, RunPlan, config_to_dict, plan_run, save_config
 from largessl.data.batch import Batch
-from largessl.dist.collectives import all_reduce_sum_no_grad, get_rank, get_world_size
+from largessl.dist.collectives import all_reduce_sum_no_grad, device_values, get_rank, get_world_size
 from largessl.dist.env import DistEnv
 from largessl.eval.online_probe import OnlineProbe
 from largessl.methods import build_method
 from largessl.methods.base import MethodOutput, check_output
 from largessl.models import build_backbone
+from largessl.models.state_dict import strip_compile_prefix
 from largessl.train.checkpoint import (
     CheckpointManager,
     SavePayload,
@@ -122,12 +123,14 @@ class Trainer:
                                       keep=cfg.checkpoint.keep, rank=self.rank, group=group)
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        backbone = build_backbone(cfg.model)
+        backbone = build_backbone(cfg.model, group)
         self.module: nn.Module = build_method(cfg.method, backbone, group).to(self.device)
         if self.policy.channels_last:
             self.module = self.module.to(memory_format=torch.channels_last)
         if self.policy.compile:
-            self.module.backbone = torch.compile(self.module.backbone)
+            # In place: the state_dict keeps its plain keys (no _orig_mod.), so checkpoints load with or
+            # without compile, and DDP/optimizer see the same parameters.
+            self.module.backbone.compile()
         self.optimizer = build_optimizer(self.module, cfg.optim, self.plan.lr, self.plan.bias_norm_lr)
         self.scaler = self.policy.make_scaler()
         self.engine = None
@@ -144,6 +147,8 @@ class Trainer:
                 find_unused_parameters=cfg.dist.find_unused_parameters, process_group=group)
         self.probe = self._build_probe(backbone)
         self.step = 0
+        self._last_loss: torch.Tensor | None = None
+        """The last step's loss, a device tensor (read only at save time: no per-step sync)."""
 
     # -------------------------------------------------------------------------------------------
     # setup helpers
@@ -178,8 +183,28 @@ class Trainer:
         pos["batches_per_epoch"] = self.plan.steps_per_epoch
         return pos
 
+    def check_finite_state(self) -> None:
+        """Collective: raise ``FloatingPointError`` (exit 4) unless the last loss and every parameter are finite.
+
+        Runs at save time only, before anything is written, so a diverged run never turns a NaN model into
+        the latest checkpoint: the previous good one stays latest. One fused norm pass over the
+        parameters (NaN/Inf propagate into a norm), one 2-element all-reduce and one host sync per save.
+        """
+        params = [p.detach() for p in self.module.parameters()]
+        norms = torch.stack(torch._foreach_norm(params)) if params else torch.zeros(1, device=self.device)
+        loss = self._last_loss if self._last_loss is not None else torch.zeros((), device=self.device)
+        bad = torch.stack([(~torch.isfinite(loss.float())).any(), (~torch.isfinite(norms.float())).any()]).double()
+        all_reduce_sum_no_grad(bad, self.group)
+        bad_loss, bad_params = (v > 0 for v in bad.tolist())
+        if bad_loss or bad_params:
+            what = " and ".join(w for w, b in (("the loss", bad_loss), ("the parameters", bad_params)) if b)
+            raise FloatingPointError(
+                f"{what} hold NaN/Inf at step {self.step} on at least one rank; not saving this state, the latest "
+                f"checkpoint stays the previous good one. Lower optim.base_lr, check the data, or train in fp32")
+
     def save(self, metrics: dict[str, Any]) -> str:
-        """Collective: every rank contributes its state to ``step-<self.step>/``."""
+        """Collective: every rank contributes its state to ``step-<self.step>/`` (finite states only)."""
+        self.check_finite_state()
         rank_state = {"rng": capture_rng_state(), "data": self._data_position(), "rank": self.rank}
         payload = SavePayload(rank_state=rank_state)
         if self.engine is not None:
@@ -213,7 +238,7 @@ class Trainer:
         from largessl.train.checkpoint import load_model_state
 
         weights, _, _ = load_model_state(path)
-        self.module.load_state_dict(weights, strict=True)
+        self.module.load_state_dict(strip_compile_prefix(weights), strict=True)
         if self.engine is not None:
             from largessl.train.deepspeed_engine import load_engine
 
@@ -283,7 +308,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
         log.info("run directory: %s", self.run_dir.resolve())
-        stop = StopFlag(cfg.train.max_minutes, self.group).install()
+        stop = StopFlag(cfg.train.max_minutes, self.group, self.device).install()
         result = None
         try:
             self.resume()
@@ -329,6 +354,7 @@ class Trainer:
                                   cfg.optim.final_lr_ratio)
                     out = train_step(self.model, batch.views, self.step, self.optimizer, self.policy, self.scaler,
                                      cfg.train.grad_clip, self.engine)
+                    self._last_loss = out.loss.detach()
                     probe_metrics: dict[str, torch.Tensor] = {}
                     if self.probe is not None and out.features is not None:
                         probe_metrics = self.probe.step(out.features, batch.labels)
@@ -388,10 +414,13 @@ class Trainer:
         check_output(self.cfg.method.name, out, self.step)
         loss = float(out.loss.detach().float().item())
         # One all-reduce for every cross-rank number of this record: throughput, data wait, skips.
-        counters = torch.tensor([steps * self.plan.per_rank_batch_size, elapsed, wait,
-                                 skips.total("skipped_samples"), *[float(v) for v in probe.values()]],
-                                dtype=torch.float64)
+        host = [steps * self.plan.per_rank_batch_size, elapsed, wait, skips.total("skipped_samples")]
+        # The probe's values are device tensors already: stack them on the device instead of syncing each.
+        counters = device_values(host, self.device)
+        if probe:
+            counters = torch.cat([counters, torch.stack([v.detach().double() for v in probe.values()])])
         all_reduce_sum_no_grad(counters, self.group)
+        counters = counters.cpu()
         world = self.world_size
         rec: dict[str, Any] = {
             "step": self.step,

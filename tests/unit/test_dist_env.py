@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from largessl.config import load_config
 from largessl.dist.env import DistEnv, _first_slurm_host, detect_env, init_distributed, resolve_backend
 
 
@@ -64,10 +65,29 @@ def test_bad_integers_are_environment_errors():
 
 
 def test_backend_choice():
+    cuda = torch.device("cuda", 0)
     assert resolve_backend("auto", torch.device("cpu")) == "gloo"
-    assert resolve_backend("auto", torch.device("cuda", 0)) == "nccl"
+    # CUDA runs get a group that serves both devices: NCCL alone has no CPU backend.
+    assert resolve_backend("auto", cuda) == "cpu:gloo,cuda:nccl"
+    assert resolve_backend("nccl", cuda) == "cpu:gloo,cuda:nccl"
+    # explicit device maps are taken as given (the GPU tier asks for a group without a CPU backend)
+    assert resolve_backend("cuda:gloo", cuda) == "cuda:gloo"
+    assert resolve_backend("cuda:nccl, cpu:gloo", cuda) == "cuda:nccl,cpu:gloo"
     with pytest.raises(ValueError, match="needs CUDA"):
         resolve_backend("nccl", torch.device("cpu"))
+    with pytest.raises(ValueError, match="no backend for this run's cpu"):
+        resolve_backend("cuda:nccl", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("ncl", "is not auto, gloo, nccl"),
+    ("cpu:nccl", "NCCL has no CPU backend"),
+    ("tpu:gloo", "is not DEVICE:BACKEND"),
+    ("cuda:nccl,cuda:gloo", "names device 'cuda' twice"),
+])
+def test_bad_backend_is_a_config_error(spec, message):
+    with pytest.raises(ValueError, match=message):
+        load_config([], [f"dist.backend={spec}"])
 
 
 def test_init_is_a_no_op_for_one_process():
