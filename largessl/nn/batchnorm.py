@@ -88,19 +88,20 @@ class GlobalBatchNorm1d(nn.Module):
         return f"{self.num_features}, eps={self.eps}, affine={self.affine}, momentum={self.momentum}"
 
 
-class GlobalBatchNorm(nn.SyncBatchNorm):
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm over (N, C, ...) inputs whose training statistics span the global batch of ``group``.
 
     A drop-in for ``nn.BatchNorm1d/2d/3d`` with the same parameters, buffers and state_dict keys and the
     same running-statistics semantics (momentum or cumulative average, unbiased running variance over the
     global count). Per device:
 
-    - CUDA: torch's ``SyncBatchNorm`` kernels (one all-gather of per-rank mean/invstd/count, fused
-      backward); this class *is* a ``torch.nn.SyncBatchNorm``.
+    - CUDA: the kernels of ``torch.nn.SyncBatchNorm`` (one all-gather of every rank's mean, invstd and
+      count, fused backward). It is not a subclass of ``nn.SyncBatchNorm`` on purpose: DDP refuses to wrap
+      any module holding one on CPU, and this layer must also run there.
     - CPU (where torch's SyncBatchNorm refuses to run): two autograd-correct all-reduces (sums and count,
       then centred squares) through :func:`largessl.dist.collectives.all_reduce_sum`. Statistics are fp32
       whatever the autocast dtype; the output has the input's dtype, as cuDNN's BN does.
-    - One rank, or eval mode: plain ``F.batch_norm`` with the running statistics.
+    - One rank, or eval mode: plain ``F.batch_norm``, exactly ``nn.BatchNorm2d``.
 
     Gradients follow the project's convention (every rank computes the same global loss; the collectives'
     backward sums over ranks and DDP averages), which torch's SyncBatchNorm backward also satisfies
@@ -108,22 +109,40 @@ class GlobalBatchNorm(nn.SyncBatchNorm):
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, group: ProcessGroup | None = None,
-                 device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, group, device, dtype)
+                 track_running_stats: bool = True, group: ProcessGroup | None = None) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats)
         self.group = group
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2 or x.shape[1] != self.num_features:
+            raise ValueError(f"GlobalBatchNorm({self.num_features}) expects (N, {self.num_features}, ...) inputs, "
+                             f"got {tuple(x.shape)}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalise with global batch statistics in training (world > 1), else as ``nn.BatchNorm``."""
-        if x.is_cuda or not (self.training and get_world_size(self.group) > 1):
+        world = get_world_size(self.group)
+        if not (self.training and world > 1):
             return super().forward(x)
         self._check_input_dim(x)
+        factor: float | torch.Tensor = 0.0 if self.momentum is None else self.momentum
+        if self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative average, as nn.BatchNorm
+                factor = 1.0 / float(self.num_batches_tracked.item())
+        if x.is_cuda:
+            from torch.nn.modules._functions import SyncBatchNorm as _SyncBNFunction
+
+            return _SyncBNFunction.apply(
+                x, self.weight, self.bias, self.running_mean if self.track_running_stats else None,
+                self.running_var if self.track_running_stats else None, self.eps, factor,
+                self.group or torch.distributed.group.WORLD, world)
+        return self._cpu_forward(x, factor)
+
+    def _cpu_forward(self, x: torch.Tensor, factor: float) -> torch.Tensor:
         c = self.num_features
-        if x.shape[1] != c:
-            raise ValueError(f"GlobalBatchNorm({c}) expects (N, {c}, ...) inputs, got {tuple(x.shape)}")
         dims = [0, *range(2, x.dim())]
         shape = (1, c) + (1,) * (x.dim() - 2)
-        xf = x.float()
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
         n_local = xf.new_full((1,), float(x.numel() // c))
         packed = all_reduce_sum(torch.cat([xf.sum(dims), n_local]), self.group)
         n = packed[c]
@@ -131,9 +150,6 @@ class GlobalBatchNorm(nn.SyncBatchNorm):
         var = all_reduce_sum((xf - mean.view(shape)).pow(2).sum(dims), self.group) / n
         if self.track_running_stats:
             with torch.no_grad():  # n stays a tensor: no host sync for the unbiased correction
-                self.num_batches_tracked.add_(1)
-                factor = (1.0 / self.num_batches_tracked.double()).float() if self.momentum is None \
-                    else self.momentum
                 self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), factor)
                 unbiased = var.detach() * (n / (n - 1).clamp_min(1))
                 self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -206,3 +208,56 @@ def test_dbn_whitens_an_ill_conditioned_fp32_batch_without_amplifying_round_off(
     assert y.dtype == torch.float32 and torch.isfinite(y).all()
     std = y.std(0)
     assert std.max() <= 1.01 and std.mean() > 0.99, (std.max(), std.mean())
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_global_bn_cpu_path_matches_batchnorm2d(momentum, channels_last):
+    """The all-reduce path (run here at world size 1, where the collectives are the identity) is BatchNorm2d."""
+    from largessl.nn import GlobalBatchNorm, convert_to_global_bn
+
+    torch.manual_seed(0)
+    ref = nn.BatchNorm2d(5, momentum=momentum)
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 1.5)
+        ref.bias.uniform_(-1, 1)
+    ours = convert_to_global_bn(nn.Sequential(copy.deepcopy(ref)))[0]
+    assert isinstance(ours, GlobalBatchNorm) and ours.state_dict().keys() == ref.state_dict().keys()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for step in range(3):
+        x = (torch.randn(6, 5, 4, 3) * (step + 1) + step).contiguous(memory_format=fmt).requires_grad_()
+        x2 = x.detach().clone().requires_grad_()
+        factor = momentum if momentum is not None else 1.0 / (step + 1)
+        ours.num_batches_tracked.add_(1)
+        y = ours._cpu_forward(x, factor)
+        y_ref = ref(x2)
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+        (y * torch.arange(y.numel()).view_as(y)).sum().backward()
+        (y_ref * torch.arange(y_ref.numel()).view_as(y_ref)).sum().backward()
+        torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-5)
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[k], v, rtol=1e-5, atol=1e-6, msg=k)
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_global_bn_keeps_low_precision_dtype_and_fp32_statistics():
+    from largessl.nn import GlobalBatchNorm
+
+    bn = GlobalBatchNorm(4)
+    x = torch.randn(8, 4, 3, 3).to(torch.bfloat16)
+    y = bn._cpu_forward(x, 0.1)
+    assert y.dtype == torch.bfloat16 and bn.running_mean.dtype == torch.float32
+    ref = nn.functional.batch_norm(x.float(), None, None, training=True)
+    torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_global_bn_eval_mode_uses_running_statistics():
+    from largessl.nn import GlobalBatchNorm
+
+    bn = GlobalBatchNorm(3)
+    with torch.no_grad():
+        bn.running_mean.fill_(2.0)
+        bn.running_var.fill_(4.0)
+    bn.eval()
+    x = torch.full((2, 3, 2, 2), 4.0)
+    torch.testing.assert_close(bn(x), torch.full_like(x, 1.0), rtol=1e-4, atol=1e-4)
