@@ -36,3 +36,10 @@ def test_demo_file_matches_embedded_recipe():
     embedded.train.num_steps = 0
     from_file.eval.online_probe = embedded.eval.online_probe
     assert from_file == embedded
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if p.stem.endswith("_r50_in1k")],
+                         ids=[p.stem for p in CONFIGS if p.stem.endswith("_r50_in1k")])
+def test_paper_recipes_use_global_backbone_bn(path):
+    """The reference code of every paper converts the whole model to SyncBatchNorm; so do our recipes."""
+    assert load_config(path).model.sync_bn is True
