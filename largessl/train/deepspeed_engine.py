@@ -54,10 +54,27 @@ def deepspeed_config(zero_stage: int, per_rank_batch_size: int, world_size: int,
     }
 
 
+def ensure_process_group(device: torch.device) -> None:
+    """A one-member process group when none exists: DeepSpeed asserts a group even for a single GPU.
+
+    The CLI destroys it with the job's group (``shutdown_distributed``); multi-rank jobs already have one.
+    """
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    from largessl.dist.env import free_port, resolve_backend
+
+    dist.init_process_group(resolve_backend("auto", device), init_method=f"tcp://127.0.0.1:{free_port()}",
+                            rank=0, world_size=1)
+    log.info("DeepSpeed on one rank: started a one-member process group")
+
+
 def build_engine(module: nn.Module, optimizer: Optimizer, zero_stage: int, per_rank_batch_size: int,
                  world_size: int, grad_clip: float, policy: PrecisionPolicy, device: torch.device) -> Any:
     """``deepspeed.initialize`` around our module and optimizer (the process group must already exist)."""
     deepspeed = import_deepspeed(device)
+    ensure_process_group(device)
     # DeepSpeed asserts LOCAL_RANK exists; SLURM/Kubernetes launches may only have our detected value.
     os.environ.setdefault("LOCAL_RANK", str(device.index or 0) if device.type == "cuda" else "0")
     config = deepspeed_config(zero_stage, per_rank_batch_size, world_size, grad_clip, policy)
