@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.largessl-installed
 EXTRAS ?= test,s3,deepspeed
 
-.PHONY: demo test lint unit distributed integration install clean
+.PHONY: demo test gpu-test lint unit distributed integration install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ lint: $(STAMP)
 
 test: lint
 	$(VENV)/bin/pytest tests
+
+# The GPU tier (tests/gpu/): needs one CUDA device; under 8 minutes on an H100/H200 (docs/benchmarks.md).
+gpu-test: $(STAMP)
+	$(VENV)/bin/pytest -m gpu -v -rA tests/gpu
 
 unit: $(STAMP)
 	$(VENV)/bin/pytest tests/unit

@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 from torch.distributed import ProcessGroup
 
 
@@ -44,11 +43,28 @@ def get_rank(group: ProcessGroup | None = None) -> int:
     return 0
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks; the backward sums the incoming gradients over ranks too (each rank holds W× its share)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:  # type: ignore[override]
+        ctx.group = group
+        out = x.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        out = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=ctx.group)
+        return out, None
+
+
 def all_reduce_sum(x: torch.Tensor, group: ProcessGroup | None = None) -> torch.Tensor:
     """Sum of ``x`` over the ranks of ``group``, differentiable (backward sums gradients across ranks)."""
     if not is_distributed(group):
         return x
-    return dist_fn.all_reduce(x, op=dist.ReduceOp.SUM, group=group or dist.group.WORLD)
+    return _AllReduceSum.apply(x, group)
 
 
 def backend_for(device: torch.device, group: ProcessGroup | None = None) -> str:

@@ -130,13 +130,17 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
             if self.momentum is None:  # cumulative average, as nn.BatchNorm
                 factor = 1.0 / float(self.num_batches_tracked.item())
         if x.is_cuda:
-            from torch.nn.modules._functions import SyncBatchNorm as _SyncBNFunction
-
-            return _SyncBNFunction.apply(
-                x, self.weight, self.bias, self.running_mean if self.track_running_stats else None,
-                self.running_var if self.track_running_stats else None, self.eps, factor,
-                self.group or torch.distributed.group.WORLD, world)
+            return self._cuda_forward(x, factor, world)
         return self._cpu_forward(x, factor)
+
+    def _cuda_forward(self, x: torch.Tensor, factor: float, world: int) -> torch.Tensor:
+        # torch.nn.SyncBatchNorm's own autograd function (what its forward calls), with our group.
+        from torch.nn.modules._functions import SyncBatchNorm as _SyncBNFunction
+
+        return _SyncBNFunction.apply(
+            x, self.weight, self.bias, self.running_mean if self.track_running_stats else None,
+            self.running_var if self.track_running_stats else None, self.eps, factor,
+            self.group or torch.distributed.group.WORLD, world)
 
     def _cpu_forward(self, x: torch.Tensor, factor: float) -> torch.Tensor:
         c = self.num_features
