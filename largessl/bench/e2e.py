@@ -132,7 +132,8 @@ class CpuMeter:
         busy1, total1 = self._machine()
         busy = busy1 - self._m0[0]
         total = total1 - self._m0[1]
-        util = busy / total if total > 0 else 0.0
+        # psutil's busy time is total minus idle in float seconds: round-off can exceed total on a saturated machine
+        util = min(1.0, max(0.0, busy / total)) if total > 0 else 0.0
         out: dict[str, Any] = {"source": self.source, "num_cores": self.num_cores, "utilisation": util,
                                "cores_busy": util * self.num_cores, "process_tree_cores": None}
         p1 = self._tree()
