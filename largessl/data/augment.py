@@ -24,16 +24,17 @@ Two stages, shared by both data paths (``data.decode``):
    (:mod:`largessl.data.batched_augment`). Same parameters, same operations; docs/data.md measures
    how far the pixels differ.
 
-The CPU path follows torchvision's transforms on PIL images, op for op: crop + resize is PIL's
-antialiased bicubic resize with a source box; ColorJitter applies brightness, contrast (around the
+The CPU path follows torchvision's transforms on PIL images, op for op: crop + resize is torchvision's
+``resized_crop`` (crop, then antialiased bicubic resize); ColorJitter applies brightness, contrast (around the
 mean grey), saturation and hue (in 8-bit HSV, ``h += int(f·255) mod 256``) in a random order, each
 rounded and clamped to 8 bits; then grayscale (ITU-R 601 luma), Gaussian blur, solarize (>= 128) and
 ToTensor + Normalize fused into one multiply-add. Speed (``largessl bench data``): JPEGs are decoded
 at reduced size in the DCT when every view's crop allows it (1/2, 1/4, 1/8, as PIL's ``draft``); with
-OpenCV installed (the ``fast`` extra) decoding, colour, blur, solarize and the tensor conversion run
-in OpenCV's SIMD code, while the resize stays PIL's (OpenCV's cubic resize is not antialiased).
-Without OpenCV every op runs in PIL (``backend="pil"``); blur is then PIL's box approximation of a
-Gaussian instead of OpenCV's true Gaussian kernel.
+the ``fast`` extra installed, JPEGs are decoded by simplejpeg and colour, blur, solarize and the tensor
+conversion run in OpenCV's SIMD code; crop + resize is PyTorch's uint8 antialiased bicubic kernel
+in every backend (OpenCV's cubic resize is not antialiased, PIL's is 4x slower). Without OpenCV the
+ops run in PIL (``backend="pil"``); blur is then PIL's box approximation of a Gaussian instead of
+OpenCV's true Gaussian kernel.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageOps, ImageStat
 
-from largessl.data.decode import DecodeError, draft_reduce, opencv_available, probe
+from largessl.data.decode import DecodeError, decode_cpu, draft_reduce, opencv_available, probe
 
 __all__ = ["DecodeError", "ViewParams", "ViewSpec", "ViewTransform", "build_eval_transform", "build_views",
            "draw_params", "recipe_specs"]
@@ -294,12 +295,10 @@ class _OpenCVOps:
         self.hue_luts: dict[int, np.ndarray] = {}
 
     def decode(self, data: bytes, reduce: int) -> np.ndarray:
-        from largessl.data.decode import CPU_DECODERS
-
-        return CPU_DECODERS["opencv"](data, reduce)
+        return decode_cpu(data, reduce)  # simplejpeg if installed, else PIL
 
     def from_pil(self, img: Image.Image) -> np.ndarray:
-        return np.asarray(img.convert("RGB"))
+        return np.array(img.convert("RGB"))  # writable: torch.from_numpy warns on read-only arrays
 
     def size(self, img: np.ndarray) -> tuple[int, int]:
         return img.shape[1], img.shape[0]

@@ -2,11 +2,14 @@
 
 - :func:`probe` reads a sample's size from its header without decoding it (a JPEG SOF parser in
   Python; PIL's lazy ``Image.open`` for other formats), so crop parameters can be drawn before decoding.
-- :func:`decode_cpu` decodes to an RGB ``uint8`` HWC array. JPEGs go through OpenCV's libjpeg-turbo
-  when ``opencv-python-headless`` is installed (the ``fast`` extra), else PIL; both use libjpeg-turbo
-  with the same settings and give bit-identical pixels, including DCT-domain downscaling
-  (``reduce`` = 2, 4, 8, chosen exactly as PIL's ``draft`` does). Other formats always use PIL.
-  ``CPU_DECODERS`` also holds simplejpeg and PyTurboJPEG for ``largessl bench data --decoders``.
+- :func:`decode_cpu` decodes to an RGB ``uint8`` HWC array. JPEGs go through simplejpeg when it is
+  installed (the ``fast`` extra), else PIL; both run libjpeg-turbo with the same settings and give
+  bit-identical pixels, including DCT-domain downscaling (``reduce`` = 2, 4, 8, chosen exactly as
+  PIL's ``draft`` does). simplejpeg runs in strict mode (any libjpeg warning raises) and PIL then
+  decides, so a sample is rejected exactly when PIL rejects it. OpenCV's ``imdecode`` is not used:
+  it returns an image for JPEGs whose entropy-coded data is corrupt (PIL and torchvision refuse
+  them). Other formats always use PIL. ``CPU_DECODERS`` also holds OpenCV and PyTurboJPEG, measured
+  by ``largessl bench data --decoders``.
 - :func:`decode_jpegs` is the batched path's decoder: ``torchvision.io.decode_jpeg`` on a list of
   encoded tensors (nvJPEG on CUDA, libjpeg-turbo on CPU). If the batched call fails, every sample
   is retried alone and then with PIL on the CPU, so one corrupt JPEG never fails the batch and the
@@ -121,7 +124,7 @@ def _decode_pil(data: bytes, reduce: int = 1) -> np.ndarray:
         if reduce > 1 and img.format == "JPEG":
             w, h = img.size
             img.draft("RGB", (max(1, w // reduce), max(1, h // reduce)))  # draft then picks exactly ``reduce``
-        return np.asarray(img.convert("RGB"))  # decodes (and raises on corrupt or truncated data)
+        return np.array(img.convert("RGB"))  # decodes (and raises on corrupt or truncated data); a writable copy
     except Exception as e:
         raise DecodeError(f"cannot decode image ({e})") from None
 
@@ -133,6 +136,7 @@ def _cv2() -> Any:
 
 
 def _decode_opencv(data: bytes, reduce: int = 1) -> np.ndarray:
+    # measured only: OpenCV decodes some corrupt JPEGs without complaint, so its verdicts are not PIL's
     if _jpeg_sof(data) is None:
         return _decode_pil(data, reduce)  # PNG & co.: PIL's conversions (palette, 16-bit, alpha) are the reference
     cv2 = _cv2()
@@ -152,9 +156,10 @@ def _decode_simplejpeg(data: bytes, reduce: int = 1) -> np.ndarray:
     try:
         h, w = simplejpeg.decode_jpeg_header(data)[:2]
         return simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=-(-h // reduce), min_width=-(-w // reduce),
-                                      min_factor=reduce, strict=False)
-    except ValueError as e:
-        raise DecodeError(f"cannot decode image ({e})") from None
+                                      min_factor=reduce, strict=True)
+    except ValueError:
+        # strict mode also refuses JPEGs with mere warnings (and CMYK ones): PIL has the last word, as ever
+        return _decode_pil(data, reduce)
 
 
 _TURBO: list[Any] = []
@@ -175,9 +180,18 @@ def _decode_turbojpeg(data: bytes, reduce: int = 1) -> np.ndarray:
 
 
 CPU_DECODERS: dict[str, Callable[[bytes, int], np.ndarray]] = {
-    "opencv": _decode_opencv, "pil": _decode_pil, "simplejpeg": _decode_simplejpeg, "turbojpeg": _decode_turbojpeg,
+    "simplejpeg": _decode_simplejpeg, "pil": _decode_pil, "opencv": _decode_opencv, "turbojpeg": _decode_turbojpeg,
 }
-"""CPU decoders by name; ``opencv`` and ``pil`` are the ones the data path uses, the others are measured only."""
+"""CPU decoders by name; ``simplejpeg`` and ``pil`` are the ones the data path uses, the others are measured only."""
+
+
+def simplejpeg_available() -> bool:
+    """Whether simplejpeg (the ``fast`` extra) can be imported; without it JPEGs are decoded by PIL."""
+    try:
+        import simplejpeg  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def opencv_available() -> bool:
@@ -191,7 +205,7 @@ def opencv_available() -> bool:
 
 def decode_cpu(data: bytes, reduce: int = 1, decoder: str = "auto") -> np.ndarray:
     """Decode to RGB uint8 (H, W, 3); ``reduce`` > 1 downscales JPEGs in the DCT (1/2, 1/4, 1/8)."""
-    name = ("opencv" if opencv_available() else "pil") if decoder == "auto" else decoder
+    name = ("simplejpeg" if simplejpeg_available() else "pil") if decoder == "auto" else decoder
     return CPU_DECODERS[name](data, reduce)
 
 
