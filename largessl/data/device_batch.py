@@ -165,17 +165,25 @@ class DeviceStage:
         self.side = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.fallback: dict[int, _Source] = {}  # per worker, as each CPU worker keeps its own
         self.skipped: dict[int, int] = {}  # decode failures found here, per worker, cumulative
+        self.gpu_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] | None = None
+        """Set to a list to collect (start, end) CUDA events around each batch's work (``bench data``)."""
 
     def submit(self, eb: EncodedBatch) -> tuple[Batch, torch.cuda.Event | None]:
         """Queue decoding and augmentation of ``eb`` (on the side stream on CUDA); returns the batch and its event."""
         worker = int(eb.stats.get("worker", 0))
         ctx = torch.cuda.stream(self.side) if self.side is not None else contextlib.nullcontext()
         with ctx:
+            start = None
+            if self.side is not None and self.gpu_events is not None:
+                start = torch.cuda.Event(enable_timing=True)
+                start.record(self.side)
             batch = self._make(eb, worker)
             event = None
             if self.side is not None:
-                event = torch.cuda.Event()
+                event = torch.cuda.Event(enable_timing=start is not None)
                 event.record(self.side)
+                if start is not None and self.gpu_events is not None:
+                    self.gpu_events.append((start, event))
         return batch, event
 
     def finish(self, batch: Batch, event: torch.cuda.Event | None) -> Batch:

@@ -512,6 +512,8 @@ class TrainStream:
         self._skips_done: dict[tuple[int, str], int] = {}  # totals of finished iterations
         self._skips_now: dict[tuple[int, str], int] = {}  # latest worker counters of the current one
         self._sample_rng = functools.partial(_rng, "aug", seed)  # (epoch, gid, salt): the CPU path's generator
+        self.gpu_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] | None = None
+        """decode=gpu on CUDA: set to a list to collect the stage's per-batch GPU events (``bench data``)."""
         encoder = BatchEncoder(self._specs, self._sample_rng) if self.decode == "gpu" else None
         self._dataset = _ShardDataset(manifest, self.transform, _storage_options(cfg, manifest), cfg.retries,
                                       cfg.retry_backoff_s, seed, self._plan, substitute=True, encoder=encoder)
@@ -520,7 +522,9 @@ class TrainStream:
         if self.decode == "cpu":
             return loader
         # decode + augment in this process on self.device, one batch ahead of the consumer
-        return DeviceStage(self._specs, self.device, self._sample_rng).run(loader)
+        stage = DeviceStage(self._specs, self.device, self._sample_rng)
+        stage.gpu_events = self.gpu_events
+        return stage.run(loader)
 
     def _plan(self, epoch: int, start_batch: int, worker: int, num_workers: int) -> WorkerPlan:
         return train_worker_plan(self.manifest, seed=self.seed, epoch=epoch, rank=self.rank,
