@@ -21,7 +21,8 @@ workers and the figure is divided by N:
   that time's share of a GPU at 3,000 views/s (BT-R50 at 1,500 images/s on one H100).
 
 ``--decoders`` adds decode-only timings of every CPU JPEG decoder that is installed (PIL, simplejpeg,
-OpenCV, PyTurboJPEG) at full size and with DCT-domain downscaling by 2.
+OpenCV, PyTurboJPEG) at full size and with DCT-domain downscaling by 2. ``--fidelity`` adds the pixel
+differences between the paths on the same parameters (docs/data.md), in 8-bit levels.
 """
 
 from __future__ import annotations
@@ -200,12 +201,98 @@ def decoder_times(images: list[bytes], repeats: int = 2) -> dict[str, dict[str, 
     return out
 
 
+def _levels(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    std = torch.tensor([0.229, 0.224, 0.225]).view(-1, 3, 1, 1) if a.dim() == 4 else \
+        torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    return ((a - b) * std * 255).abs().flatten()
+
+
+def _summary(diffs: list[torch.Tensor]) -> dict[str, float]:
+    d = torch.cat(diffs).double()
+    sample = d[torch.randperm(len(d), generator=torch.Generator().manual_seed(0))[:2_000_000]]
+    return {"mean": round(float(d.mean()), 3), "p99": round(float(torch.quantile(sample, 0.99)), 2),
+            "max": round(float(d.max()), 1)}
+
+
+def fidelity_report(images: list[bytes], recipe: str, image_size: int, seeds: int = 2) -> dict[str, Any]:
+    """Differences (8-bit levels) between the data paths on the same parameters, stage by stage."""
+    import random
+
+    import numpy as np
+    from PIL import Image
+
+    from largessl.data import augment
+    from largessl.data.augment import ViewTransform, draw_params, make_view, recipe_specs, resize_crop
+    from largessl.data.batched_augment import BatchedViews, params_tensor
+    from largessl.data.decode import CPU_DECODERS, decode_jpegs, opencv_available, probe
+
+    specs = recipe_specs(recipe, image_size, 2)
+    tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in images]
+    decoded = decode_jpegs(tensors, torch.device("cpu"))
+    out: dict[str, Any] = {"images": len(images), "recipe": recipe, "image_size": image_size}
+    # decoders: torchvision's libjpeg-turbo (the batched path on CPU) against PIL's
+    out["decode_torchvision_vs_pil_max"] = max(
+        int((t.permute(1, 2, 0).int() - torch.from_numpy(CPU_DECODERS["pil"](d, 1)).int()).abs().max())
+        for t, d in zip(decoded, images))
+    params = [[draw_params(probe(d).width, probe(d).height, specs, random.Random(f"{s}:{i}"))
+               for i, d in enumerate(images)] for s in range(seeds)]
+    batched = [BatchedViews(specs)(decoded, params_tensor(p)) for p in params]
+    backends = ["pil"] + (["opencv"] if opencv_available() else [])
+    # crop + resize alone: the batched matrices against PyTorch's uint8 kernel used by the CPU path
+    plain = [augment.ViewSpec(image_size, flip_p=0, jitter_p=0, gray_p=0)] * 2
+    resize_diffs = []
+    for s in range(seeds):
+        pp = [[augment.ViewParams(v.box, False, 0.0, (), False, False) for v in row] for row in params[s]]
+        ours = BatchedViews(plain)(decoded, params_tensor(pp))
+        for i, img in enumerate(decoded):
+            hwc = np.ascontiguousarray(img.permute(1, 2, 0).numpy())
+            for v in range(2):
+                ref = torch.from_numpy(resize_crop(hwc, pp[i][v].box, image_size)).permute(2, 0, 1).float()
+                norm = (ref / 255 - torch.tensor(augment.IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(
+                    augment.IMAGENET_STD).view(3, 1, 1)
+                resize_diffs.append(_levels(ours[v][i], norm))
+    out["resize_batched_vs_cpu"] = _summary(resize_diffs)
+    for backend in backends:
+        tf = ViewTransform(specs, backend)
+        ops_only, end_to_end = [], []
+        for s in range(seeds):
+            for i, (img, data) in enumerate(zip(decoded, images)):
+                hwc = np.ascontiguousarray(img.permute(1, 2, 0).numpy())
+                src = tf.ops.from_pil(Image.fromarray(hwc))
+                cpu_views = tf.decode(data, random.Random(f"{s}:{i}"))
+                for v, spec in enumerate(specs):
+                    p = params[s][i][v]
+                    view = make_view(tf.ops, src, p.box, spec, p).float().mul_(tf.scale).add_(tf.offset)
+                    ops_only.append(_levels(batched[s][v][i], view))
+                    end_to_end.append(_levels(batched[s][v][i], cpu_views[v]))
+        out[f"ops_batched_vs_{backend}"] = _summary(ops_only)
+        out[f"end_to_end_batched_vs_{backend}"] = _summary(end_to_end)
+    # hue: the old YIQ rotation against torchvision's HSV shift, on the views' pixels
+    import torchvision.transforms.functional as TF
+
+    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+    from_yiq = torch.linalg.inv(to_yiq)
+    rng = random.Random(0)
+    hue_diffs = []
+    for img in decoded[:32]:
+        x = torch.from_numpy(resize_crop(np.ascontiguousarray(img.permute(1, 2, 0).numpy()), (0, 0, img.shape[2],
+                                                                                              img.shape[1]),
+                                         image_size)).permute(2, 0, 1).float() / 255
+        f = rng.uniform(-0.1, 0.1)
+        c, sn = np.cos(2 * np.pi * f), np.sin(2 * np.pi * f)
+        m = from_yiq @ torch.tensor([[1.0, 0, 0], [0, c, -sn], [0, sn, c]], dtype=torch.float32) @ to_yiq
+        yiq = (m @ x.reshape(3, -1)).reshape_as(x).clamp(0, 1)
+        hue_diffs.append((yiq - TF.adjust_hue(x, f)).abs().flatten() * 255)
+    out["hue_yiq_vs_hsv"] = _summary(hue_diffs)
+    return out
+
+
 MODES = ("baseline", "cpu", "cpu_pil", "batched_cpu", "batched_gpu")
 
 
 def run_bench(num_images: int = 256, batch_size: int = 16, image_size: int = 224, workers: int = 0,
               baseline_blur: str = "pil", workdir: str | None = None, rounds: int = 5,
-              modes: tuple[str, ...] = MODES, decoders: bool = False) -> dict[str, Any]:
+              modes: tuple[str, ...] = MODES, decoders: bool = False, fidelity: bool = False) -> dict[str, Any]:
     """Build the images, run every mode, return the figures (views/s/core of each and its ratio to the baseline).
 
     With ``workers=0`` the CPU modes run in this process and their clock is this process's CPU time,
@@ -273,6 +360,12 @@ def run_bench(num_images: int = 256, batch_size: int = 16, image_size: int = 224
         rates = _rounds(pipes, rounds, per_round, 2 * batch_size)
         if decoders:
             result["decoders"] = decoder_times([f.read_bytes() for f in sorted(root.rglob("*.jpg"))[:64]])
+        if fidelity:
+            jpegs = [f.read_bytes() for f in sorted(root.rglob("*.jpg"))[:32]]
+            from largessl.data.digits import digit_jpegs
+
+            result["fidelity"] = [fidelity_report(jpegs, "barlow_twins", image_size),
+                                  fidelity_report(digit_jpegs(64)[0][:64], "small", 32)]
     cores = max(1, workers)
     base_rates = rates["baseline"]
     table: dict[str, dict[str, Any]] = {}
@@ -326,6 +419,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated modes to run (default all: {','.join(MODES)}; "
                              "batched_gpu only when CUDA is available)")
     parser.add_argument("--decoders", action="store_true", help="also time every installed CPU JPEG decoder")
+    parser.add_argument("--fidelity", action="store_true",
+                        help="also measure the pixel differences between the paths on the same parameters "
+                             "(these images at --image-size, and digits at 32 px)")
     parser.add_argument("--workdir", default=None, help="where to write the temporary images and shards")
     parser.add_argument("--json", default="", help="also write the figures to this JSON file")
 
@@ -335,7 +431,8 @@ def run(args: argparse.Namespace) -> int:
     if args.workers < 0:
         raise ValueError("--workers must be >= 0")
     res = run_bench(args.images, args.batch_size, args.image_size, args.workers, args.baseline_blur, args.workdir,
-                    args.rounds, tuple(m.strip() for m in args.modes.split(",") if m.strip()), args.decoders)
+                    args.rounds, tuple(m.strip() for m in args.modes.split(",") if m.strip()), args.decoders,
+                    args.fidelity)
     log.info("data bench (%d JPEGs ~%.0f KB, %d px, %d core(s), CPU ops %s, decoder %s):", res["images"],
              res["mean_jpeg_kb"], res["image_size"], res["cores"], res["cpu_backend"], res["cpu_decoder"])
     for name, row in res["modes"].items():

@@ -147,10 +147,16 @@ def _canvas(images: Sequence[torch.Tensor]) -> torch.Tensor:
     """(n, 3, H_max, W_max) zero-padded stack of (3, H, W) images, in one call."""
     if all(t.shape == images[0].shape for t in images):
         return torch.stack(list(images))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "nested tensors are a prototype": we only pad with them
-        nested = torch.nested.nested_tensor(list(images))
-    return torch.nested.to_padded_tensor(nested, 0)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "nested tensors are a prototype": we only pad with them
+            return torch.nested.to_padded_tensor(torch.nested.nested_tensor(list(images)), 0)
+    except (RuntimeError, NotImplementedError):  # a build without nested padding for this dtype/device
+        h, w = max(t.shape[1] for t in images), max(t.shape[2] for t in images)
+        out = images[0].new_zeros(len(images), 3, h, w)
+        for i, t in enumerate(images):
+            out[i, :, :t.shape[1], :t.shape[2]] = t
+        return out
 
 
 class BatchedViews:

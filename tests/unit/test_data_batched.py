@@ -314,3 +314,19 @@ def test_decode_config(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="custom transform"):
         build_train_stream(_cfg("gpu"), read_manifest(write_shards(tmp_path / "d", [8])), B, 0, 1, seed=0,
                            transform=lambda img: [img])
+
+
+def test_canvas_padding_without_nested_tensors(monkeypatch) -> None:
+    from largessl.data import batched_augment
+
+    imgs = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8) for h, w in ((5, 7), (6, 4), (3, 3))]
+    nested = batched_augment._canvas(imgs)
+
+    def refuse(*a, **kw):
+        raise NotImplementedError("no nested padding here")
+
+    monkeypatch.setattr(torch.nested, "nested_tensor", refuse)
+    looped = batched_augment._canvas(imgs)
+    assert nested.shape == looped.shape == (3, 3, 6, 7) and torch.equal(nested, looped)
+    for i, t in enumerate(imgs):
+        assert torch.equal(looped[i, :, :t.shape[1], :t.shape[2]], t) and looped[i].sum() == t.sum(dtype=torch.long)
