@@ -47,7 +47,9 @@ def pack_params(views: Sequence[ViewParams]) -> list[list[float]]:
     for p in views:
         codes = [float(op + 1) for op, _ in p.colour] + [0.0] * (4 - len(p.colour))
         factors = [f for _, f in p.colour] + [1.0] * (4 - len(p.colour))
-        rows.append([*p.box, float(p.flip), p.blur_sigma, *codes, *factors, float(p.gray), float(p.solarize)])
+        # whole-pixel crops, as the CPU path's resize_crop rounds them (center crops have fractional edges)
+        box = [float(round(v)) for v in p.box]
+        rows.append([*box, float(p.flip), p.blur_sigma, *codes, *factors, float(p.gray), float(p.solarize)])
     return rows
 
 
