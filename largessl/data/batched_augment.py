@@ -171,6 +171,7 @@ class BatchedViews:
             raise ValueError(f"bucket_px must be >= 1 (got {bucket_px})")
         self.specs = list(specs)
         self.bucket_px = bucket_px
+        self._norm: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # mean, std per device
 
     def buckets(self, sizes: torch.Tensor) -> list[torch.Tensor]:
         """Indices of the samples of each size bucket (``sizes``: (B, 2) width, height on the CPU)."""
@@ -201,8 +202,10 @@ class BatchedViews:
                 wx = torch.where(p[:, v, _FLIP, None, None] > 0.5, wx.flip(1), wx)
                 out = wy[:, None] @ (canvas @ wx.transpose(1, 2)[:, None])
                 outs[v].index_copy_(0, idx_dev, out)
-        mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+        if device not in self._norm:  # copied to the device once, not per batch
+            self._norm[device] = (torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1).to(device),
+                                  torch.tensor(IMAGENET_STD).view(1, 3, 1, 1).to(device))
+        mean, std = self._norm[device]
         return [self._pixels(outs[v].clamp_(0, 1), params[:, v], dev[:, v]).sub_(mean).div_(std) for v in range(m)]
 
     def _pixels(self, x: torch.Tensor, host: torch.Tensor, dev: torch.Tensor) -> torch.Tensor:
