@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.largessl-installed
-EXTRAS ?= test,s3,deepspeed
+EXTRAS ?= test,s3,deepspeed,fast
 
 .PHONY: demo test gpu-test lint unit distributed integration install clean
 

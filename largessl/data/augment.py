@@ -14,16 +14,27 @@ Recipes (``data.augment``):
 
 With ``num_views = M`` views, view m uses the recipe's spec ``m mod len(specs)`` (multi-view method).
 
-Speed (``largessl bench data``): the JPEG is decoded once per sample at reduced size when every view's
-crop allows it (PIL draft: libjpeg scales by 1/2, 1/4, 1/8 in the IDCT); crop+resize is one PIL resize
-with a source box; blur runs in PIL's C code on the 8-bit view; the four colour-jitter ops and grayscale
-are all affine in RGB (brightness, saturation, contrast around the view's mean grey, hue as a YIQ
-rotation), so they are composed into one 3×4 matrix applied by a single PIL ``convert`` (clamped
-once); solarize is a PIL lookup table; ToTensor and Normalize are one fused multiply-add.
-Because colour ops are per-pixel affine and blur is spatially linear they commute, so blurring the
-8-bit view before colour is the same operation up to the clamping and rounding order; torchvision
-clamps after every op and rotates hue in HSV, so pixel values differ slightly, not the distribution of
-augmentations the recipes describe.
+Two stages, shared by both data paths (``data.decode``):
+
+1. :func:`draw_params` draws every random parameter of a sample's views from one ``random.Random``
+   (seeded per sample by the stream) given only the image size from the header: crop boxes, flips,
+   blur sigmas, colour-jitter order and factors, grayscale and solarize flags (:class:`ViewParams`).
+2. The views are made from those parameters: here on the CPU, one sample at a time in the loader
+   workers (:class:`ViewTransform`), or for a whole batch on the device
+   (:mod:`largessl.data.batched_augment`). Same parameters, same operations; docs/data.md measures
+   how far the pixels differ.
+
+The CPU path follows torchvision's transforms on PIL images, op for op: crop + resize is torchvision's
+``resized_crop`` (crop, then antialiased bicubic resize); ColorJitter applies brightness, contrast (around the
+mean grey), saturation and hue (in 8-bit HSV, ``h += int(f·255) mod 256``) in a random order, each
+rounded and clamped to 8 bits; then grayscale (ITU-R 601 luma), Gaussian blur, solarize (>= 128) and
+ToTensor + Normalize fused into one multiply-add. Speed (``largessl bench data``): JPEGs are decoded
+at reduced size in the DCT when every view's crop allows it (1/2, 1/4, 1/8, as PIL's ``draft``); with
+the ``fast`` extra installed, JPEGs are decoded by simplejpeg and colour, blur, solarize and the tensor
+conversion run in OpenCV's SIMD code; crop + resize is PyTorch's uint8 antialiased bicubic kernel
+in every backend (OpenCV's cubic resize is not antialiased, PIL's is 4x slower). Without OpenCV the
+ops run in PIL (``backend="pil"``); blur is then PIL's box approximation of a Gaussian instead of
+OpenCV's true Gaussian kernel.
 """
 
 from __future__ import annotations
@@ -31,25 +42,30 @@ from __future__ import annotations
 import io as pyio
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageOps, ImageStat
+
+from largessl.data.decode import DecodeError, decode_cpu, draft_reduce, opencv_available, probe
+
+__all__ = ["DecodeError", "ViewParams", "ViewSpec", "ViewTransform", "build_eval_transform", "build_views",
+           "draw_params", "recipe_specs"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RECIPES = ("barlow_twins", "vicreg", "decorrelation", "simsiam", "small", "multicrop", "none")
 EVAL_KINDS = ("eval", "train_linear")
 
-# ITU-R 601 luma weights, as torchvision's rgb_to_grayscale uses
-_GRAY = torch.tensor([0.299, 0.587, 0.114])
-_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
-_FROM_YIQ = torch.linalg.inv(_TO_YIQ)
-
-
-class DecodeError(ValueError):
-    """The sample's image bytes cannot be decoded (corrupt, truncated or not an image)."""
+BACKENDS = ("auto", "opencv", "pil")
+# ColorJitter's four ops (the order of a sample's ops is drawn, as torchvision does)
+BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3
+# ITU-R 601 luma weights (PIL's convert("L"), OpenCV's RGB2GRAY)
+_GRAY = (0.299, 0.587, 0.114)
+SOLARIZE_THRESHOLD = 128
 
 
 @dataclass(frozen=True)
@@ -139,117 +155,289 @@ def _crop_box(w: int, h: int, spec: ViewSpec, rng: random.Random) -> tuple[float
     return left, top, left + cw, top + ch
 
 
-def _colour_matrix(spec: ViewSpec, rng: random.Random, mean_rgb: torch.Tensor | Callable[[], torch.Tensor]
-                   ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Affine colour map (A, t) on [0, 1] RGB for jitter + grayscale, or None when the view keeps its colours.
+@dataclass(frozen=True)
+class ViewParams:
+    """Every random choice of one view, drawn by :func:`draw_params` before any pixel is touched."""
 
-    ``mean_rgb`` (the view's mean colour, or a function computing it) is needed only by contrast.
-    """
+    box: tuple[float, float, float, float]
+    """Crop (left, top, right, bottom) in pixels of the full-size image."""
+    flip: bool
+    blur_sigma: float
+    """Gaussian blur sigma in output pixels; 0 = no blur."""
+    colour: tuple[tuple[int, float], ...]
+    """ColorJitter ops in application order: (BRIGHTNESS|CONTRAST|SATURATION, factor) or (HUE, shift in turns)."""
+    gray: bool
+    solarize: bool
+
+
+def _draw_colour(spec: ViewSpec, rng: random.Random) -> tuple[tuple[tuple[int, float], ...], bool]:
     jitter = rng.random() < spec.jitter_p
     gray = rng.random() < spec.gray_p
-    if not jitter and not gray:
-        return None
-    a = torch.eye(3)
-    t = torch.zeros(3)
+    ops: list[tuple[int, float]] = []
     if jitter:
-        ops = [0, 1, 2, 3]
-        rng.shuffle(ops)  # ColorJitter applies its four ops in a random order
-        for op in ops:
-            if op == 0 and spec.brightness > 0:
-                f = rng.uniform(max(0.0, 1 - spec.brightness), 1 + spec.brightness)
-                a, t = a * f, t * f
-            elif op == 1 and spec.contrast > 0:
-                f = rng.uniform(max(0.0, 1 - spec.contrast), 1 + spec.contrast)
-                # blend with the mean grey of the *current* image; the mean commutes with the affine map
-                if callable(mean_rgb):
-                    mean_rgb = mean_rgb()
-                grey_mean = float(_GRAY @ (a @ mean_rgb + t))
-                a, t = a * f, t * f + (1 - f) * grey_mean
-            elif op == 2 and spec.saturation > 0:
-                f = rng.uniform(max(0.0, 1 - spec.saturation), 1 + spec.saturation)
-                m = f * torch.eye(3) + (1 - f) * torch.ones(3, 1) * _GRAY[None, :]
-                a, t = m @ a, m @ t
-            elif op == 3 and spec.hue > 0:
-                theta = rng.uniform(-spec.hue, spec.hue) * 2 * math.pi
-                c, s = math.cos(theta), math.sin(theta)
-                rot = torch.tensor([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]])
-                m = _FROM_YIQ @ rot @ _TO_YIQ
-                a, t = m @ a, m @ t
-    if gray:
-        m = torch.ones(3, 1) * _GRAY[None, :]
-        a, t = m @ a, m @ t
-    return a, t
+        order = [BRIGHTNESS, CONTRAST, SATURATION, HUE]
+        rng.shuffle(order)  # ColorJitter applies its four ops in a random order
+        for op in order:
+            if op == HUE:
+                if spec.hue > 0:
+                    ops.append((HUE, rng.uniform(-spec.hue, spec.hue)))
+                continue
+            strength = (spec.brightness, spec.contrast, spec.saturation)[op]
+            if strength > 0:
+                ops.append((op, rng.uniform(max(0.0, 1 - strength), 1 + strength)))
+    return tuple(ops), gray
+
+
+def draw_params(width: int, height: int, specs: Sequence[ViewSpec], rng: random.Random) -> list[ViewParams]:
+    """The views' random parameters for a ``width`` × ``height`` image; both data paths draw them this way.
+
+    Order of the draws: every view's crop, then per view flip, blur, colour jitter + grayscale, solarize.
+    """
+    boxes = [_crop_box(width, height, spec, rng) for spec in specs]
+    out = []
+    for box, spec in zip(boxes, specs):
+        flip = bool(spec.flip_p) and rng.random() < spec.flip_p
+        sigma = 0.0
+        if spec.blur_p and rng.random() < spec.blur_p:
+            sigma = rng.uniform(*spec.blur_sigma) * spec.size / 224
+        colour, gray = _draw_colour(spec, rng)
+        solarize = bool(spec.solarize_p) and rng.random() < spec.solarize_p
+        out.append(ViewParams(box, flip, sigma, colour, gray, solarize))
+    return out
+
+
+def hue_shift_8bit(shift: float) -> int:
+    """The 8-bit hue offset of a shift in turns: torchvision on PIL images adds ``int(shift·255)`` mod 256."""
+    return int(shift * 255) % 256
+
+
+def resize_crop(img: np.ndarray, box: tuple[float, float, float, float], size: int) -> np.ndarray:
+    """Crop ``box`` (rounded to whole pixels) of an RGB uint8 HWC array and resize it to ``size`` × ``size``.
+
+    torchvision's ``resized_crop`` semantics: crop, then antialiased bicubic resize (PyTorch's uint8 kernel,
+    within one level of PIL's ``resize`` and about 4x faster).
+    """
+    x0, y0, x1, y1 = (int(round(v)) for v in box)
+    crop = torch.from_numpy(img[y0:y1, x0:x1]).permute(2, 0, 1)[None].contiguous(memory_format=torch.channels_last)
+    out = torch.nn.functional.interpolate(crop, size=(size, size), mode="bicubic", antialias=True)
+    return np.ascontiguousarray(out[0].permute(1, 2, 0).numpy())
+
+
+def _saturation_matrix(f: float) -> list[list[float]]:
+    return [[f * (i == j) + (1 - f) * _GRAY[j] for j in range(3)] for i in range(3)]
+
+
+class _PILOps:
+    """Pure-PIL view ops (the fallback when OpenCV is missing); images are PIL RGB images."""
+
+    name = "pil"
+
+    def decode(self, data: bytes, reduce: int) -> Image.Image:
+        try:
+            img = Image.open(pyio.BytesIO(data))
+            if reduce > 1 and img.format == "JPEG":
+                w, h = img.size
+                img.draft("RGB", (max(1, w // reduce), max(1, h // reduce)))
+            return img.convert("RGB")  # decodes (and raises on corrupt or truncated data)
+        except Exception as e:
+            raise DecodeError(f"cannot decode image ({e})") from None
+
+    def from_pil(self, img: Image.Image) -> Image.Image:
+        return img.convert("RGB")
+
+    def size(self, img: Image.Image) -> tuple[int, int]:
+        return img.size
+
+    def resize(self, img: Image.Image, box: tuple[float, float, float, float], size: int) -> Image.Image:
+        return Image.fromarray(resize_crop(np.array(img), box, size))  # np.array: a writable copy for torch
+
+    def flip(self, img: Image.Image) -> Image.Image:
+        return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+
+    def affine(self, img: Image.Image, m: list[list[float]], t: float) -> Image.Image:
+        return img.convert("RGB", tuple(v for row in m for v in (*row, t)))  # rounds and clamps to 0..255
+
+    def mean_grey(self, img: Image.Image) -> float:
+        return int(ImageStat.Stat(img.convert("L")).mean[0] + 0.5)
+
+    def hue(self, img: Image.Image, shift: int) -> Image.Image:
+        h, s, v = img.convert("HSV").split()
+        h = h.point([(i + shift) % 256 for i in range(256)])
+        return Image.merge("HSV", (h, s, v)).convert("RGB")
+
+    def gray(self, img: Image.Image) -> Image.Image:
+        return img.convert("L").convert("RGB")
+
+    def blur(self, img: Image.Image, sigma: float) -> Image.Image:
+        return img.filter(ImageFilter.GaussianBlur(sigma))
+
+    def solarize(self, img: Image.Image) -> Image.Image:
+        return ImageOps.solarize(img, SOLARIZE_THRESHOLD)
+
+    def planes(self, img: Image.Image) -> torch.Tensor:
+        # planar bytes straight from PIL's bands (no strided HWC→CHW copy)
+        w, h = img.size
+        return torch.stack([torch.frombuffer(bytearray(b.tobytes()), dtype=torch.uint8) for b in img.split()]
+                           ).view(3, h, w)
+
+
+class _OpenCVOps:
+    """OpenCV view ops on RGB uint8 HWC arrays (the ``fast`` extra)."""
+
+    name = "opencv"
+
+    def __init__(self) -> None:
+        import cv2
+
+        cv2.setNumThreads(1)  # one loader worker = one core; OpenCV's own thread pool would oversubscribe
+        self.cv2 = cv2
+        self.solarize_lut = np.array([255 - i if i >= SOLARIZE_THRESHOLD else i for i in range(256)], np.uint8)
+        self.hue_luts: dict[int, np.ndarray] = {}
+
+    def decode(self, data: bytes, reduce: int) -> np.ndarray:
+        return decode_cpu(data, reduce)  # simplejpeg if installed, else PIL
+
+    def from_pil(self, img: Image.Image) -> np.ndarray:
+        return np.array(img.convert("RGB"))  # writable: torch.from_numpy warns on read-only arrays
+
+    def size(self, img: np.ndarray) -> tuple[int, int]:
+        return img.shape[1], img.shape[0]
+
+    def resize(self, img: np.ndarray, box: tuple[float, float, float, float], size: int) -> np.ndarray:
+        return resize_crop(img, box, size)
+
+    def flip(self, img: np.ndarray) -> np.ndarray:
+        return self.cv2.flip(img, 1)
+
+    def affine(self, img: np.ndarray, m: list[list[float]], t: float) -> np.ndarray:
+        mat = np.array([[*row, t] for row in m], dtype=np.float32)
+        return self.cv2.transform(img, mat)  # saturating: rounds and clamps to 0..255
+
+    def mean_grey(self, img: np.ndarray) -> float:
+        r, g, b = self.cv2.mean(img)[:3]
+        return int(_GRAY[0] * r + _GRAY[1] * g + _GRAY[2] * b + 0.5)
+
+    def hue(self, img: np.ndarray, shift: int) -> np.ndarray:
+        cv2 = self.cv2
+        lut = self.hue_luts.get(shift)
+        if lut is None:
+            ident = np.arange(256, dtype=np.uint8)
+            lut = self.hue_luts[shift] = np.stack([(ident + shift).astype(np.uint8), ident, ident], -1)[:, None]
+        # *_FULL: hue in 0..255 as PIL's HSV mode, so the 8-bit shift is the same
+        return cv2.cvtColor(cv2.LUT(cv2.cvtColor(img, cv2.COLOR_RGB2HSV_FULL), lut), cv2.COLOR_HSV2RGB_FULL)
+
+    def gray(self, img: np.ndarray) -> np.ndarray:
+        cv2 = self.cv2
+        return cv2.cvtColor(cv2.cvtColor(img, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
+
+    def blur(self, img: np.ndarray, sigma: float) -> np.ndarray:
+        # edge replication at the border, as PIL's blur; kernel radius round(3 sigma), OpenCV's rule for 8 bits
+        return self.cv2.GaussianBlur(img, (0, 0), sigma, borderType=self.cv2.BORDER_REPLICATE)
+
+    def solarize(self, img: np.ndarray) -> np.ndarray:
+        return self.cv2.LUT(img, self.solarize_lut)
+
+    def planes(self, img: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.stack(self.cv2.split(img)))
+
+
+_OPS: dict[str, Any] = {}
+
+
+def _ops(backend: str) -> Any:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown CPU augmentation backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+    if backend == "auto":
+        backend = "opencv" if opencv_available() else "pil"
+    if backend == "opencv" and not opencv_available():
+        raise RuntimeError("the opencv backend needs opencv-python-headless >= 4.11: pip install 'largessl[fast]'")
+    if backend not in _OPS:
+        _OPS[backend] = _OpenCVOps() if backend == "opencv" else _PILOps()
+    return _OPS[backend]
+
+
+def make_view(ops: Any, img: Any, box: tuple[float, float, float, float], spec: ViewSpec, p: ViewParams
+              ) -> torch.Tensor:
+    """One uint8 (3, S, S) view of a decoded image with ``ops`` (torchvision's order of transforms)."""
+    v = ops.resize(img, box, spec.size)
+    if p.flip:
+        v = ops.flip(v)
+    for op, f in p.colour:
+        if op == BRIGHTNESS:
+            v = ops.affine(v, [[f * (i == j) for j in range(3)] for i in range(3)], 0.0)
+        elif op == CONTRAST:
+            v = ops.affine(v, [[f * (i == j) for j in range(3)] for i in range(3)], (1 - f) * ops.mean_grey(v))
+        elif op == SATURATION:
+            v = ops.affine(v, _saturation_matrix(f), 0.0)
+        else:
+            shift = hue_shift_8bit(f)
+            if shift:
+                v = ops.hue(v, shift)
+    if p.gray:
+        v = ops.gray(v)
+    if p.blur_sigma > 0:
+        v = ops.blur(v, p.blur_sigma)
+    if p.solarize:
+        v = ops.solarize(v)
+    return ops.planes(v)
 
 
 class ViewTransform:
-    """PIL image (or encoded bytes) → list of normalised float views, one per :class:`ViewSpec`."""
+    """Encoded bytes (or a PIL image) → list of normalised float views, one per :class:`ViewSpec`."""
 
-    def __init__(self, specs: Sequence[ViewSpec]) -> None:
+    def __init__(self, specs: Sequence[ViewSpec], backend: str = "auto") -> None:
         if not specs:
             raise ValueError("a view transform needs at least one view spec")
         self.specs = list(specs)
+        self.ops = _ops(backend)
         mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
         std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
         self.scale = 1 / (255 * std)
         self.offset = -mean / std
 
+    @property
+    def backend(self) -> str:
+        """The CPU ops in use: ``opencv`` or ``pil``."""
+        return self.ops.name
+
     def __repr__(self) -> str:
-        return f"ViewTransform({self.specs!r})"
+        return f"ViewTransform({self.specs!r}, backend={self.backend!r})"
 
     def decode(self, data: bytes, rng: random.Random | None = None) -> list[torch.Tensor]:
         """Decode encoded image bytes (reduced-size when the crops allow) and make the views."""
-        try:
-            img = Image.open(pyio.BytesIO(data))
-        except Exception as e:  # PIL raises several types for garbage input
-            raise DecodeError(f"cannot identify image ({e})") from None
-        return self(img, rng)
+        info = probe(data)
+        params = draw_params(info.width, info.height, self.specs, rng or random.Random())
+        # the smallest source/output ratio over the views bounds how much the JPEG may be downscaled
+        factor = min(min(p.box[2] - p.box[0], p.box[3] - p.box[1]) / spec.size
+                     for p, spec in zip(params, self.specs))
+        reduce = draft_reduce(info.width, info.height, factor) if info.jpeg else 1
+        img = self.ops.decode(data, reduce)
+        return self._views(img, params, info.width, info.height)
 
     def __call__(self, img: Image.Image, rng: random.Random | None = None) -> list[torch.Tensor]:
         """The views of ``img``; ``rng`` makes them reproducible (one per sample, seeded by the stream)."""
-        rng = rng or random.Random()
         w, h = img.size
-        boxes = [_crop_box(w, h, spec, rng) for spec in self.specs]
-        # the smallest source/output ratio over the views bounds how much the JPEG may be downscaled
-        factor = min(min(b[2] - b[0], b[3] - b[1]) / spec.size for b, spec in zip(boxes, self.specs))
-        try:
-            if factor >= 2 and getattr(img, "format", None) == "JPEG":
-                img.draft("RGB", (math.ceil(w / factor), math.ceil(h / factor)))
-            img = img.convert("RGB")  # decodes (and raises on corrupt or truncated data)
-        except Exception as e:
-            raise DecodeError(f"cannot decode image ({e})") from None
-        sx, sy = img.size[0] / w, img.size[1] / h
-        return [self._view(img, (b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy), spec, rng)
-                for b, spec in zip(boxes, self.specs)]
+        params = draw_params(w, h, self.specs, rng or random.Random())
+        return self._views(self.ops.from_pil(img), params, w, h)
 
-    def _view(self, img: Image.Image, box: tuple[float, float, float, float], spec: ViewSpec,
-              rng: random.Random) -> torch.Tensor:
-        # every op below runs in PIL's C code on the 8-bit view; one float conversion at the end
-        v = img.resize((spec.size, spec.size), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
-        if spec.flip_p and rng.random() < spec.flip_p:
-            v = v.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        if spec.blur_p and rng.random() < spec.blur_p:
-            sigma = rng.uniform(*spec.blur_sigma) * spec.size / 224
-            v = v.filter(ImageFilter.GaussianBlur(sigma))
-        colour = _colour_matrix(spec, rng, lambda: torch.tensor(ImageStat.Stat(v).mean) / 255)
-        if colour is not None:
-            a, t = colour
-            # one affine RGB→RGB conversion (clamped to 0..255) instead of four jitter ops and a grayscale
-            m = torch.cat([a, t[:, None] * 255], dim=1).flatten().tolist()
-            v = v.convert("RGB", tuple(m))
-        if spec.solarize_p and rng.random() < spec.solarize_p:
-            v = ImageOps.solarize(v, 128)
-        # planar bytes straight from PIL's bands (no strided HWC→CHW copy), then ToTensor + Normalize fused
-        planes = [torch.frombuffer(bytearray(b.tobytes()), dtype=torch.uint8) for b in v.split()]
-        x = torch.stack(planes).view(3, spec.size, spec.size).float()
-        return x.mul_(self.scale).add_(self.offset)
+    def _views(self, img: Any, params: list[ViewParams], w: int, h: int) -> list[torch.Tensor]:
+        dw, dh = self.ops.size(img)  # smaller than (w, h) after a DCT-domain reduction
+        sx, sy = dw / w, dh / h
+        out = []
+        for p, spec in zip(params, self.specs):
+            b = p.box
+            v = make_view(self.ops, img, (b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy), spec, p)
+            out.append(v.float().mul_(self.scale).add_(self.offset))
+        return out
 
 
-def build_views(recipe: str, image_size: int, num_views: int, min_scale: float = 0.0) -> ViewTransform:
+def build_views(recipe: str, image_size: int, num_views: int, min_scale: float = 0.0,
+                backend: str = "auto") -> ViewTransform:
     """The view transform of ``recipe``: a callable PIL.Image → list of ``num_views`` tensors."""
-    return ViewTransform(recipe_specs(recipe, image_size, num_views, min_scale))
+    return ViewTransform(recipe_specs(recipe, image_size, num_views, min_scale), backend)
 
 
-def build_eval_transform(kind: str, image_size: int) -> ViewTransform:
+def build_eval_transform(kind: str, image_size: int, backend: str = "auto") -> ViewTransform:
     """Single-view transforms for evaluation: ``eval`` (resize + center crop) or ``train_linear`` (crop + flip)."""
     if kind == "eval":
         frac = 1.0 if image_size <= 64 else 0.875  # small images are evaluated whole, ImageNet at 224/256
@@ -259,4 +447,4 @@ def build_eval_transform(kind: str, image_size: int) -> ViewTransform:
         spec = ViewSpec(image_size, scale=scale, jitter_p=0.0, gray_p=0.0)
     else:
         raise ValueError(f"unknown eval transform {kind!r}; allowed: {', '.join(EVAL_KINDS)}")
-    return ViewTransform([spec])
+    return ViewTransform([spec], backend)

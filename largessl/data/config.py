@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+DECODE_MODES = ("cpu", "gpu")
 
 
 @dataclass
@@ -35,9 +40,13 @@ class DataConfig:
     """Attempts to open/read a shard before it is skipped (exponential backoff)."""
     retry_backoff_s: float = 1.0
     """Delay before the first retry of a failed shard read; doubled after each further failure."""
+    decode: str = "cpu"
+    """Where training images are decoded and augmented: ``cpu`` (in the DataLoader workers, one sample at a
+    time) or ``gpu`` (workers only read the bytes; the main process decodes each batch with nvJPEG and
+    augments it with batched tensor ops on the training device; on a CPU device the same code runs on CPU
+    tensors). Same augmentation parameters, order and exact resume in both (docs/data.md)."""
     gpu_decode: bool = False
-    """Reserved for GPU JPEG decoding; not implemented yet: true raises a clear error at stream start-up
-    (decoding and augmentation run in the CPU DataLoader workers; raise num_workers for throughput)."""
+    """Deprecated alias: true means ``data.decode=gpu``."""
 
     def validate(self) -> None:
         """Check values that do not depend on other sections."""
@@ -55,6 +64,12 @@ class DataConfig:
             raise ValueError(f"data.retry_backoff_s must be >= 0 (got {self.retry_backoff_s})")
         if self.shuffle_buffer < 1:
             raise ValueError(f"data.shuffle_buffer must be >= 1 (got {self.shuffle_buffer}); 1 disables shuffling")
+        if self.decode not in DECODE_MODES:
+            raise ValueError(f"data.decode={self.decode!r} is unknown; allowed: {', '.join(DECODE_MODES)}")
+        if self.gpu_decode:
+            log.warning("data.gpu_decode is deprecated; use data.decode=gpu (taken as data.decode=gpu now)")
+            self.decode = "gpu"
+            self.gpu_decode = False
         if self.prefetch_factor < 1:
             raise ValueError(f"data.prefetch_factor must be >= 1 (got {self.prefetch_factor})")
         from largessl.data.augment import RECIPES

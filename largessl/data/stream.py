@@ -24,16 +24,22 @@ same batch (re-augmented), a shard that fails mid-read is re-opened at the sampl
 exponential backoff, then skipped with its URL logged. ``Batch.stats`` carries, per DataLoader worker,
 the counters ``skipped_samples`` and ``skipped_shards`` *cumulative since the stream was built* plus the
 ``worker`` index (the trainer sums the latest value of each worker).
+
+``data.decode=gpu``: workers only read and verify the samples and draw their views' parameters (same
+generator, same order); the main process decodes and augments whole batches on the training device
+(:mod:`largessl.data.device_batch`), substituting undecodable samples by the same rule, so the batches,
+their order and exact resume are the same in both modes up to pixel rounding (docs/data.md).
 """
 
 from __future__ import annotations
 
 import bisect
+import functools
 import logging
 import random
 import tarfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -41,9 +47,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from largessl.data import io
-from largessl.data.augment import DecodeError, ViewTransform, build_eval_transform, build_views
+from largessl.data.augment import DecodeError, ViewTransform, build_eval_transform, build_views, recipe_specs
 from largessl.data.batch import Batch
 from largessl.data.config import DataConfig
+from largessl.data.device_batch import BatchEncoder, DeviceStage, EncodedBatch
 from largessl.data.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -317,8 +324,10 @@ class _ShardDataset(IterableDataset):
 
     def __init__(self, manifest: Manifest, transform: Callable[..., list[torch.Tensor]],
                  storage_options: Mapping[str, Any], retries: int, backoff_s: float, seed: int,
-                 plan_fn: Callable[[int, int, int, int], WorkerPlan], substitute: bool) -> None:
+                 plan_fn: Callable[[int, int, int, int], WorkerPlan], substitute: bool,
+                 encoder: BatchEncoder | None = None) -> None:
         super().__init__()
+        self.encoder = encoder  # data.decode=gpu: yield EncodedBatch (read + verified, not decoded)
         self.manifest = manifest
         self.transform = transform
         self.opts = dict(storage_options)
@@ -330,7 +339,7 @@ class _ShardDataset(IterableDataset):
         self.epoch = 0
         self.start_batch = 0
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[Batch | EncodedBatch]:
         info = get_worker_info()
         worker, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         plan = self.plan_fn(self.epoch, self.start_batch, worker, nw)
@@ -339,6 +348,7 @@ class _ShardDataset(IterableDataset):
         source = reader.read(plan.runs, set(plan.order))
         pending: dict[int, Sample | None] = {}
         fallback: Sample | None = None
+        had_good = False  # decode=gpu: whether the main process has a fallback sample of this worker yet
         pos = 0
 
         def fetch(gid: int) -> Sample | None:
@@ -366,6 +376,13 @@ class _ShardDataset(IterableDataset):
             for gid in ids:
                 fetch(gid)
                 samples.append(pending.pop(gid))
+            if self.encoder is not None:
+                enc = self.encoder(samples, ids, plan.epoch, counters, None if had_good else look_ahead)
+                had_good = had_good or enc.num_good > 0 or enc.spare is not None
+                enc.stats = {"worker": worker, "skipped_samples": counters.skipped_samples,
+                             "skipped_shards": counters.skipped_shards}
+                yield enc
+                continue
             batch = self._make_batch(samples, ids, plan.epoch, counters, fallback, look_ahead)
             if batch is None:
                 continue
@@ -458,24 +475,24 @@ def _storage_options(cfg: DataConfig, manifest: Manifest) -> dict[str, Any]:
     return io.storage_options_for(url, cfg.endpoint_url)
 
 
-def _check_gpu_decode(cfg: DataConfig) -> None:
-    if cfg.gpu_decode:
-        raise RuntimeError(
-            "data.gpu_decode=true is not available in this build: decoding and augmentation run in the CPU "
-            "DataLoader workers; set data.gpu_decode=false (and raise data.num_workers for throughput)"
-        )
-
-
 class TrainStream:
     """Training batches of one rank: ``iterate(epoch, start_batch)`` yields exactly the remaining batches."""
 
     def __init__(self, cfg: DataConfig, manifest: Manifest, per_rank_batch_size: int, rank: int, world_size: int,
-                 seed: int, transform: Callable[..., list[torch.Tensor]] | None = None) -> None:
+                 seed: int, transform: Callable[..., list[torch.Tensor]] | None = None,
+                 device: torch.device | str = "cpu") -> None:
         if per_rank_batch_size < 1:
             raise ValueError(f"per-rank batch size must be >= 1 (got {per_rank_batch_size})")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
-        _check_gpu_decode(cfg)
+        self.device = torch.device(device)
+        self.decode = "gpu" if cfg.gpu_decode else cfg.decode  # gpu_decode: deprecated alias (config warns)
+        if self.decode == "gpu":
+            if transform is not None:
+                raise ValueError("data.decode=gpu makes the recipe's views on the device; a custom transform "
+                                 "needs data.decode=cpu")
+            if self.device.type == "cuda" and not torch.cuda.is_available():
+                raise RuntimeError("data.decode=gpu on a CUDA device, but CUDA is not available")
         self.cfg = cfg
         self.manifest = manifest
         self.batch_size = per_rank_batch_size
@@ -491,10 +508,23 @@ class TrainStream:
             )
         self.num_classes = manifest.num_classes
         self.transform = transform or build_views(cfg.augment, cfg.image_size, cfg.num_views, cfg.min_scale)
+        self._specs = recipe_specs(cfg.augment, cfg.image_size, cfg.num_views, cfg.min_scale)
         self._skips_done: dict[tuple[int, str], int] = {}  # totals of finished iterations
         self._skips_now: dict[tuple[int, str], int] = {}  # latest worker counters of the current one
+        self._sample_rng = functools.partial(_rng, "aug", seed)  # (epoch, gid, salt): the CPU path's generator
+        self.gpu_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] | None = None
+        """decode=gpu on CUDA: set to a list to collect the stage's per-batch GPU events (``bench data``)."""
+        encoder = BatchEncoder(self._specs, self._sample_rng) if self.decode == "gpu" else None
         self._dataset = _ShardDataset(manifest, self.transform, _storage_options(cfg, manifest), cfg.retries,
-                                      cfg.retry_backoff_s, seed, self._plan, substitute=True)
+                                      cfg.retry_backoff_s, seed, self._plan, substitute=True, encoder=encoder)
+
+    def _batches(self, loader: Iterable[Any]) -> Iterable[Batch]:
+        if self.decode == "cpu":
+            return loader
+        # decode + augment in this process on self.device, one batch ahead of the consumer
+        stage = DeviceStage(self._specs, self.device, self._sample_rng)
+        stage.gpu_events = self.gpu_events
+        return stage.run(loader)
 
     def _plan(self, epoch: int, start_batch: int, worker: int, num_workers: int) -> WorkerPlan:
         return train_worker_plan(self.manifest, seed=self.seed, epoch=epoch, rank=self.rank,
@@ -516,7 +546,7 @@ class TrainStream:
             self._skips_done[key] = self._skips_done.get(key, 0) + v
         self._skips_now = {}
         n = 0
-        for batch in _loader(self._dataset, self.cfg):
+        for batch in self._batches(_loader(self._dataset, self.cfg)):
             worker = int(batch.stats.get("worker", 0))
             for k in ("skipped_samples", "skipped_shards"):
                 self._skips_now[(worker, k)] = int(batch.stats.get(k, 0))
@@ -571,9 +601,13 @@ class TrainStream:
 
 
 def build_train_stream(cfg: DataConfig, manifest: Manifest, per_rank_batch_size: int, rank: int, world_size: int,
-                       seed: int, transform: Callable[..., list[torch.Tensor]] | None = None) -> TrainStream:
-    """The training stream of ``rank``: equal batch counts on every rank, deterministic, exactly resumable."""
-    return TrainStream(cfg, manifest, per_rank_batch_size, rank, world_size, seed, transform)
+                       seed: int, transform: Callable[..., list[torch.Tensor]] | None = None,
+                       device: torch.device | str = "cpu") -> TrainStream:
+    """The training stream of ``rank``: equal batch counts on every rank, deterministic, exactly resumable.
+
+    With ``data.decode=gpu`` the batches' tensors are already on ``device`` (the training device).
+    """
+    return TrainStream(cfg, manifest, per_rank_batch_size, rank, world_size, seed, transform, device)
 
 
 class EvalStream:

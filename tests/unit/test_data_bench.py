@@ -1,4 +1,4 @@
-"""`largessl bench data` runs end to end on a tiny set and reports both pipelines and their ratio."""
+"""`largessl bench data` runs end to end on a tiny set and reports every mode side by side with its ratio."""
 
 from __future__ import annotations
 
@@ -26,9 +26,33 @@ def test_imagenet_like_images_are_real_photos_of_the_right_size(tmp_path: Path) 
 
 
 def test_bench_data_cli(tmp_path: Path) -> None:
+    import torch
+
     out = tmp_path / "bench.json"
     assert main(["bench", "data", "--images", "16", "--batch-size", "4", "--image-size", "32", "--rounds", "1",
-                 "--workdir", str(tmp_path), "--json", str(out)]) == 0
+                 "--decoders", "--workdir", str(tmp_path), "--json", str(out)]) == 0
     res = json.loads(out.read_text())
-    assert res["largessl_views_per_s_per_core"] > 0 and res["baseline_views_per_s_per_core"] > 0
-    assert abs(res["speedup"] - res["largessl_views_per_s_per_core"] / res["baseline_views_per_s_per_core"]) < 0.05
+    modes = res["modes"]
+    expected = {"baseline", "cpu", "cpu_pil", "batched_cpu"} | ({"batched_gpu"} if torch.cuda.is_available() else set())
+    assert set(modes) == expected
+    base = modes["baseline"]["views_per_s_per_core"]
+    for name in expected - {"batched_gpu"}:
+        row = modes[name]
+        assert row["views_per_s_per_core"] > 0
+        # one round: the ratio is exactly the ratio of the two rows (up to rounding)
+        assert abs(row["vs_baseline"] - row["views_per_s_per_core"] / base) < 0.02 * row["vs_baseline"] + 0.01
+    assert res["largessl_views_per_s_per_core"] == modes["cpu"]["views_per_s_per_core"]
+    assert res["speedup"] == modes["cpu"]["vs_baseline"]
+    assert res["decoders"]["pil"]["full_ms"] > 0 and res["decoders"]["pil"]["half_ms"] > 0
+    assert set(res["decoders"]) == {"pil", "simplejpeg", "opencv", "turbojpeg"}
+
+
+def test_bench_data_rejects_unknown_modes(tmp_path: Path) -> None:
+    import pytest
+
+    from largessl.bench.data import run_bench
+
+    with pytest.raises(ValueError, match="must include baseline"):
+        run_bench(16, 4, 32, modes=("cpu",), workdir=str(tmp_path))
+    with pytest.raises(ValueError, match="must include baseline"):
+        run_bench(16, 4, 32, modes=("baseline", "tpu"), workdir=str(tmp_path))

@@ -164,8 +164,8 @@ def test_too_small_dataset_and_bad_arguments(uneven: str) -> None:
     stream = build_train_stream(_cfg(0), m, B, 0, 2, seed=0)
     with pytest.raises(ValueError, match="outside the epoch"):
         next(stream.iterate(0, stream.batches_per_epoch + 1))
-    with pytest.raises(RuntimeError, match="gpu_decode"):
-        build_train_stream(_cfg(0, gpu_decode=True), m, B, 0, 2, seed=0)
+    with pytest.raises(ValueError, match="custom transform needs data.decode=cpu"):  # gpu_decode: alias of decode=gpu
+        build_train_stream(_cfg(0, gpu_decode=True), m, B, 0, 2, seed=0, transform=lambda img: [img])
 
 
 def test_corrupt_and_truncated_samples_are_skipped_and_counted(tmp_path: Path, caplog) -> None:
