@@ -262,7 +262,7 @@ def run_e2e_bench(cfg: Config, manifest_url: str, per_rank_batch_size: int, step
             "loader": {"num_workers": data.num_workers, "augment": data.augment, "image_size": data.image_size,
                        "prefetch_factor": data.prefetch_factor, "pin_memory": bool(data.pin_memory and
                                                                                    device.type == "cuda"),
-                       "gpu_decode": data.gpu_decode},
+                       "decode": "gpu" if data.gpu_decode else data.decode},
             "steps": steps,
             "warmup_steps": warmup,
             "e2e": e2e,
@@ -295,7 +295,7 @@ def format_e2e_report(report: dict[str, Any]) -> str:
         f"{report['per_rank_batch_size']} images/rank, views {report['view_shapes']}, {report['arch']} + "
         f"{report['method']} ({report['precision']}{', NHWC' if report['channels_last'] else ''})",
         f"loader: {ld['num_workers']} worker(s)/rank, augment={ld['augment']}, pin_memory={ld['pin_memory']}, "
-        f"gpu_decode={ld['gpu_decode']}; manifest {report['manifest']}",
+        f"decode={ld['decode']}; manifest {report['manifest']}",
         f"end to end: {e['images_per_s']:.1f} images/s/rank, {e['ms_per_step']:.2f} ms/step, "
         f"data wait {e['data_wait_frac']:.1%} of the time",
         f"CPU ({c['source']}): {c['utilisation']:.1%} of {c['num_cores']} cores busy machine-wide"

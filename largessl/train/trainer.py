@@ -452,6 +452,8 @@ def build_trainer(cfg: Config, env: DistEnv, group: ProcessGroup | None = None) 
     if cfg.train.global_batch_size % world:
         raise ValueError(f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by the world "
                          f"size {world}; use a multiple of {world}")
+    device = resolve_device(cfg.train.device, env.local_rank)
+    # data.decode=gpu decodes and augments on this device; the CPU path ignores it
     stream = build_train_stream(cfg.data, manifest, cfg.train.global_batch_size // world, rank, world,
-                                cfg.train.seed)
-    return Trainer(cfg, env, stream, manifest.num_samples, group)
+                                cfg.train.seed, device=device)
+    return Trainer(cfg, env, stream, manifest.num_samples, group, device=device)
