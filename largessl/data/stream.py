@@ -45,6 +45,7 @@ from largessl.data.augment import DecodeError, ViewTransform, build_eval_transfo
 from largessl.data.batch import Batch
 from largessl.data.config import DataConfig
 from largessl.data.manifest import Manifest
+from largessl.data.shard_index import ShardIndex, parse_index
 
 log = logging.getLogger(__name__)
 
@@ -371,9 +372,14 @@ def _split_key(name: str) -> tuple[str, str]:
     return (f"{head}/{stem}" if head else stem), ext.lower()
 
 
-def iter_tar_samples(f: IO[bytes], keep: Callable[[int], bool]) -> Iterator[tuple[int, str, dict[str, bytes]]]:
-    """``(offset, key, fields)`` of each sample of a tar stream; payloads are read only where ``keep(offset)``."""
-    offset = -1
+def iter_tar_samples(f: IO[bytes], keep: Callable[[int], bool],
+                     first: int = 0) -> Iterator[tuple[int, str, dict[str, bytes]]]:
+    """``(offset, key, fields)`` of each sample of a tar stream; payloads are read only where ``keep(offset)``.
+
+    ``first``: the offset (sample number in the shard) of the stream's first sample, when it starts at a
+    member header inside the shard.
+    """
+    offset = first - 1
     key: str | None = None
     fields: dict[str, bytes] = {}
     with tarfile.open(fileobj=f, mode="r|") as tar:
@@ -411,8 +417,22 @@ class _Counters:
         self.skipped_shards = 0
 
 
+class _StaleIndex(Exception):
+    """A seek with the shard's index did not land on the sample the index names."""
+
+
+SEEK_GAP_BYTES = 4 << 20
+"""Unwanted bytes between two wanted samples of a shard above which the reader seeks instead of reading
+through them (a new request costs about what reading a few MB from object storage does)."""
+
+
 class ShardReader:
-    """Reads the wanted samples of a list of runs, with retries; yields a :class:`Sample` or ``None`` per id."""
+    """Reads the wanted samples of a list of runs, with retries; yields a :class:`Sample` or ``None`` per id.
+
+    With a shard index (``ShardInfo.index``) it opens the shard at the first wanted sample, and again
+    past every stretch of more than :data:`SEEK_GAP_BYTES` of unwanted ones, so the samples before a
+    resume point are never read. Without one, or when the index does not match the shard, it scans.
+    """
 
     def __init__(self, manifest: Manifest, storage_options: Mapping[str, Any], retries: int,
                  backoff_s: float, counters: _Counters) -> None:
@@ -422,6 +442,27 @@ class ShardReader:
         self.retries = retries
         self.backoff_s = backoff_s
         self.counters = counters
+        self._indexes: dict[int, ShardIndex | None] = {}
+        self.opens = 0
+        """Shard opens (seeks included): for tests and benchmarks."""
+
+    def _index(self, shard: int) -> ShardIndex | None:
+        """The shard's index, read once (a small file); ``None`` when it has none or it is unusable."""
+        if shard not in self._indexes:
+            info = self.manifest.shards[shard]
+            idx = None
+            if info.index:
+                try:
+                    with io.open_url(info.index, "rb", self.opts) as f:
+                        idx = parse_index(f.read(), info.index)
+                    if len(idx) != info.num_samples:
+                        raise ValueError(f"it lists {len(idx)} samples, the manifest {info.num_samples}")
+                except (OSError, ValueError) as e:
+                    log.warning("shard index %s is unusable (%s: %s); scanning %s instead", info.index,
+                                type(e).__name__, e, info.url)
+                    idx = None
+            self._indexes[shard] = idx
+        return self._indexes[shard]
 
     def read(self, runs: list[Run], wanted: set[int]) -> Iterator[tuple[int, Sample | None]]:
         """Every wanted id of ``runs`` exactly once, in run order (``None`` when its shard was given up)."""
@@ -431,6 +472,15 @@ class ShardReader:
             if need:
                 yield from self._read_run(run, base, need)
 
+    def _stretch(self, idx: ShardIndex | None, need: list[int], i: int) -> tuple[int, int]:
+        """``(byte offset, last offset)`` of one read from ``need[i]``: to the next long gap, or to the end."""
+        if idx is None:
+            return 0, need[-1]
+        j = i
+        while j + 1 < len(need) and idx.headers[need[j + 1]] - idx.headers[need[j] + 1] <= SEEK_GAP_BYTES:
+            j += 1
+        return idx.headers[need[i]], need[j]
+
     def _read_run(self, run: Run, base: int, need: list[int]) -> Iterator[tuple[int, Sample | None]]:
         url = self.manifest.shards[run.shard].url
         need_set = set(need)
@@ -439,19 +489,42 @@ class ShardReader:
         attempt = 0
         while True:
             try:
-                resume_at = next_off
-                with io.open_url(url, "rb", self.opts) as f:
-                    for off, key, fields in iter_tar_samples(f, lambda o, r=resume_at: o >= r and o in need_set):
-                        if off < next_off:
-                            continue
-                        if off in need_set:
-                            yield base + off, _to_sample(base + off, key, fields, url)
-                        next_off = off + 1
-                        if off >= last:
-                            break
-                if next_off <= last:
-                    raise _ShortShard(f"shard ended after {next_off} samples; the manifest promises at least {last + 1}")
+                while next_off <= last:
+                    i = bisect.bisect_left(need, next_off)
+                    idx = self._index(run.shard)
+                    byte, stop = self._stretch(idx, need, i)
+                    first = need[i] if idx is not None else 0
+                    expect = idx.keys[first] if idx is not None else None
+                    self.opens += 1
+                    with io.open_url(url, "rb", self.opts, offset=byte) as f:
+                        try:
+                            for off, key, fields in iter_tar_samples(
+                                    f, lambda o, r=next_off: o >= r and o in need_set, first):
+                                if expect is not None:
+                                    if key != expect:
+                                        raise _StaleIndex(f"sample {off} is {key!r}, the index says {expect!r}")
+                                    expect = None
+                                if off < next_off:
+                                    continue
+                                if off in need_set:
+                                    yield base + off, _to_sample(base + off, key, fields, url)
+                                next_off = off + 1
+                                if off >= stop:
+                                    break
+                        except tarfile.TarError as e:
+                            if byte and expect is not None:  # no tar header where the index points
+                                raise _StaleIndex(f"no tar header at byte {byte} ({e})") from None
+                            raise
+                    if byte and expect is not None:
+                        raise _StaleIndex(f"nothing to read at byte {byte}")
+                    if next_off <= stop:
+                        raise _ShortShard(f"shard ended after {next_off} samples; the manifest promises at least "
+                                          f"{stop + 1}")
                 return
+            except _StaleIndex as e:
+                # A shard rewritten after its index, or an HTTP server that ignores Range: scan instead.
+                log.warning("the index of shard %s does not match it (%s); scanning the shard instead", url, e)
+                self._indexes[run.shard] = None
             except (OSError, tarfile.TarError, EOFError) as e:
                 attempt += 1
                 if attempt >= self.retries:
