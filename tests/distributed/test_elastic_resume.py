@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[2]
 GLOBAL_BATCH = 128
 
 
-def _launch(world: int, stop_at: int, overrides: list[str], log_dir: Path) -> list[subprocess.Popen]:
+def _launch(world: int, args: list[str], log_dir: Path, script: str = "elastic_train.py") -> list[subprocess.Popen]:
+    """``world`` ranks of ``tests/<script> args...`` with torchrun's environment (also for one rank)."""
     port = free_port()
     procs = []
     for rank in range(world):
@@ -33,8 +34,8 @@ def _launch(world: int, stop_at: int, overrides: list[str], log_dir: Path) -> li
                    LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(port))
         out = open(log_dir / f"w{world}-rank{rank}-{time.monotonic_ns()}.log", "w")
-        procs.append(subprocess.Popen([sys.executable, str(ROOT / "tests" / "elastic_train.py"), str(stop_at),
-                                       *overrides], env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT))
+        procs.append(subprocess.Popen([sys.executable, str(ROOT / "tests" / script), *args], env=env, stdout=out,
+                                      stderr=subprocess.STDOUT, cwd=ROOT))
     return procs
 
 
@@ -72,7 +73,7 @@ def test_resume_2_to_4_to_2_ranks_and_2_workers_to_1_sees_each_sample_once(digit
               "checkpoint.every_steps=1000", "checkpoint.keep=10", f"train.run_dir={run}"]
     legs = [(2, 2, 4), (4, 2, 8), (2, 1, 0)]  # (ranks, workers, stop at step; 0 = to the end)
     for world, workers, stop_at in legs:
-        codes = wait_all(_launch(world, stop_at, [*common, f"data.num_workers={workers}"], logs), timeout=400)
+        codes = wait_all(_launch(world, [str(stop_at), *common, f"data.num_workers={workers}"], logs), timeout=400)
         assert codes == [75 if stop_at else 0] * world, dump_logs(logs)
     text = dump_logs(logs)
     assert text.count("data re-split on resume") == 4 + 2, text  # every rank of the two resumed legs
@@ -117,3 +118,21 @@ def test_resume_2_to_4_to_2_ranks_and_2_workers_to_1_sees_each_sample_once(digit
             saved = load_training_checkpoint(run / "checkpoints" / f"step-{step:08d}")
             assert {r["optimizer"] for r in rows} == {optimizer_digest(saved["optimizer"])}
             assert saved["step"] == step and len(saved["optimizer"]["state"]) > 0
+
+
+def test_deepspeed_refuses_a_world_size_change_before_any_step(tmp_path: Path) -> None:
+    pytest.importorskip("deepspeed", reason="DeepSpeed is an optional extra (pip install 'largessl[deepspeed]')")
+    from train_procs import TINY
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    logs, run = tmp_path / "logs", tmp_path / "run"
+    logs.mkdir()
+    args = ["64", *TINY, f"train.run_dir={run}", "train.global_batch_size=8", "dist.strategy=deepspeed",
+            "dist.zero_stage=2", "train.num_steps=4"]
+    assert wait_all(_launch(2, [*args, "train.num_steps=2"], logs, "synthetic_stream.py")) == [0, 0], dump_logs(logs)
+    codes = wait_all(_launch(4, args, logs, "synthetic_stream.py"))
+    text = dump_logs(logs)
+    assert all(c != 0 for c in codes) and "written by DeepSpeed on 2 rank(s), this run has 4" in text, text
+    assert "Relaunch on 2 rank(s)" in text
+    assert [r["step"] for r in logged_steps(run)] == [1, 2]  # nothing trained, nothing saved
+    assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-00000002"]
