@@ -422,16 +422,17 @@ class _StaleIndex(Exception):
 
 
 SEEK_GAP_BYTES = 4 << 20
-"""Unwanted bytes between two wanted samples of a shard above which the reader seeks instead of reading
-through them (a new request costs about what reading a few MB from object storage does)."""
+"""Over HTTP, unwanted bytes between two wanted samples of a shard above which the reader sends a new
+ranged request instead of reading through them (a request costs about what reading a few MB does).
+Seekable files (local, s3://, gs://) seek past every unwanted sample."""
 
 
 class ShardReader:
     """Reads the wanted samples of a list of runs, with retries; yields a :class:`Sample` or ``None`` per id.
 
-    With a shard index (``ShardInfo.index``) it opens the shard at the first wanted sample, and again
-    past every stretch of more than :data:`SEEK_GAP_BYTES` of unwanted ones, so the samples before a
-    resume point are never read. Without one, or when the index does not match the shard, it scans.
+    With a shard index (``ShardInfo.index``) it opens the shard at the first wanted sample and seeks past
+    unwanted ones (over HTTP: re-requests past :data:`SEEK_GAP_BYTES`), so the samples before a resume
+    point are never read. Without one, or when the index does not match the shard, it scans.
     """
 
     def __init__(self, manifest: Manifest, storage_options: Mapping[str, Any], retries: int,
@@ -444,7 +445,7 @@ class ShardReader:
         self.counters = counters
         self._indexes: dict[int, ShardIndex | None] = {}
         self.opens = 0
-        """Shard opens (seeks included): for tests and benchmarks."""
+        """Shard opens (for tests and benchmarks)."""
 
     def _index(self, shard: int) -> ShardIndex | None:
         """The shard's index, read once (a small file); ``None`` when it has none or it is unusable."""
@@ -472,12 +473,12 @@ class ShardReader:
             if need:
                 yield from self._read_run(run, base, need)
 
-    def _stretch(self, idx: ShardIndex | None, need: list[int], i: int) -> tuple[int, int]:
-        """``(byte offset, last offset)`` of one read from ``need[i]``: to the next long gap, or to the end."""
+    def _stretch(self, idx: ShardIndex | None, need: list[int], i: int, gap_limit: int) -> tuple[int, int]:
+        """``(byte offset, last offset)`` of one read from ``need[i]``: up to a gap over ``gap_limit`` bytes."""
         if idx is None:
             return 0, need[-1]
         j = i
-        while j + 1 < len(need) and idx.headers[need[j + 1]] - idx.headers[need[j] + 1] <= SEEK_GAP_BYTES:
+        while j + 1 < len(need) and idx.headers[need[j + 1]] - idx.headers[need[j] + 1] <= gap_limit:
             j += 1
         return idx.headers[need[i]], need[j]
 
@@ -487,34 +488,45 @@ class ShardReader:
         last = need[-1]
         next_off = need[0]  # first offset not yet delivered; a retry resumes here
         attempt = 0
+        # Seekable files (local, object stores: their reads are ranged) skip every unwanted sample by a seek
+        # on the open file; an HTTP stream is re-requested only past long gaps.
+        seekable = io.protocol_of(url) != "http"
+        gap_limit = 0 if seekable else SEEK_GAP_BYTES
         while True:
+            f: IO[bytes] | None = None
             try:
                 while next_off <= last:
                     i = bisect.bisect_left(need, next_off)
                     idx = self._index(run.shard)
-                    byte, stop = self._stretch(idx, need, i)
+                    byte, stop = self._stretch(idx, need, i, gap_limit)
                     first = need[i] if idx is not None else 0
                     expect = idx.keys[first] if idx is not None else None
-                    self.opens += 1
-                    with io.open_url(url, "rb", self.opts, offset=byte) as f:
-                        try:
-                            for off, key, fields in iter_tar_samples(
-                                    f, lambda o, r=next_off: o >= r and o in need_set, first):
-                                if expect is not None:
-                                    if key != expect:
-                                        raise _StaleIndex(f"sample {off} is {key!r}, the index says {expect!r}")
-                                    expect = None
-                                if off < next_off:
-                                    continue
-                                if off in need_set:
-                                    yield base + off, _to_sample(base + off, key, fields, url)
-                                next_off = off + 1
-                                if off >= stop:
-                                    break
-                        except tarfile.TarError as e:
-                            if byte and expect is not None:  # no tar header where the index points
-                                raise _StaleIndex(f"no tar header at byte {byte} ({e})") from None
-                            raise
+                    if f is None or not seekable:
+                        if f is not None:
+                            f.close()
+                            f = None
+                        self.opens += 1
+                        f = io.open_url(url, "rb", self.opts, offset=byte)
+                    else:
+                        f.seek(byte)
+                    try:
+                        for off, key, fields in iter_tar_samples(
+                                f, lambda o, r=next_off: o >= r and o in need_set, first):
+                            if expect is not None:
+                                if key != expect:
+                                    raise _StaleIndex(f"sample {off} is {key!r}, the index says {expect!r}")
+                                expect = None
+                            if off < next_off:
+                                continue
+                            if off in need_set:
+                                yield base + off, _to_sample(base + off, key, fields, url)
+                            next_off = off + 1
+                            if off >= stop:
+                                break
+                    except tarfile.TarError as e:
+                        if byte and expect is not None:  # no tar header where the index points
+                            raise _StaleIndex(f"no tar header at byte {byte} ({e})") from None
+                        raise
                     if byte and expect is not None:
                         raise _StaleIndex(f"nothing to read at byte {byte}")
                     if next_off <= stop:
@@ -539,6 +551,9 @@ class ShardReader:
                 log.warning("reading shard %s failed at sample %d (%s: %s); retry %d/%d in %.2fs", url, next_off,
                             type(e).__name__, e, attempt, self.retries - 1, delay)
                 time.sleep(delay)
+            finally:
+                if f is not None:
+                    f.close()
 
 
 # ---------------------------------------------------------------------------------------------------
