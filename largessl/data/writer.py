@@ -248,6 +248,57 @@ def write_wids_index(dest: str, rows: Sequence[Mapping[str, Any]], name: str,
     return url
 
 
+def index_dataset(manifest_url: str, storage_options: Mapping[str, Any] | None = None, workers: int = 4,
+                  progress: bool = True) -> str:
+    """``largessl shards index``: write each shard's ``.idx`` and ``shardindex.json``, then the manifest with them.
+
+    For datasets written before the indexes: every shard is read once, front to back. The manifest keeps
+    its id (indexes are left out of it) and is replaced atomically, last. Returns the manifest id.
+    """
+    import json
+
+    from largessl.data.manifest import parse_manifest
+    from largessl.data.shard_index import scan_members
+
+    opts = storage_options if storage_options is not None else io.storage_options_for(manifest_url)
+    with io.open_url(manifest_url, "rb", opts) as f:
+        text = f.read()
+    manifest = parse_manifest(text, manifest_url)  # validates; resolves the shard URLs
+    stored = json.loads(text)
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(manifest.shards), unit="shard", desc="shards index", disable=not progress)
+
+    def index_one(i: int) -> str:
+        url = manifest.shards[i].url
+        with io.open_url(url, "rb", opts) as f:
+            members = scan_members(f)
+        if len(members) != manifest.shards[i].num_samples:
+            raise RuntimeError(f"shard {url} holds {len(members)} samples, the manifest says "
+                               f"{manifest.shards[i].num_samples}; rewrite the dataset with `largessl shards write`")
+        name = index_name(url.rsplit("/", 1)[-1])
+        with io.open_url(io.join_url(io.dirname_url(url), name), "wb", opts) as f:
+            f.write(format_index(members))
+        bar.update(1)
+        return name
+
+    try:
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            names = list(pool.map(index_one, range(len(manifest.shards))))
+    finally:
+        bar.close()
+    rows = [dict(row, index=name) for row, name in zip(stored["shards"], names)]
+    folder = io.dirname_url(manifest_url)
+    first = str(rows[0]["url"]).rsplit("/", 1)[-1]
+    write_wids_index(folder, rows, first.rsplit("-", 1)[0] if "-" in first else "dataset", opts)  # the prefix
+    mid = write_manifest(manifest_url, rows, stored.get("class_names", []), extra=stored.get("extra"),
+                         storage_options=opts)
+    assert mid == manifest.id, (mid, manifest.id)  # indexes are not part of the id
+    log.info("indexed %d shards of %s (id %s unchanged)", len(rows), manifest_url, mid[:12])
+    return mid
+
+
 def write_source(src: str, dest: str, shuffle_seed: int | None = 0, **kwargs: Any) -> str:
     """``largessl shards write SRC DEST``: scan an ImageFolder tree or list file, then :func:`write_shards`.
 

@@ -280,3 +280,24 @@ def test_wids_reads_our_shards(data: str, tmp_path: Path) -> None:
     keys = sorted(ds[i]["__key__"] for i in range(len(ds)))
     assert keys == [f"{i:06d}" for i in range(m.num_samples)]
     ds.close()
+
+
+def test_shards_index_adds_indexes_to_an_old_dataset(tmp_path: Path) -> None:
+    from largessl.cli import main
+
+    url = _dataset(tmp_path / "d", n=30, shards=3)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "d").iterdir() if p.suffix in (".idx", ".json")}
+    old = read_manifest(url)
+    stored = json.loads(Path(url).read_text())
+    for row in stored["shards"]:  # as written before indexes existed
+        del row["index"]
+        (tmp_path / "d" / row["url"].replace(".tar", ".idx")).unlink()
+    (tmp_path / "d" / "shardindex.json").unlink()
+    Path(url).write_text(json.dumps(stored))
+    assert all(not s.index for s in read_manifest(url).shards)
+    assert main(["shards", "index", url, "--no-progress"]) == 0
+    after = {p.name: p.read_bytes() for p in (tmp_path / "d").iterdir() if p.suffix in (".idx", ".json")}
+    assert {k: v for k, v in after.items() if k != "manifest.json"} == \
+        {k: v for k, v in before.items() if k != "manifest.json"}  # the same files shards write makes
+    new = read_manifest(url)
+    assert new.id == old.id and [s.index for s in new.shards] == [s.index for s in old.shards]
