@@ -21,7 +21,6 @@ largessl never do.
 
 from __future__ import annotations
 
-import posixpath
 import tarfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -144,8 +143,3 @@ def wids_shard_index(rows: Iterable[Mapping[str, Any]], name: str) -> dict[str, 
         shardlist.append(entry)
     return {"__kind__": WIDS_KIND, "wids_version": 1, "name": name, "shardlist": shardlist}
 
-
-def relative_to(base_url: str, url: str) -> str:
-    """``url`` relative to the folder ``base_url`` when it lies under it, else ``url`` unchanged."""
-    base = base_url.rstrip("/") + "/"
-    return url[len(base):] if url.startswith(base) else posixpath.normpath(url) if "://" not in url else url

@@ -16,8 +16,14 @@ How an epoch is laid out (all of it a pure function of the manifest, seed, epoch
    streams the tar members and holds at most ``shuffle_buffer`` undecoded samples until their turn.
 5. Exact resume at batch ``s``: worker w of the restarted loader plays the role of original worker
    ``(w + s) mod nw`` (so loader order k ↔ original batch s + k) and drops the first outputs of its
-   order *before* reading: shards holding only consumed samples are never opened and skipped samples
-   are never decoded. The key sequence after a resume equals the uninterrupted one.
+   order *before* reading: shards holding only consumed samples are never opened, the reader seeks
+   with the shards' sample-offset indexes past consumed samples (or scans shards without an index),
+   and skipped samples are never decoded. The key sequence after a resume equals the uninterrupted one.
+6. Elastic resume (another world size or worker count, same global batch): the epoch keeps its
+   ``batches_per_epoch``; the positions the old split had not served at batch ``s`` (found by replaying
+   the old workers' buffers, see :class:`Split`) are laid out in epoch order and split by steps 2–4
+   among the new ranks and workers for the remaining batches. Every sample of the epoch is still
+   served once; the next epoch uses the new split from its start.
 
 Bad data never stops a run: an undecodable sample is replaced in its batch by another sample of the
 same batch (re-augmented), a shard that fails mid-read is re-opened at the sample where it failed with

@@ -177,9 +177,9 @@ def test_resplit_keeps_the_global_batch_position_or_refuses(uneven: str, caplog)
 
 
 def _served(manifest, cfg, world: int, global_batch: int, epoch: int, start: int, stop: int,
-            state: dict | None = None, seed: int = 0) -> tuple[list[list[str]], dict]:
+            state: dict | None = None, seed: int = 0) -> tuple[list[list[str]], dict, list]:
     """Keys of global batches ``start..stop-1`` read by ``world`` ranks (real streams, real decoding), resumed
-    from ``state``; returns them and the position state at ``stop``."""
+    from ``state``; returns them, the position state at ``stop`` and the streams."""
     streams = [build_train_stream(cfg, manifest, global_batch // world, r, world, seed) for r in range(world)]
     if state is not None:
         for s in streams:
@@ -190,8 +190,7 @@ def _served(manifest, cfg, world: int, global_batch: int, epoch: int, start: int
         out.append([k for it in its for k in next(it).keys])
     for it in its:
         it.close()
-    _served.streams = streams  # type: ignore[attr-defined]
-    return out, streams[0].position_state(epoch, stop)
+    return out, streams[0].position_state(epoch, stop), streams
 
 
 @pytest.mark.parametrize("chain", [
@@ -208,16 +207,16 @@ def test_resplit_serves_each_sample_of_the_epoch_once(uneven: str, chain) -> Non
     keys: list[list[str]] = []
     state = None
     for (world, workers), a, b in zip(chain, cuts, cuts[1:]):
-        got, state = _served(m, _cfg(workers), world, g, 1, a, b, state)
+        got, state, streams = _served(m, _cfg(workers), world, g, 1, a, b, state)
         keys += got
     assert len(keys) == bpe and all(len(k) == g for k in keys)
     flat = [k for batch in keys for k in batch]
     assert len(flat) == len(set(flat)) == bpe * g  # none repeated, none lost (only the N mod G tail is dropped)
     # the resumed streams read the next epoch with their own split, exactly as a run started on it
-    its = [s.iterate(2) for s in _served.streams]  # type: ignore[attr-defined]
+    its = [s.iterate(2) for s in streams]
     nxt = [[k for it in its for k in next(it).keys] for _ in range(bpe)]
     world, workers = chain[-1]
-    ref, _ = _served(m, _cfg(workers), world, g, 2, 0, bpe)
+    ref, _, _ = _served(m, _cfg(workers), world, g, 2, 0, bpe)
     assert nxt == ref
 
 
@@ -225,11 +224,11 @@ def test_resume_inside_a_resplit_is_exact(uneven: str) -> None:
     """Saved again after a re-split, resumed with the same split: the batches equal the uninterrupted ones."""
     m = read_manifest(uneven)
     g = 8  # 8 batches per epoch
-    _, state = _served(m, _cfg(2), 2, g, 0, 0, 3)
-    rest, _ = _served(m, _cfg(1), 4, g, 0, 3, 8, state)
-    _, state5 = _served(m, _cfg(1), 4, g, 0, 3, 5, state)
+    _, state, _ = _served(m, _cfg(2), 2, g, 0, 0, 3)
+    rest, _, _ = _served(m, _cfg(1), 4, g, 0, 3, 8, state)
+    _, state5, _ = _served(m, _cfg(1), 4, g, 0, 3, 5, state)
     assert [s["from_batch"] for s in state5["splits"]] == [0, 3]
-    again, _ = _served(m, _cfg(1), 4, g, 0, 5, 8, state5)
+    again, _, _ = _served(m, _cfg(1), 4, g, 0, 5, 8, state5)
     assert again == rest[2:]
 
 
