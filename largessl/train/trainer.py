@@ -420,6 +420,7 @@ class Trainer:
                                  *[float(skips.total(k)) for k in SKIP_COUNTERS], *[float(v) for v in probe.values()]],
                                 dtype=torch.float64, device=self.device)
         all_reduce_sum_no_grad(counters, self.group)
+        c = counters.tolist()  # one device-to-host copy for all of them
         world = self.world_size
         rec: dict[str, Any] = {
             "step": self.step,
@@ -427,13 +428,13 @@ class Trainer:
             "loss": loss,
             **{k: float(v.item()) for k, v in out.metrics.items()},
             "lr": lr,
-            "images_per_s": float(counters[0] / max(counters[1] / world, 1e-9)),
-            "data_wait_frac": float(counters[2] / max(counters[1], 1e-9)),
+            "images_per_s": c[0] / max(c[1] / world, 1e-9),
+            "data_wait_frac": c[2] / max(c[1], 1e-9),
             # whole-run totals: earlier runs' (from the checkpoint) plus every rank's since the resume
-            **{k: self.skip_base[k] + int(counters[3 + i]) for i, k in enumerate(SKIP_COUNTERS)},
+            **{k: self.skip_base[k] + int(c[3 + i]) for i, k in enumerate(SKIP_COUNTERS)},
         }
         for i, k in enumerate(probe):
-            rec[k] = float(counters[3 + len(SKIP_COUNTERS) + i] / world)
+            rec[k] = c[3 + len(SKIP_COUNTERS) + i] / world
         if with_collapse:
             rec.update(self._collapse(out))
         return rec
