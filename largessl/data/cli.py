@@ -1,7 +1,8 @@
-"""``largessl shards``: write WebDataset shards + manifest, verify them, or write the digits demo set.
+"""``largessl shards``: write WebDataset shards + indexes + manifest, verify or index them, or write the digits set.
 
     largessl shards write SRC DEST [--shard-size 256MB] [--workers 8] [--overwrite]
     largessl shards verify MANIFEST
+    largessl shards index MANIFEST
     largessl shards digits DEST [--image-size 32]
 """
 
@@ -52,6 +53,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     v.add_argument("manifest", help="manifest URL")
     v.add_argument("--workers", type=int, default=8)
     v.add_argument("--endpoint-url", default="")
+    x = sub.add_parser("index", help="add per-shard sample-offset indexes (.idx) and wids' shardindex.json to "
+                                     "a dataset written without them (reads every shard once)")
+    x.add_argument("manifest", help="manifest URL")
+    x.add_argument("--workers", type=int, default=8)
+    x.add_argument("--endpoint-url", default="")
+    x.add_argument("--no-progress", action="store_true", help="no progress bar")
     d = sub.add_parser("digits", help="write scikit-learn's digits as train/val shards (no download)")
     d.add_argument("dest", help="destination folder URL")
     d.add_argument("--image-size", type=int, default=32)
@@ -97,6 +104,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.shards_command == "verify":
         return _verify(args.manifest, args.workers, args.endpoint_url)
+    if args.shards_command == "index":
+        from largessl.data.writer import index_dataset
+
+        index_dataset(args.manifest, io.storage_options_for(args.manifest, args.endpoint_url), args.workers,
+                      progress=not args.no_progress)
+        return 0
     if args.shards_command == "digits":
         from largessl.data.digits import write_digits_shards
 

@@ -90,13 +90,31 @@ def strip_protocol(url: str) -> str:
     return url.split("://", 1)[1]
 
 
-def open_url(url: str, mode: str = "rb", storage_options: Mapping[str, Any] | None = None) -> IO[bytes]:
-    """Open ``url`` with fsspec (no caching layer: shards are read once, front to back)."""
+def open_url(url: str, mode: str = "rb", storage_options: Mapping[str, Any] | None = None,
+             offset: int = 0) -> IO[bytes]:
+    """Open ``url`` with fsspec (no caching layer: shards are read once, front to back).
+
+    ``offset`` (reading only) positions the file there without reading what comes before: a seek on
+    local files and object stores (whose reads are then ranged GETs), a ``Range`` request over HTTP.
+    An HTTP server that ignores ``Range`` sends the file from its start; callers that seek verify what
+    they read (the shard reader checks the sample key against its index) and fall back to scanning.
+    """
     fs = filesystem(url, storage_options)
     kwargs: dict[str, Any] = {}
     if protocol_of(url) == "http" and "r" in mode:
         kwargs["block_size"] = 0  # stream the body instead of ranged requests the server may not support
-    return fs.open(strip_protocol(url), mode, **kwargs)
+        if offset:
+            kwargs["headers"] = {"Range": f"bytes={offset}-"}
+            kwargs["size"] = -1  # skips the HEAD request; a stream does not need the size
+        return fs.open(strip_protocol(url), mode, **kwargs)
+    f = fs.open(strip_protocol(url), mode, **kwargs)
+    if offset:
+        try:
+            f.seek(offset)
+        except BaseException:
+            f.close()
+            raise
+    return f
 
 
 def exists(url: str, storage_options: Mapping[str, Any] | None = None) -> bool:

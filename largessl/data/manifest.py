@@ -4,12 +4,15 @@
 no manifest and is never mistaken for a complete one. Format (JSON, ``manifest.json`` beside the shards)::
 
     {"format": "largessl.manifest", "version": 1,
-     "shards": [{"url": "train-000000.tar", "num_samples": 1251, "sha256": "...", "bytes": 268435456}, ...],
+     "shards": [{"url": "train-000000.tar", "num_samples": 1251, "sha256": "...", "bytes": 268435456,
+                 "index": "train-000000.idx"}, ...],
      "class_names": ["n01440764", ...], "num_samples": 1281167}
 
 Shard URLs are stored relative to the manifest's folder (so a dataset can be copied between buckets)
-and resolved to absolute URLs by :func:`read_manifest`. The manifest ``id`` is the sha256 of the
-canonical JSON of the stored (relative) content: it names the dataset in model cards.
+and resolved to absolute URLs by :func:`read_manifest`; ``index`` (optional: the shard's sample-offset
+index, see :mod:`largessl.data.shard_index`) is relative to its shard's folder. The manifest ``id`` is
+the sha256 of the canonical JSON of the stored (relative) content without the indexes, which are derived
+data: it names the dataset in model cards, and adding indexes to a dataset keeps its id.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ class ShardInfo:
     num_samples: int
     sha256: str = ""
     bytes: int = 0
+    index: str = ""
+    """Absolute URL of the shard's sample-offset index (DALI ``.idx``); empty = none (the stream scans)."""
 
     def __getitem__(self, key: str) -> Any:
         """Dict-style access (``shard['url']``) for code that treats shards as mappings."""
@@ -78,8 +83,11 @@ def _stored_dict(shards: Sequence[Mapping[str, Any] | ShardInfo], class_names: S
     rows = []
     for s in shards:
         d = s if isinstance(s, Mapping) else s.__dict__
-        rows.append({"url": str(d["url"]), "num_samples": int(d["num_samples"]), "sha256": str(d.get("sha256", "")),
-                     "bytes": int(d.get("bytes", 0))})
+        row = {"url": str(d["url"]), "num_samples": int(d["num_samples"]), "sha256": str(d.get("sha256", "")),
+               "bytes": int(d.get("bytes", 0))}
+        if d.get("index"):
+            row["index"] = str(d["index"])
+        rows.append(row)
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -95,8 +103,11 @@ def _canonical(data: Mapping[str, Any]) -> bytes:
 
 
 def manifest_id(data: Mapping[str, Any]) -> str:
-    """sha256 of the canonical JSON of the stored manifest (without provenance extras)."""
+    """sha256 of the canonical JSON of the stored manifest (without provenance extras and shard indexes)."""
     core = {k: v for k, v in data.items() if k != "extra"}
+    if isinstance(core.get("shards"), list):
+        core["shards"] = [{k: v for k, v in s.items() if k != "index"} if isinstance(s, dict) else s
+                          for s in core["shards"]]
     return hashlib.sha256(_canonical(core)).hexdigest()
 
 
@@ -159,8 +170,13 @@ def parse_manifest(text: bytes | str, url: str = "") -> Manifest:
         n = s.get("num_samples")
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"manifest {where}: shard #{i} ({s['url']}) has an invalid num_samples {n!r}")
-        shards.append(ShardInfo(url=io.join_url(base, s["url"]), num_samples=n, sha256=str(s.get("sha256", "")),
-                                bytes=int(s.get("bytes", 0) or 0)))
+        index = s.get("index") or ""
+        if not isinstance(index, str):
+            raise ValueError(f"manifest {where}: shard #{i} ({s['url']}) has an invalid index {index!r}")
+        shard_url = io.join_url(base, s["url"])
+        shards.append(ShardInfo(url=shard_url, num_samples=n, sha256=str(s.get("sha256", "")),
+                                bytes=int(s.get("bytes", 0) or 0),
+                                index=io.join_url(io.dirname_url(shard_url), index) if index else ""))
     total = sum(s.num_samples for s in shards)
     if data.get("num_samples") != total:
         raise ValueError(

@@ -16,8 +16,14 @@ How an epoch is laid out (all of it a pure function of the manifest, seed, epoch
    streams the tar members and holds at most ``shuffle_buffer`` undecoded samples until their turn.
 5. Exact resume at batch ``s``: worker w of the restarted loader plays the role of original worker
    ``(w + s) mod nw`` (so loader order k ↔ original batch s + k) and drops the first outputs of its
-   order *before* reading: shards holding only consumed samples are never opened and skipped samples
-   are never decoded. The key sequence after a resume equals the uninterrupted one.
+   order *before* reading: shards holding only consumed samples are never opened, the reader seeks
+   with the shards' sample-offset indexes past consumed samples (or scans shards without an index),
+   and skipped samples are never decoded. The key sequence after a resume equals the uninterrupted one.
+6. Elastic resume (another world size or worker count, same global batch): the epoch keeps its
+   ``batches_per_epoch``; the positions the old split had not served at batch ``s`` (found by replaying
+   the old workers' buffers, see :class:`Split`) are laid out in epoch order and split by steps 2–4
+   among the new ranks and workers for the remaining batches. Every sample of the epoch is still
+   served once; the next epoch uses the new split from its start.
 
 Bad data never stops a run: an undecodable sample is replaced in its batch by another sample of the
 same batch (re-augmented), a shard that fails mid-read is re-opened at the sample where it failed with
@@ -39,7 +45,7 @@ import logging
 import random
 import tarfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -52,6 +58,7 @@ from largessl.data.batch import Batch
 from largessl.data.config import DataConfig
 from largessl.data.device_batch import BatchEncoder, DeviceStage, EncodedBatch
 from largessl.data.manifest import Manifest
+from largessl.data.shard_index import ShardIndex, parse_index
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +115,28 @@ class EpochLayout:
             i += 1
         return out
 
+    def runs_of(self, positions: Sequence[int], starts: list[int]) -> tuple[list[Run], list[int]]:
+        """Runs covering ascending ``positions`` (one per shard visit; the reader skips the gaps) and their ids."""
+        runs: list[Run] = []
+        ids: list[int] = []
+        i = 0
+        lo = hi = -1
+        for pos in positions:
+            if not self.cum[i] <= pos < self.cum[i + 1]:
+                if hi > lo:
+                    runs.append(Run(self.order[i], lo, hi))
+                i = bisect.bisect_right(self.cum, pos) - 1
+                lo = hi = -1
+            off = pos - self.cum[i]
+            assert off >= hi, "positions must ascend"
+            if lo < 0:
+                lo = off
+            hi = off + 1
+            ids.append(starts[self.order[i]] + off)
+        if hi > lo >= 0:
+            runs.append(Run(self.order[i], lo, hi))
+        return runs, ids
+
 
 def buffer_shuffle(items: list[int], buffer_size: int, rng: random.Random) -> list[int]:
     """Order produced by a shuffle buffer of ``buffer_size`` over ``items`` (1 = no shuffle)."""
@@ -146,21 +175,165 @@ def _global_ids(runs: list[Run], starts: list[int]) -> list[int]:
     return [starts[r.shard] + o for r in runs for o in range(r.start, r.end)]
 
 
+@dataclass(frozen=True)
+class Split:
+    """How one stretch of an epoch was (or is) read: from ``from_batch`` on, ``world_size`` ranks × ``num_workers``.
+
+    An epoch read without interruption, or resumed with the same split, has one ``Split`` starting at batch 0.
+    A resume on another world size or worker count appends one: the new split reads exactly the positions
+    the earlier ones left, so the epoch still sees every sample once.
+    """
+
+    from_batch: int
+    world_size: int
+    num_workers: int
+    """Loader workers per rank as the plan counts them (0 workers reads as one stream, like 1)."""
+    shuffle_buffer: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "num_workers", max(1, int(self.num_workers)))
+
+    def same_split(self, other: Split) -> bool:
+        """True when ``other`` reads with the same partition (it may start at another batch)."""
+        return (self.world_size, self.num_workers, self.shuffle_buffer) == \
+            (other.world_size, other.num_workers, other.shuffle_buffer)
+
+    def to_dict(self) -> dict[str, int]:
+        """Plain ints, for the checkpoint's data position."""
+        return {"from_batch": self.from_batch, "world_size": self.world_size, "num_workers": self.num_workers,
+                "shuffle_buffer": self.shuffle_buffer}
+
+
+class _Positions:
+    """Epoch positions in epoch order, as parts of known length materialised only when sliced.
+
+    A re-split needs the positions the earlier split left unread. Each earlier worker leaves its own
+    part (known length, content found by replaying that worker's shuffle), so a new worker replays only
+    the few old workers whose leftovers overlap its share: work O(its share), not O(epoch).
+    """
+
+    def __init__(self, parts: list[tuple[int, Callable[[], Sequence[int]]]], whole: range | None = None) -> None:
+        self.parts = parts
+        self.whole = whole
+        """Set when the sequence is one contiguous range (no re-split): slices need no materialising."""
+        self.cum = [0]
+        for n, _ in parts:
+            self.cum.append(self.cum[-1] + n)
+        self._cache: dict[int, Sequence[int]] = {}
+
+    def __len__(self) -> int:
+        return self.cum[-1]
+
+    def slice(self, begin: int, end: int) -> list[int]:
+        """Positions ``begin..end-1`` of the sequence."""
+        out: list[int] = []
+        i = bisect.bisect_right(self.cum, begin) - 1
+        while begin < end and i < len(self.parts):
+            if i not in self._cache:
+                part = self.parts[i][1]()
+                assert len(part) == self.parts[i][0], (len(part), self.parts[i][0])
+                self._cache[i] = part
+            lo, hi = begin - self.cum[i], min(end, self.cum[i + 1]) - self.cum[i]
+            out.extend(self._cache[i][lo:hi])
+            begin = self.cum[i + 1]
+            i += 1
+        return out
+
+
+def _consumed_count(batches: range, done_batches: int) -> int:
+    return sum(1 for k in batches if k < done_batches)
+
+
+def _check_splits(splits: Sequence[Split], global_batch: int) -> None:
+    if not splits or splits[0].from_batch != 0:
+        raise ValueError(f"the splits of an epoch must start at batch 0 (got {list(splits)})")
+    for a, b in zip(splits, splits[1:]):
+        if b.from_batch < a.from_batch:
+            raise ValueError(f"splits must be in batch order (got {list(splits)})")
+    for s in splits:
+        if s.world_size < 1 or global_batch % s.world_size:
+            raise ValueError(f"global batch {global_batch} is not divisible by world size {s.world_size}")
+
+
+def _worker_items(base: _Positions, split: Split, batches_per_epoch: int, global_batch: int, rank: int,
+                  role: int) -> tuple[list[int] | range, range]:
+    """Epoch positions of worker ``role`` of ``rank`` under ``split`` (in epoch order) and its batch indices."""
+    b = global_batch // split.world_size
+    nb = batches_per_epoch - split.from_batch
+    mine = worker_batches(nb, split.num_workers, role)
+    # a rank's share is contiguous in ``base``; its workers' shares are contiguous within it, in role order
+    before = sum(len(worker_batches(nb, split.num_workers, w)) for w in range(role))
+    lo = rank * nb * b + before * b
+    hi = lo + len(mine) * b
+    if base.whole is not None:
+        return base.whole[lo:hi], mine  # the usual case: no re-split, nothing to materialise
+    return base.slice(lo, hi), mine
+
+
+def _buffer_rng(seed: int, epoch: int, rank: int, split: Split, role: int) -> random.Random:
+    if split.from_batch == 0:
+        return _rng("buffer", seed, epoch, rank, split.world_size, split.num_workers, role)
+    return _rng("buffer", seed, epoch, rank, split.world_size, split.num_workers, role, "from", split.from_batch)
+
+
+def _remaining(splits: Sequence[Split], k: int, *, seed: int, epoch: int, batches_per_epoch: int,
+               global_batch: int) -> _Positions:
+    """Positions not consumed before split ``k`` starts, in epoch order."""
+    if k == 0:
+        whole = range(0, batches_per_epoch * global_batch)
+        return _Positions([(len(whole), lambda: whole)], whole=whole)
+    prev = splits[k - 1]
+    base = _remaining(splits, k - 1, seed=seed, epoch=epoch, batches_per_epoch=batches_per_epoch,
+                      global_batch=global_batch)
+    done = splits[k].from_batch - prev.from_batch  # batches ``prev`` served before the change
+    b = global_batch // prev.world_size
+    nb = batches_per_epoch - prev.from_batch
+    parts: list[tuple[int, Callable[[], Sequence[int]]]] = []
+    for rank in range(prev.world_size):
+        for role in range(prev.num_workers):
+            mine = worker_batches(nb, prev.num_workers, role)
+            left = (len(mine) - _consumed_count(mine, done)) * b
+
+            def leftover(rank: int = rank, role: int = role) -> list[int]:
+                items, mine = _worker_items(base, prev, batches_per_epoch, global_batch, rank, role)
+                order = buffer_shuffle(list(items), prev.shuffle_buffer, _buffer_rng(seed, epoch, rank, prev, role))
+                return sorted(order[_consumed_count(mine, done) * b:])
+
+            parts.append((left, leftover))
+    return _Positions(parts)
+
+
 def train_worker_plan(manifest: Manifest, *, seed: int, epoch: int, rank: int, world_size: int, batch_size: int,
                       batches_per_epoch: int, num_workers: int, worker: int, shuffle_buffer: int,
-                      start_batch: int = 0) -> WorkerPlan:
-    """The plan of loader worker ``worker`` for ``epoch`` when resuming at ``start_batch`` (0 = from the start)."""
-    nw = max(1, num_workers)
-    role = (worker + start_batch) % nw  # loader batch k is original batch start_batch + k
-    mine = worker_batches(batches_per_epoch, nw, role)
+                      start_batch: int = 0, splits: Sequence[Split] = ()) -> WorkerPlan:
+    """The plan of loader worker ``worker`` for ``epoch`` when resuming at ``start_batch`` (0 = from the start).
+
+    ``splits``: how this epoch was read before (see :class:`Split`); the last one must be this stream's
+    own split (``world_size``, ``num_workers``, ``shuffle_buffer``). Empty = one split from batch 0.
+    """
+    current = Split(0, world_size, num_workers, shuffle_buffer)
+    splits = list(splits) or [current]
+    last = splits[-1]
+    if not last.same_split(current):
+        raise ValueError(f"the last split {last} is not this stream's ({world_size} ranks, {num_workers} workers, "
+                         f"buffer {shuffle_buffer})")
+    if not last.from_batch <= start_batch <= batches_per_epoch:
+        raise ValueError(f"start_batch={start_batch} is outside the split starting at batch {last.from_batch}")
+    global_batch = batch_size * world_size
+    _check_splits(splits, global_batch)
+    base = _remaining(splits, len(splits) - 1, seed=seed, epoch=epoch, batches_per_epoch=batches_per_epoch,
+                      global_batch=global_batch)
+    into = start_batch - last.from_batch  # batches of this split already served
+    role = (worker + into) % last.num_workers  # loader batch k is this split's batch ``into + k``
+    items, mine = _worker_items(base, last, batches_per_epoch, global_batch, rank, role)
     layout = EpochLayout(manifest, shard_order(len(manifest.shards), seed, epoch))
-    # batches of one worker are contiguous in the rank's range: worker 0's first, then worker 1's ...
-    before = sum(len(worker_batches(batches_per_epoch, nw, w)) for w in range(role))
-    begin = rank * batches_per_epoch * batch_size + before * batch_size
-    runs = layout.runs(begin, begin + len(mine) * batch_size)
-    order = buffer_shuffle(_global_ids(runs, manifest.shard_starts), shuffle_buffer,
-                           _rng("buffer", seed, epoch, rank, world_size, nw, role))
-    done = sum(1 for k in mine if k < start_batch)
+    if isinstance(items, range):
+        runs = layout.runs(items.start, items.stop)
+        ids = _global_ids(runs, manifest.shard_starts)
+    else:
+        runs, ids = layout.runs_of(items, manifest.shard_starts)
+    order = buffer_shuffle(ids, last.shuffle_buffer, _buffer_rng(seed, epoch, rank, last, role))
+    done = _consumed_count(mine, into)
     order = order[done * batch_size:]
     return WorkerPlan(runs, order, [batch_size] * (len(mine) - done), epoch)
 
@@ -212,9 +385,14 @@ def _split_key(name: str) -> tuple[str, str]:
     return (f"{head}/{stem}" if head else stem), ext.lower()
 
 
-def iter_tar_samples(f: IO[bytes], keep: Callable[[int], bool]) -> Iterator[tuple[int, str, dict[str, bytes]]]:
-    """``(offset, key, fields)`` of each sample of a tar stream; payloads are read only where ``keep(offset)``."""
-    offset = -1
+def iter_tar_samples(f: IO[bytes], keep: Callable[[int], bool],
+                     first: int = 0) -> Iterator[tuple[int, str, dict[str, bytes]]]:
+    """``(offset, key, fields)`` of each sample of a tar stream; payloads are read only where ``keep(offset)``.
+
+    ``first``: the offset (sample number in the shard) of the stream's first sample, when it starts at a
+    member header inside the shard.
+    """
+    offset = first - 1
     key: str | None = None
     fields: dict[str, bytes] = {}
     with tarfile.open(fileobj=f, mode="r|") as tar:
@@ -252,8 +430,23 @@ class _Counters:
         self.skipped_shards = 0
 
 
+class _StaleIndex(Exception):
+    """A seek with the shard's index did not land on the sample the index names."""
+
+
+SEEK_GAP_BYTES = 4 << 20
+"""Over HTTP, unwanted bytes between two wanted samples of a shard above which the reader sends a new
+ranged request instead of reading through them (a request costs about what reading a few MB does).
+Seekable files (local, s3://, gs://) seek past every unwanted sample."""
+
+
 class ShardReader:
-    """Reads the wanted samples of a list of runs, with retries; yields a :class:`Sample` or ``None`` per id."""
+    """Reads the wanted samples of a list of runs, with retries; yields a :class:`Sample` or ``None`` per id.
+
+    With a shard index (``ShardInfo.index``) it opens the shard at the first wanted sample and seeks past
+    unwanted ones (over HTTP: re-requests past :data:`SEEK_GAP_BYTES`), so the samples before a resume
+    point are never read. Without one, or when the index does not match the shard, it scans.
+    """
 
     def __init__(self, manifest: Manifest, storage_options: Mapping[str, Any], retries: int,
                  backoff_s: float, counters: _Counters) -> None:
@@ -263,6 +456,27 @@ class ShardReader:
         self.retries = retries
         self.backoff_s = backoff_s
         self.counters = counters
+        self._indexes: dict[int, ShardIndex | None] = {}
+        self.opens = 0
+        """Shard opens (for tests and benchmarks)."""
+
+    def _index(self, shard: int) -> ShardIndex | None:
+        """The shard's index, read once (a small file); ``None`` when it has none or it is unusable."""
+        if shard not in self._indexes:
+            info = self.manifest.shards[shard]
+            idx = None
+            if info.index:
+                try:
+                    with io.open_url(info.index, "rb", self.opts) as f:
+                        idx = parse_index(f.read(), info.index)
+                    if len(idx) != info.num_samples:
+                        raise ValueError(f"it lists {len(idx)} samples, the manifest {info.num_samples}")
+                except (OSError, ValueError) as e:
+                    log.warning("shard index %s is unusable (%s: %s); scanning %s instead", info.index,
+                                type(e).__name__, e, info.url)
+                    idx = None
+            self._indexes[shard] = idx
+        return self._indexes[shard]
 
     def read(self, runs: list[Run], wanted: set[int]) -> Iterator[tuple[int, Sample | None]]:
         """Every wanted id of ``runs`` exactly once, in run order (``None`` when its shard was given up)."""
@@ -272,27 +486,70 @@ class ShardReader:
             if need:
                 yield from self._read_run(run, base, need)
 
+    def _stretch(self, idx: ShardIndex | None, need: list[int], i: int, gap_limit: int) -> tuple[int, int]:
+        """``(byte offset, last offset)`` of one read from ``need[i]``: up to a gap over ``gap_limit`` bytes."""
+        if idx is None:
+            return 0, need[-1]
+        j = i
+        while j + 1 < len(need) and idx.headers[need[j + 1]] - idx.headers[need[j] + 1] <= gap_limit:
+            j += 1
+        return idx.headers[need[i]], need[j]
+
     def _read_run(self, run: Run, base: int, need: list[int]) -> Iterator[tuple[int, Sample | None]]:
         url = self.manifest.shards[run.shard].url
         need_set = set(need)
         last = need[-1]
         next_off = need[0]  # first offset not yet delivered; a retry resumes here
         attempt = 0
+        # Seekable files (local, object stores: their reads are ranged) skip every unwanted sample by a seek
+        # on the open file; an HTTP stream is re-requested only past long gaps.
+        seekable = io.protocol_of(url) != "http"
+        gap_limit = 0 if seekable else SEEK_GAP_BYTES
         while True:
+            f: IO[bytes] | None = None
             try:
-                resume_at = next_off
-                with io.open_url(url, "rb", self.opts) as f:
-                    for off, key, fields in iter_tar_samples(f, lambda o, r=resume_at: o >= r and o in need_set):
-                        if off < next_off:
-                            continue
-                        if off in need_set:
-                            yield base + off, _to_sample(base + off, key, fields, url)
-                        next_off = off + 1
-                        if off >= last:
-                            break
-                if next_off <= last:
-                    raise _ShortShard(f"shard ended after {next_off} samples; the manifest promises at least {last + 1}")
+                while next_off <= last:
+                    i = bisect.bisect_left(need, next_off)
+                    idx = self._index(run.shard)
+                    byte, stop = self._stretch(idx, need, i, gap_limit)
+                    first = need[i] if idx is not None else 0
+                    expect = idx.keys[first] if idx is not None else None
+                    if f is None or not seekable:
+                        if f is not None:
+                            f.close()
+                            f = None
+                        self.opens += 1
+                        f = io.open_url(url, "rb", self.opts, offset=byte)
+                    else:
+                        f.seek(byte)
+                    try:
+                        for off, key, fields in iter_tar_samples(
+                                f, lambda o, r=next_off: o >= r and o in need_set, first):
+                            if expect is not None:
+                                if key != expect:
+                                    raise _StaleIndex(f"sample {off} is {key!r}, the index says {expect!r}")
+                                expect = None
+                            if off < next_off:
+                                continue
+                            if off in need_set:
+                                yield base + off, _to_sample(base + off, key, fields, url)
+                            next_off = off + 1
+                            if off >= stop:
+                                break
+                    except tarfile.TarError as e:
+                        if byte and expect is not None:  # no tar header where the index points
+                            raise _StaleIndex(f"no tar header at byte {byte} ({e})") from None
+                        raise
+                    if byte and expect is not None:
+                        raise _StaleIndex(f"nothing to read at byte {byte}")
+                    if next_off <= stop:
+                        raise _ShortShard(f"shard ended after {next_off} samples; the manifest promises at least "
+                                          f"{stop + 1}")
                 return
+            except _StaleIndex as e:
+                # A shard rewritten after its index, or an HTTP server that ignores Range: scan instead.
+                log.warning("the index of shard %s does not match it (%s); scanning the shard instead", url, e)
+                self._indexes[run.shard] = None
             except (OSError, tarfile.TarError, EOFError) as e:
                 attempt += 1
                 if attempt >= self.retries:
@@ -307,6 +564,9 @@ class ShardReader:
                 log.warning("reading shard %s failed at sample %d (%s: %s); retry %d/%d in %.2fs", url, next_off,
                             type(e).__name__, e, attempt, self.retries - 1, delay)
                 time.sleep(delay)
+            finally:
+                if f is not None:
+                    f.close()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -500,6 +760,7 @@ class TrainStream:
         self.world_size = world_size
         self.seed = seed
         self.num_workers = cfg.num_workers
+        self._epoch_splits: dict[int, tuple[Split, ...]] = {}  # set by resume_batch after a re-split
         self.batches_per_epoch = manifest.num_samples // (world_size * per_rank_batch_size)
         if self.batches_per_epoch == 0:
             raise ValueError(
@@ -530,7 +791,8 @@ class TrainStream:
         return train_worker_plan(self.manifest, seed=self.seed, epoch=epoch, rank=self.rank,
                                  world_size=self.world_size, batch_size=self.batch_size,
                                  batches_per_epoch=self.batches_per_epoch, num_workers=num_workers, worker=worker,
-                                 shuffle_buffer=self.cfg.shuffle_buffer, start_batch=start_batch)
+                                 shuffle_buffer=self.cfg.shuffle_buffer, start_batch=start_batch,
+                                 splits=self._epoch_splits.get(epoch, ()))
 
     def iterate(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         """Batches ``start_batch .. batches_per_epoch-1`` of ``epoch`` (each exactly ``per_rank_batch_size``)."""
@@ -564,40 +826,92 @@ class TrainStream:
                 out[k] += v
         return out
 
-    def position_state(self, epoch: int, batch_in_epoch: int) -> dict[str, int]:
-        """The data position to store in a checkpoint (per rank; identical on every rank)."""
+    def _current_split(self, from_batch: int = 0) -> Split:
+        return Split(from_batch, self.world_size, self.num_workers, self.cfg.shuffle_buffer)
+
+    def position_state(self, epoch: int, batch_in_epoch: int) -> dict[str, Any]:
+        """The data position to store in a checkpoint (per rank; identical on every rank).
+
+        ``splits`` records how this epoch has been read so far (one entry unless a resume changed the
+        world size or worker count mid-epoch): what a later resume needs to find the unread samples.
+        """
+        splits = [s for s in self._epoch_splits.get(epoch, ()) if s.from_batch <= batch_in_epoch]
+        if not splits or batch_in_epoch == 0:
+            splits = [self._current_split()]
         return {"epoch": epoch, "batch_in_epoch": batch_in_epoch, "world_size": self.world_size,
-                "num_workers": self.num_workers, "seed": self.seed}
+                "num_workers": self.num_workers, "seed": self.seed, "shuffle_buffer": self.cfg.shuffle_buffer,
+                "global_batch_size": self.world_size * self.batch_size, "manifest_id": self.manifest.id,
+                "splits": [s.to_dict() for s in splits]}
 
-    def resume_batch(self, state: Mapping[str, int], allow_resplit: bool = False) -> tuple[int, int]:
-        """``(epoch, start_batch)`` to continue from a stored position; a changed split raises or re-splits.
+    def _saved_splits(self, state: Mapping[str, Any], batch: int) -> list[Split]:
+        rows = state.get("splits")
+        try:
+            if rows:
+                splits = [Split(int(r["from_batch"]), int(r["world_size"]), int(r["num_workers"]),
+                                int(r["shuffle_buffer"])) for r in rows]
+            else:  # written before splits were recorded: one split, the buffer as configured now
+                splits = [Split(0, int(state.get("world_size") or self.world_size),
+                                int(state.get("num_workers", self.num_workers)),
+                                int(state.get("shuffle_buffer", self.cfg.shuffle_buffer)))]
+            _check_splits(splits, self.world_size * self.batch_size)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"data position {dict(state)!r} has unreadable splits ({e}); the checkpoint is "
+                             "damaged") from None
+        if splits[-1].from_batch > batch:
+            raise ValueError(f"data position {dict(state)!r}: a split starts after batch_in_epoch; the checkpoint "
+                             "is damaged")
+        return splits
 
-        Exact resume needs the same world size, worker count and seed. With ``allow_resplit`` a changed
-        split continues the epoch at the same fraction of samples consumed (logged): the new split is a
-        different partition, so some samples of that epoch may be seen twice or not at all.
+    def resume_batch(self, state: Mapping[str, Any], allow_resplit: bool = True) -> tuple[int, int]:
+        """``(epoch, start_batch)`` to continue from a stored position; prepares the plan of that epoch.
+
+        Same world size and worker count: exact resume (the batches equal the uninterrupted run's).
+        Otherwise, with ``allow_resplit``, the rest of the epoch is re-split (logged): the new ranks and
+        workers share exactly the samples the old split had not served, so within the epoch every sample
+        is still seen once; later epochs use the new split. The global batch, seed and dataset must match.
         """
         try:
             epoch, batch = int(state["epoch"]), int(state["batch_in_epoch"])
         except (KeyError, TypeError, ValueError):
             raise ValueError(f"data position {dict(state)!r} lacks epoch/batch_in_epoch; the checkpoint is damaged") from None
-        saved = {k: state.get(k) for k in ("world_size", "num_workers", "seed")}
-        now = {"world_size": self.world_size, "num_workers": self.num_workers, "seed": self.seed}
-        if saved == now:
-            if batch > self.batches_per_epoch:
-                raise ValueError(f"stored batch_in_epoch={batch} exceeds this dataset's {self.batches_per_epoch} "
-                                 "batches per epoch; the manifest or batch size changed since the checkpoint")
+        if "seed" in state and int(state["seed"]) != self.seed:
+            raise ValueError(f"the checkpoint's data order was drawn with seed {state['seed']}, this run has seed "
+                             f"{self.seed}; resume with train.seed={state['seed']} or start a new train.run_dir")
+        gbs = self.world_size * self.batch_size
+        if int(state.get("global_batch_size", gbs)) != gbs:
+            raise ValueError(f"the checkpoint was written with global batch {state['global_batch_size']}, this run "
+                             f"has {gbs}; resume with the same train.global_batch_size or start a new train.run_dir")
+        saved_id = str(state.get("manifest_id") or "")
+        if saved_id and self.manifest.id and saved_id != self.manifest.id:
+            raise ValueError(f"the checkpoint was written on dataset {saved_id[:12]}, data.train_manifest is "
+                             f"{self.manifest.id[:12]} ({self.manifest.url}); resume on the same dataset")
+        if not 0 <= batch <= self.batches_per_epoch:
+            raise ValueError(f"stored batch_in_epoch={batch} exceeds this dataset's {self.batches_per_epoch} "
+                             "batches per epoch; the manifest or batch size changed since the checkpoint")
+        splits = self._saved_splits(state, batch)
+        self._epoch_splits = {}
+        current = self._current_split(batch)
+        if batch in (0, self.batches_per_epoch) or splits[-1].same_split(current):
+            if 0 < batch < self.batches_per_epoch and len(splits) > 1:
+                self._epoch_splits[epoch] = tuple(splits)  # an earlier re-split of this epoch, same split now
             return epoch, batch
-        diff = ", ".join(f"{k} {saved[k]} → {now[k]}" for k in now if saved[k] != now[k])
+        old = splits[-1]
+        diff = ", ".join(f"{k} {a} → {b}" for k, a, b in
+                         (("world_size", old.world_size, current.world_size),
+                          ("num_workers", old.num_workers, current.num_workers),
+                          ("shuffle_buffer", old.shuffle_buffer, current.shuffle_buffer)) if a != b)
         if not allow_resplit:
             raise ValueError(
-                f"the checkpoint's data position was saved with a different split ({diff}); exact resume needs "
-                "the same world size, data.num_workers and seed. Restore them, or allow a logged re-split"
+                f"the checkpoint's data position was saved with a different split ({diff}); set "
+                "train.allow_resplit=true to continue exactly-once on a re-split, or restore the old split"
             )
-        consumed = batch * int(saved["world_size"] or self.world_size)
-        new_batch = min(self.batches_per_epoch, consumed // self.world_size)
-        log.warning("data re-split on resume (%s): epoch %d continues at batch %d of %d instead of %d",
-                    diff, epoch, new_batch, self.batches_per_epoch, batch)
-        return epoch, new_batch
+        # a split that served no batch (resumed, then stopped at once) leaves nothing to account for
+        history = [s for s in splits if s.from_batch < batch] + [current]
+        self._epoch_splits[epoch] = tuple(history)
+        log.warning("data re-split on resume (%s): epoch %d continues at batch %d of %d; the %d remaining "
+                    "batches share exactly the samples not yet served (each sample of the epoch once)",
+                    diff, epoch, batch, self.batches_per_epoch, self.batches_per_epoch - batch)
+        return epoch, batch
 
 
 def build_train_stream(cfg: DataConfig, manifest: Manifest, per_rank_batch_size: int, rank: int, world_size: int,

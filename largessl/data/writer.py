@@ -7,7 +7,10 @@ never contain dots (webdataset splits keys at the first dot). Tar headers carry 
 the same source gives byte-identical shards and the same manifest id.
 
 Shard boundaries are planned up front from file sizes, so shards are independent jobs written in
-parallel straight to any fsspec URL; the manifest is written last (see :mod:`largessl.data.manifest`).
+parallel straight to any fsspec URL. Beside each shard goes its sample-offset index (``NAME.idx``, DALI's
+format) and beside the set wids' ``shardindex.json`` (see :mod:`largessl.data.shard_index`): the streams
+seek with the index on resume, and wids and DALI read the shards as they are. The manifest is written
+last (see :mod:`largessl.data.manifest`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import IO, Any
 
 from largessl.data import io
 from largessl.data.manifest import MANIFEST_NAME, write_manifest
+from largessl.data.shard_index import WIDS_INDEX_NAME, Member, format_index, index_name, wids_shard_index
 
 log = logging.getLogger(__name__)
 
@@ -161,27 +165,36 @@ class _HashingWriter:
         self.f.flush()
 
 
-def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+def _add(tar: tarfile.TarFile, name: str, payload: bytes, ext: str) -> Member:
     info = tarfile.TarInfo(name)
     info.size = len(payload)
     info.mtime = 0  # fixed header fields: same source -> byte-identical shard and sha256
     info.mode = 0o444
     info.uname = info.gname = "largessl"
     tar.addfile(info, pyio.BytesIO(payload))
+    # tar.offset is past the payload's padding now; the payload starts that many blocks back
+    return Member(ext, tar.offset - -(-len(payload) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE, len(payload), name)
 
 
 def write_shard(url: str, samples: Sequence[SourceSample], storage_options: Mapping[str, Any] | None = None,
                 on_sample: Callable[[], None] | None = None) -> dict[str, Any]:
-    """Write one tar shard to ``url``; returns ``{num_samples, sha256, bytes}``."""
+    """Write one tar shard to ``url`` and its sample-offset index beside it.
+
+    Returns ``{num_samples, sha256, bytes, index}`` (``index``: the index file's name, relative to the shard's folder).
+    """
+    members: list[list[Member]] = []
     with io.open_url(url, "wb", storage_options) as f:
         hw = _HashingWriter(f)
         with tarfile.open(fileobj=hw, mode="w|", format=tarfile.USTAR_FORMAT) as tar:  # type: ignore[call-overload]
             for s in samples:
-                _add(tar, f"{s.key}.{s.ext}", s.read())
-                _add(tar, f"{s.key}.cls", str(s.label).encode())
+                members.append([_add(tar, f"{s.key}.{s.ext}", s.read(), s.ext),
+                                _add(tar, f"{s.key}.cls", str(s.label).encode(), "cls")])
                 if on_sample:
                     on_sample()
-    return {"num_samples": len(samples), "sha256": hw.sha.hexdigest(), "bytes": hw.bytes}
+    name = index_name(url.rsplit("/", 1)[-1])
+    with io.open_url(io.join_url(io.dirname_url(url), name), "wb", storage_options) as f:
+        f.write(format_index(members))
+    return {"num_samples": len(samples), "sha256": hw.sha.hexdigest(), "bytes": hw.bytes, "index": name}
 
 
 def write_shards(samples: Sequence[SourceSample], class_names: Sequence[str], dest: str, *,
@@ -217,10 +230,73 @@ def write_shards(samples: Sequence[SourceSample], class_names: Sequence[str], de
     finally:
         bar.close()
     rows = [{"url": n, **r} for n, r in zip(names, results)]
+    write_wids_index(dest, rows, prefix, opts)
     info = {"shard_bytes_target": shard_bytes, **dict(extra or {})}
     mid = write_manifest(manifest_url, rows, class_names, extra=info, storage_options=opts)
     log.info("wrote %s (%d shards, %d samples, id %s)", manifest_url, len(rows), len(samples), mid[:12])
     return manifest_url
+
+
+def write_wids_index(dest: str, rows: Sequence[Mapping[str, Any]], name: str,
+                     storage_options: Mapping[str, Any] | None = None) -> str:
+    """Write wids' ``shardindex.json`` for ``rows`` (urls relative to ``dest``) into ``dest``; returns its URL."""
+    import json
+
+    url = io.join_url(dest, WIDS_INDEX_NAME)
+    with io.open_url(url, "wb", storage_options) as f:
+        f.write(json.dumps(wids_shard_index(rows, name), indent=1).encode())
+    return url
+
+
+def index_dataset(manifest_url: str, storage_options: Mapping[str, Any] | None = None, workers: int = 4,
+                  progress: bool = True) -> str:
+    """``largessl shards index``: write each shard's ``.idx`` and ``shardindex.json``, then the manifest with them.
+
+    For datasets written before the indexes: every shard is read once, front to back. The manifest keeps
+    its id (indexes are left out of it) and is replaced atomically, last. Returns the manifest id.
+    """
+    import json
+
+    from largessl.data.manifest import parse_manifest
+    from largessl.data.shard_index import scan_members
+
+    opts = storage_options if storage_options is not None else io.storage_options_for(manifest_url)
+    with io.open_url(manifest_url, "rb", opts) as f:
+        text = f.read()
+    manifest = parse_manifest(text, manifest_url)  # validates; resolves the shard URLs
+    stored = json.loads(text)
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(manifest.shards), unit="shard", desc="shards index", disable=not progress)
+
+    def index_one(i: int) -> str:
+        url = manifest.shards[i].url
+        with io.open_url(url, "rb", opts) as f:
+            members = scan_members(f)
+        if len(members) != manifest.shards[i].num_samples:
+            raise RuntimeError(f"shard {url} holds {len(members)} samples, the manifest says "
+                               f"{manifest.shards[i].num_samples}; rewrite the dataset with `largessl shards write`")
+        name = index_name(url.rsplit("/", 1)[-1])
+        with io.open_url(io.join_url(io.dirname_url(url), name), "wb", opts) as f:
+            f.write(format_index(members))
+        bar.update(1)
+        return name
+
+    try:
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            names = list(pool.map(index_one, range(len(manifest.shards))))
+    finally:
+        bar.close()
+    rows = [dict(row, index=name) for row, name in zip(stored["shards"], names)]
+    folder = io.dirname_url(manifest_url)
+    first = str(rows[0]["url"]).rsplit("/", 1)[-1]
+    write_wids_index(folder, rows, first.rsplit("-", 1)[0] if "-" in first else "dataset", opts)  # the prefix
+    mid = write_manifest(manifest_url, rows, stored.get("class_names", []), extra=stored.get("extra"),
+                         storage_options=opts)
+    assert mid == manifest.id, (mid, manifest.id)  # indexes are not part of the id
+    log.info("indexed %d shards of %s (id %s unchanged)", len(rows), manifest_url, mid[:12])
+    return mid
 
 
 def write_source(src: str, dest: str, shuffle_seed: int | None = 0, **kwargs: Any) -> str:

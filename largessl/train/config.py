@@ -80,9 +80,10 @@ class TrainConfig:
     """Stop (with a checkpoint) after this many minutes of training; 0 = no limit."""
     grad_clip: float = 0.0
     """Clip the global gradient norm to this value; 0 = off."""
-    allow_resplit: bool = False
-    """On resume with a different world size / worker count / seed, continue the epoch on a re-split of the data
-    (logged) instead of refusing; exact resume needs the same split."""
+    allow_resplit: bool = True
+    """On resume with a different world size or data.num_workers, continue the epoch on a logged re-split of its
+    unread samples (each sample of the epoch still seen once; DDP only, DeepSpeed refuses a world-size change);
+    false = refuse. The same split resumes bit-exactly either way."""
 
     def validate(self) -> None:
         """Check values that do not depend on other sections."""

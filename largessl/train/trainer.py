@@ -103,6 +103,10 @@ class _SkipCounter:
         return sum(v for (w, k), v in self.latest.items() if k == name)
 
 
+SKIP_COUNTERS = ("skipped_samples", "skipped_shards")
+"""Bad-data counters of the run: logged in every metrics record, saved with the data position, summed across resumes."""
+
+
 class Trainer:
     """Owns model, optimizer, checkpoints and sinks of one run; ``fit()`` trains to ``plan.num_steps``."""
 
@@ -149,6 +153,8 @@ class Trainer:
         self.step = 0
         self._last_loss: torch.Tensor | None = None
         """The last step's loss, a device tensor (read only at save time: no per-step sync)."""
+        self.skips = _SkipCounter()  # this process's counts (the stream's per-worker cumulative stats)
+        self.skip_base = dict.fromkeys(SKIP_COUNTERS, 0)  # whole-run totals at the checkpoint resumed from
 
     # -------------------------------------------------------------------------------------------
     # setup helpers
@@ -174,13 +180,22 @@ class Trainer:
     # -------------------------------------------------------------------------------------------
     # checkpoints
 
-    def _data_position(self) -> dict[str, int]:
+    def _skip_totals(self) -> dict[str, int]:
+        """Collective: the whole run's skip counters (every rank, every earlier run since step 0)."""
+        local = torch.tensor([float(self.skips.total(k)) for k in SKIP_COUNTERS], dtype=torch.float64,
+                             device=self.device)
+        all_reduce_sum_no_grad(local, self.group)
+        return {k: self.skip_base[k] + int(v) for k, v in zip(SKIP_COUNTERS, local.tolist())}
+
+    def _data_position(self) -> dict[str, Any]:
+        """Collective (called by every rank in ``save``): the data position plus the run's skip counters."""
         epoch, batch = divmod(self.step, self.plan.steps_per_epoch)
-        pos = {"epoch": epoch, "batch_in_epoch": batch, "world_size": self.world_size,
-               "num_workers": self.cfg.data.num_workers, "seed": self.cfg.train.seed}
+        pos: dict[str, Any] = {"epoch": epoch, "batch_in_epoch": batch, "world_size": self.world_size,
+                               "num_workers": self.cfg.data.num_workers, "seed": self.cfg.train.seed}
         if hasattr(self.stream, "position_state"):
             pos = dict(self.stream.position_state(epoch, batch))
         pos["batches_per_epoch"] = self.plan.steps_per_epoch
+        pos.update(self._skip_totals())  # identical on every rank, so any rank's file restores them
         return pos
 
     def check_finite_state(self) -> None:
@@ -235,6 +250,14 @@ class Trainer:
         if path is None:
             return False
         state = load_training_checkpoint(path)
+        saved_world = int(state["meta"].get("world_size", self.world_size))
+        if saved_world != self.world_size and self.engine is not None:
+            # ZeRO partitions optimizer state per rank; DeepSpeed's universal-checkpoint conversion is an
+            # offline step (ds_to_universal) this trainer does not run, so refuse before loading anything.
+            raise ValueError(f"checkpoint {path} was written by DeepSpeed on {saved_world} rank(s), this run has "
+                             f"{self.world_size}: DeepSpeed's partitioned optimizer state resumes only on the same "
+                             f"world size. Relaunch on {saved_world} rank(s), or use dist.strategy=ddp, which "
+                             "resumes on any world size that divides train.global_batch_size")
         from largessl.train.checkpoint import load_model_state
 
         weights, _, _ = load_model_state(path)
@@ -250,7 +273,6 @@ class Trainer:
         if self.probe is not None and state.get("probe"):
             self.probe.load_full_state_dict(state["probe"])
         self.step = int(state["step"])
-        saved_world = int(state["meta"].get("world_size", self.world_size))
         # Positions are identical on every rank; a rank the old run did not have reads rank 0's.
         rank_state = load_rank_state(path, self.rank if self.rank < saved_world else 0)
         pos = rank_state["data"]
@@ -260,22 +282,28 @@ class Trainer:
                              "data and train.global_batch_size, or start a new train.run_dir")
         expected = divmod(self.step, self.plan.steps_per_epoch)
         if hasattr(self.stream, "resume_batch"):
+            # The global batch is fixed, so the position is the same on any world size; a changed split
+            # re-splits the epoch's unread samples (exactly once) or raises, per train.allow_resplit.
             where = tuple(self.stream.resume_batch(pos, allow_resplit=self.cfg.train.allow_resplit))
         else:
-            if saved_world != self.world_size and not self.cfg.train.allow_resplit:
+            if saved_world != self.world_size:
                 raise ValueError(f"checkpoint {path} was written by {saved_world} rank(s), this run has "
-                                 f"{self.world_size}; exact resume needs the same world size (or set "
-                                 "train.allow_resplit=true to continue on a re-split of the data)")
+                                 f"{self.world_size}, and this data stream ({type(self.stream).__name__}) cannot "
+                                 "re-split an epoch (train.allow_resplit needs the shard stream); resume on "
+                                 f"{saved_world} rank(s)")
             where = (pos["epoch"], pos["batch_in_epoch"])
         if where != expected:
             raise ValueError(f"checkpoint {path}: data position {where} does not match step {self.step} "
                              f"(expected epoch/batch {expected}); the dataset or batch size changed")
+        self.skip_base = {k: int(pos.get(k, 0)) for k in SKIP_COUNTERS}
+        self.skips = _SkipCounter()
         if saved_world == self.world_size:
             restore_rng_state(rank_state["rng"])
         else:
             log.warning("checkpoint %s was written by %d rank(s), now %d: continuing at epoch %d batch %d on a "
-                        "re-split of the data (per-rank sample order and RNG streams differ from an "
-                        "uninterrupted run)", path, saved_world, self.world_size, *expected)
+                        "re-split of the epoch's unread samples (each still seen once; batch composition and "
+                        "per-rank RNG streams differ from an uninterrupted run)", path, saved_world,
+                        self.world_size, *expected)
         log.info("resumed from %s at step %d", path, self.step)
         return True
 
@@ -326,7 +354,7 @@ class Trainer:
         cfg, plan = self.cfg, self.plan
         sinks = self._sinks(self.step)
         bar = ProgressBar(plan.num_steps, self.step, enabled=cfg.log.progress and self.rank == 0)
-        skips = _SkipCounter()
+        skips = self.skips
         self.model.train()
         # On GPU, .item() on the agreed flag would sync the stream every step: check on log steps there.
         check_every = 1 if self.device.type == "cpu" else cfg.train.log_every
@@ -414,13 +442,13 @@ class Trainer:
         check_output(self.cfg.method.name, out, self.step)
         loss = float(out.loss.detach().float().item())
         # One all-reduce for every cross-rank number of this record: throughput, data wait, skips.
-        host = [steps * self.plan.per_rank_batch_size, elapsed, wait, skips.total("skipped_samples")]
+        host = [steps * self.plan.per_rank_batch_size, elapsed, wait, *[float(skips.total(k)) for k in SKIP_COUNTERS]]
         # The probe's values are device tensors already: stack them on the device instead of syncing each.
         counters = device_values(host, self.device)
         if probe:
             counters = torch.cat([counters, torch.stack([v.detach().double() for v in probe.values()])])
         all_reduce_sum_no_grad(counters, self.group)
-        counters = counters.cpu()
+        c = counters.tolist()  # one device-to-host copy for all of them
         world = self.world_size
         rec: dict[str, Any] = {
             "step": self.step,
@@ -428,12 +456,13 @@ class Trainer:
             "loss": loss,
             **{k: float(v.item()) for k, v in out.metrics.items()},
             "lr": lr,
-            "images_per_s": float(counters[0] / max(counters[1] / world, 1e-9)),
-            "data_wait_frac": float(counters[2] / max(counters[1], 1e-9)),
-            "skipped_samples": int(counters[3]),
+            "images_per_s": c[0] / max(c[1] / world, 1e-9),
+            "data_wait_frac": c[2] / max(c[1], 1e-9),
+            # whole-run totals: earlier runs' (from the checkpoint) plus every rank's since the resume
+            **{k: self.skip_base[k] + int(c[3 + i]) for i, k in enumerate(SKIP_COUNTERS)},
         }
         for i, k in enumerate(probe):
-            rec[k] = float(counters[4 + i] / world)
+            rec[k] = c[3 + len(SKIP_COUNTERS) + i] / world
         if with_collapse:
             rec.update(self._collapse(out))
         return rec

@@ -141,20 +141,126 @@ def test_shuffle_buffer_is_bounded_permutation() -> None:
     assert buffer_shuffle(items, 1, random.Random(0)) == items
 
 
-def test_position_state_and_mismatch(uneven: str, caplog) -> None:
+def test_position_state_and_exact_resume_of_the_same_split(uneven: str) -> None:
     m = read_manifest(uneven)
     s2 = build_train_stream(_cfg(2), m, B, 0, 2, seed=0)
     state = s2.position_state(epoch=1, batch_in_epoch=4)
-    assert state == {"epoch": 1, "batch_in_epoch": 4, "world_size": 2, "num_workers": 2, "seed": 0}
+    assert state == {"epoch": 1, "batch_in_epoch": 4, "world_size": 2, "num_workers": 2, "seed": 0,
+                     "shuffle_buffer": 6, "global_batch_size": 2 * B, "manifest_id": m.id,
+                     "splits": [{"from_batch": 0, "world_size": 2, "num_workers": 2, "shuffle_buffer": 6}]}
     assert s2.resume_batch(state) == (1, 4)
-    s3 = build_train_stream(_cfg(2), m, B, 0, 3, seed=0)
-    with pytest.raises(ValueError, match="world_size 2 → 3"):
-        s3.resume_batch(state)
-    with pytest.raises(ValueError, match="num_workers 2 → 1"):
-        build_train_stream(_cfg(1), m, B, 0, 2, seed=0).resume_batch(state)
+    # 0 and 1 workers are the same single stream: exact, not a re-split
+    s0 = build_train_stream(_cfg(0), m, B, 0, 1, seed=0)
+    s1 = build_train_stream(_cfg(1), m, B, 0, 1, seed=0)
+    assert s1.resume_batch(s0.position_state(0, 3)) == (0, 3) and not s1._epoch_splits
+
+
+def test_resplit_keeps_the_global_batch_position_or_refuses(uneven: str, caplog) -> None:
+    """The trainer holds the global batch fixed: a change of split keeps (epoch, batch), the per-rank batch changes."""
+    m = read_manifest(uneven)
+    g = 12
+    state = build_train_stream(_cfg(2), m, g // 2, 0, 2, seed=0).position_state(epoch=1, batch_in_epoch=3)
+    s4 = build_train_stream(_cfg(2), m, g // 4, 0, 4, seed=0)
     with caplog.at_level(logging.WARNING):
-        assert s3.resume_batch(state, allow_resplit=True) == (1, 8 // 3)
-    assert "re-split" in caplog.text
+        assert s4.resume_batch(state) == (1, 3)  # the old scaling gave (1, 1): not the trainer's (1, 3)
+    assert "re-split" in caplog.text and "world_size 2 → 4" in caplog.text
+    with pytest.raises(ValueError, match="world_size 2 → 4.*allow_resplit"):
+        s4.resume_batch(state, allow_resplit=False)
+    with pytest.raises(ValueError, match="num_workers 2 → 1"):
+        build_train_stream(_cfg(1), m, g // 2, 0, 2, seed=0).resume_batch(state, allow_resplit=False)
+    with pytest.raises(ValueError, match="global batch 12, this run has 8"):
+        build_train_stream(_cfg(2), m, 4, 0, 2, seed=0).resume_batch(state)
+    with pytest.raises(ValueError, match="seed 0, this run has seed 1"):
+        build_train_stream(_cfg(2), m, g // 2, 0, 2, seed=1).resume_batch(state)
+    with pytest.raises(ValueError, match="damaged"):
+        s4.resume_batch({**state, "splits": [{"from_batch": 3, "world_size": 2}]})
+
+
+def _served(manifest, cfg, world: int, global_batch: int, epoch: int, start: int, stop: int,
+            state: dict | None = None, seed: int = 0) -> tuple[list[list[str]], dict, list]:
+    """Keys of global batches ``start..stop-1`` read by ``world`` ranks (real streams, real decoding), resumed
+    from ``state``; returns them, the position state at ``stop`` and the streams."""
+    streams = [build_train_stream(cfg, manifest, global_batch // world, r, world, seed) for r in range(world)]
+    if state is not None:
+        for s in streams:
+            assert s.resume_batch(state) == (epoch, start)
+    its = [s.iterate(epoch, start) for s in streams]
+    out = []
+    for _ in range(start, stop):
+        out.append([k for it in its for k in next(it).keys])
+    for it in its:
+        it.close()
+    return out, streams[0].position_state(epoch, stop), streams
+
+
+@pytest.mark.parametrize("chain", [
+    [(2, 2), (4, 2)],  # 2 -> 4 ranks
+    [(4, 1), (2, 1)],  # 4 -> 2 ranks
+    [(2, 2), (2, 1)],  # 2 workers -> 1
+    [(1, 3), (3, 0), (2, 2), (2, 2), (4, 1)],  # several changes in one epoch, one resume with the same split
+])
+def test_resplit_serves_each_sample_of_the_epoch_once(uneven: str, chain) -> None:
+    m = read_manifest(uneven)
+    g = 12
+    bpe = m.num_samples // g
+    cuts = [0, *sorted(random.Random(len(chain)).sample(range(1, bpe), len(chain) - 1)), bpe]
+    keys: list[list[str]] = []
+    state = None
+    for (world, workers), a, b in zip(chain, cuts, cuts[1:]):
+        got, state, streams = _served(m, _cfg(workers), world, g, 1, a, b, state)
+        keys += got
+    assert len(keys) == bpe and all(len(k) == g for k in keys)
+    flat = [k for batch in keys for k in batch]
+    assert len(flat) == len(set(flat)) == bpe * g  # none repeated, none lost (only the N mod G tail is dropped)
+    # the resumed streams read the next epoch with their own split, exactly as a run started on it
+    its = [s.iterate(2) for s in streams]
+    nxt = [[k for it in its for k in next(it).keys] for _ in range(bpe)]
+    world, workers = chain[-1]
+    ref, _, _ = _served(m, _cfg(workers), world, g, 2, 0, bpe)
+    assert nxt == ref
+
+
+def test_resume_inside_a_resplit_is_exact(uneven: str) -> None:
+    """Saved again after a re-split, resumed with the same split: the batches equal the uninterrupted ones."""
+    m = read_manifest(uneven)
+    g = 8  # 8 batches per epoch
+    _, state, _ = _served(m, _cfg(2), 2, g, 0, 0, 3)
+    rest, _, _ = _served(m, _cfg(1), 4, g, 0, 3, 8, state)
+    _, state5, _ = _served(m, _cfg(1), 4, g, 0, 3, 5, state)
+    assert [s["from_batch"] for s in state5["splits"]] == [0, 3]
+    again, _, _ = _served(m, _cfg(1), 4, g, 0, 5, 8, state5)
+    assert again == rest[2:]
+
+
+def test_resplit_plans_match_a_replay_of_the_old_split() -> None:
+    """Plan-level check over many random chains: every global batch full, no id twice, none lost."""
+    from largessl.data.manifest import Manifest, ShardInfo
+    from largessl.data.stream import Split
+
+    sizes = [2, 11, 5, 23, 7, 13, 3, 40, 17]
+    m = Manifest([ShardInfo(f"s{i}.tar", n) for i, n in enumerate(sizes)], [], sum(sizes))
+    g = 12
+    bpe = m.num_samples // g
+    rng = random.Random(0)
+    for _ in range(100):
+        cuts = sorted(rng.sample(range(1, bpe), rng.randint(0, 3)))
+        splits: list[Split] = []
+        served: list[int] = []
+        for a, b in zip([0, *cuts], [*cuts, bpe]):
+            s = Split(a, rng.choice([1, 2, 3, 4, 6]), rng.choice([1, 2, 3]), rng.choice([1, 4, 9]))
+            if not splits or not splits[-1].same_split(s):
+                splits.append(s)
+            w, nw, b_rank = s.world_size, s.num_workers, g // s.world_size
+            plans = {(r, k): train_worker_plan(m, seed=3, epoch=1, rank=r, world_size=w, batch_size=b_rank,
+                                               batches_per_epoch=bpe, num_workers=nw, worker=k,
+                                               shuffle_buffer=s.shuffle_buffer, start_batch=a, splits=splits)
+                     for r in range(w) for k in range(nw)}
+            for j in range(b - a):
+                for r in range(w):
+                    p = plans[(r, j % nw)]
+                    assert p.batch_sizes[j // nw] == b_rank
+                    served += p.order[(j // nw) * b_rank:(j // nw + 1) * b_rank]
+        assert len(served) == len(set(served)) == bpe * g, splits
 
 
 def test_too_small_dataset_and_bad_arguments(uneven: str) -> None:
