@@ -301,29 +301,3 @@ def test_shards_index_adds_indexes_to_an_old_dataset(tmp_path: Path) -> None:
         {k: v for k, v in before.items() if k != "manifest.json"}  # the same files shards write makes
     new = read_manifest(url)
     assert new.id == old.id and [s.index for s in new.shards] == [s.index for s in old.shards]
-
-
-def test_dali_reads_our_shards_with_our_indexes(data: str) -> None:
-    """DALI's webdataset reader on our .tar + .idx files (CPU pipeline) yields our samples, in order.
-
-    DALI is a large optional wheel (nvidia-dali-cuda120 or -cuda130; its CPU pipelines need no GPU); the
-    test skips when it is missing. Checked with DALI 2.4.0.
-    """
-    pytest.importorskip("nvidia.dali", reason="DALI is not installed (pip install nvidia-dali-cuda120)")
-    from nvidia.dali import fn, pipeline_def
-
-    m = read_manifest(data)
-
-    @pipeline_def(batch_size=7, num_threads=1, device_id=None)
-    def pipe():
-        return tuple(fn.readers.webdataset(paths=[s.url for s in m.shards], index_paths=[s.index for s in m.shards],
-                                           ext=["jpg", "cls"], random_shuffle=False))
-
-    p = pipe()
-    p.build()
-    got: list[tuple[bytes, int]] = []
-    while len(got) < m.num_samples:
-        jpg, cls = p.run()
-        got += [(jpg.at(i).tobytes(), int(cls.at(i).tobytes())) for i in range(len(jpg))]
-    # samples in manifest order: keys 0..n-1 of _dataset, written in order
-    assert got[:m.num_samples] == [(_jpeg(i), i % 3) for i in range(m.num_samples)]
