@@ -91,8 +91,9 @@ def export_run(path_or_run_dir: str | Path, out_dir: str | Path, include_full_ch
     arch = config.get("model", {}).get("arch", "resnet50")
     small = bool(config.get("model", {}).get("small_input", False))
     tensors = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    save_file(tensors, str(out / BACKBONE), metadata={"arch": arch, "small_input": str(small).lower(),
-                                                      "format": "torchvision-resnet-without-fc"})
+    # one metadata key: safetensors writes several in random order, and a hub file's bytes should not vary
+    info = {"arch": arch, "small_input": small, "format": "torchvision-resnet-without-fc"}
+    save_file(tensors, str(out / BACKBONE), metadata={"largessl": json.dumps(info, sort_keys=True)})
     files: dict[str, Path] = {BACKBONE: out / BACKBONE}
     if include_full_checkpoint:
         files.update(_copy_checkpoint(str(meta["path"]), out / CHECKPOINT_DIR))

@@ -292,8 +292,7 @@ def export_model(ref: str | os.PathLike[str], out_dir: str | os.PathLike[str], f
             (tmp / D2_WEIGHTS).write_bytes(detectron2_pickle(state))
             (tmp / D2_CONFIG).write_text(detectron2_config(arch["arch"], str(out / D2_WEIGHTS)))
         else:
-            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / WEIGHTS),
-                      metadata={"format": "pt", "largessl_model": f"{card.get('name')}@{card.get('version')}"})
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / WEIGHTS), metadata={"format": "pt"})
             if fmt == "torchvision":
                 cfg = {"format": "largessl-torchvision/1", "arch": arch["arch"],
                        "small_input": bool(arch.get("small_input")), "num_features": int(arch["num_features"]),

@@ -431,8 +431,23 @@ def _codes(e: Exception) -> set[str]:
     return {str(err.get("Error", {}).get("Code", "")), str(err.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))}
 
 
+_CLIENTS: dict[tuple[int, str], Any] = {}  # (pid, options) -> client: building one parses the S3 model (~0.3 s)
+_CLIENTS_LOCK = threading.Lock()
+
+
 def _botocore_client(options: Mapping[str, Any]) -> Any:
-    """A botocore S3 client for fsspec/s3fs ``storage_options`` (endpoint, region, key/secret/token, config)."""
+    """A botocore S3 client for fsspec/s3fs ``storage_options`` (endpoint, region, key/secret/token, config).
+
+    Cached per process and options (botocore clients are thread-safe; a forked child builds its own).
+    """
+    key = (os.getpid(), repr(sorted(options.items())))
+    with _CLIENTS_LOCK:
+        if key not in _CLIENTS:
+            _CLIENTS[key] = _new_botocore_client(options)
+        return _CLIENTS[key]
+
+
+def _new_botocore_client(options: Mapping[str, Any]) -> Any:
     try:
         import botocore.config
         import botocore.session

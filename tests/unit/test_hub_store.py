@@ -11,7 +11,8 @@ from hub_runs import make_run_dir
 
 from largessl.hub import Hub, IntegrityError, ModelRef, load_backbone
 from largessl.hub.export import push_run
-from largessl.hub.store import BACKBONE, CARD, INDEX, INDEX_HTML, sha256_file
+from largessl.hub.storage import LocalStorage
+from largessl.hub.store import BACKBONE, CARD, INDEX, INDEX_HTML, PAGES_DIR, sha256_file
 
 
 @pytest.fixture(scope="module")
@@ -105,8 +106,10 @@ def test_crashed_push_is_invisible_and_can_be_redone(run_dir, tmp_path, monkeypa
     def crash(*a, **k):
         raise OSError("simulated crash before the index update")
 
-    # the crash hits the index write: the version folder is complete but unlisted
-    monkeypatch.setattr(Hub, "_write", crash)
+    # The process dies at the index write: its version folder is complete but unlisted (no cleanup runs
+    # in a killed process, so discard is disabled too).
+    monkeypatch.setattr(LocalStorage, "write_if", crash)
+    monkeypatch.setattr(LocalStorage, "discard", lambda self, staged: None)
     with pytest.raises(OSError, match="simulated"):
         push_run(run_dir, str(hub_dir), name="m", version="v2")
     monkeypatch.undo()
@@ -117,6 +120,19 @@ def test_crashed_push_is_invisible_and_can_be_redone(run_dir, tmp_path, monkeypa
         hub.pull("m@v2", tmp_path / "x")
     card = push_run(run_dir, str(hub_dir), name="m", version="v2")  # the leftover is replaced
     assert hub.show("m")["files"] == card["files"]
+
+
+def test_failed_push_cleans_up_after_itself(run_dir, tmp_path, monkeypatch):
+    hub_dir = tmp_path / "hub"
+    push_run(run_dir, str(hub_dir), name="m", version="v1")
+
+    def fail(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(LocalStorage, "write_if", fail)
+    with pytest.raises(OSError, match="disk full"):
+        push_run(run_dir, str(hub_dir), name="m", version="v2")
+    assert sorted(p.name for p in (hub_dir / "models/m").iterdir()) == ["v1"]  # no staging or v2 folder
 
 
 @pytest.mark.parametrize("damage", ["tamper", "truncate", "delete", "card"])
@@ -212,14 +228,17 @@ def test_hub_cli_local(run_dir, tmp_path, capsys):
     assert (tmp_path / "d" / BACKBONE).is_file()
 
 
-def test_index_html_escapes_and_draws_curves():
-    from largessl.hub.index_html import loss_curve_svg, render_index_html
+def test_pages_escape_and_draw_curves():
+    from largessl.hub.pages import loss_curve_svg, render_index_html, render_model_page
 
-    index = {"models": {"<b>x": {"latest": "v1", "versions": {"v1": {"created": "2026-01-01T00:00:00Z",
+    model = {"latest": "v1", "versions": {"v1": {"created": "2026-01-01T00:00:00Z", "seq": 1,
              "summary": {"method": "vicreg", "metrics": {"linear_top1": 70.25, "knn_top1": {"20": 60.0}},
-                         "loss_curve": [[1, 3.0], [2, 2.0], [3, 1.0]]}}}}}}
-    html = render_index_html(index, hub_url="s3://b/hub")
-    assert "&lt;b&gt;x" in html and "<b>x" not in html.replace("<b>&lt;b&gt;x</b>", "")
+                         "loss_curve": [[1, 3.0], [2, 2.0], [3, 1.0]]}}}}
+    html = render_index_html({"models": {"<b>x": model}}, hub_url="s3://b/hub")
+    assert "&lt;b&gt;x" in html and "<b>x" not in html
     assert "70.2" in html and "k=20" in html and "<polyline" in html and "<script" not in html
-    assert loss_curve_svg([]) .startswith("<span")
+    assert 'href="pages/&lt;b&gt;x.html"' in html
+    page = render_model_page("<b>x", model, {"v1": "card tampered <i>"}, hub_url="s3://b/hub")
+    assert "<b>x" not in page and "card tampered &lt;i&gt;" in page and 'href="../index.html"' in page
+    assert loss_curve_svg([]).startswith("<span")
     assert "points=" in loss_curve_svg([[0, 1.0], [10, float("nan")], [20, 0.5]])
