@@ -71,6 +71,8 @@ def looks_like_pickle(head: bytes, name: str = "") -> bool:
     """True for pickle streams, torch zip archives (``*.pkl`` inside) and pickle file names."""
     if Path(name).suffix.lower() in PICKLE_SUFFIXES:
         return True
+    if len(head) >= 9 and head[8:9] == b"{":
+        return False  # safetensors: a little-endian u64 header length (may start 0x80 0x02...), then JSON
     if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:  # PROTO opcode of pickle protocols 2-5
         return True
     if head[:4] == b"PK\x03\x04":
@@ -92,7 +94,7 @@ def is_pickle_file(path: str | os.PathLike[str]) -> bool:
     if p.suffix.lower() in PICKLE_SUFFIXES:
         return True
     with open(p, "rb") as f:
-        head = f.read(8)
+        head = f.read(16)
         if head[:4] == b"PK\x03\x04":
             f.seek(0)
             return _zip_holds_pickle(f)
@@ -103,7 +105,7 @@ def is_pickle_bytes(data: bytes, name: str = "") -> bool:
     """:func:`is_pickle_file` for bytes in memory (whole zip archives are inspected)."""
     if data[:4] == b"PK\x03\x04":
         return Path(name).suffix.lower() in PICKLE_SUFFIXES or _zip_holds_pickle(io.BytesIO(data))
-    return looks_like_pickle(data[:8], name)
+    return looks_like_pickle(data[:16], name)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -83,6 +83,9 @@ def test_push_list_show_pull_round_trip(run_dir, tmp_path):
 
     html = (hub_dir / INDEX_HTML).read_text()
     assert "bt-r18-digits" in html and "<svg" in html and "91.5" in html and "v2" in html
+    assert f'href="{PAGES_DIR}/bt-r18-digits.html"' in html
+    page = (hub_dir / PAGES_DIR / "bt-r18-digits.html").read_text()
+    assert 'id="v-v1"' in page and 'id="v-v2"' in page and "load_backbone(&#x27;bt-r18-digits@v2&#x27;" in page
 
 
 def test_versions_are_immutable(run_dir, tmp_path):
@@ -184,15 +187,31 @@ def test_tampered_pulled_folder_is_refused_by_load_backbone(run_dir, tmp_path):
         load_backbone(dest)
 
 
-def test_full_checkpoint_is_optional_and_verified(run_dir, tmp_path):
+def test_full_checkpoint_is_published_pickle_free(run_dir, tmp_path):
+    from largessl.hub.pickle_free import is_pickle_file, load_pickle_free
+    from largessl.train.checkpoint import find_latest_checkpoint, load_model_state
+
     hub_dir = tmp_path / "hub"
     card = push_run(run_dir, str(hub_dir), name="m", version="v1", include_full_checkpoint=True)
-    assert "checkpoint/model.safetensors" in card["files"] and "checkpoint/COMPLETE.json" in card["files"]
+    files = set(card["files"])
+    assert {"checkpoint/model.safetensors", "checkpoint/COMPLETE.json", "checkpoint/meta.json",
+            "checkpoint/training.safetensors", "checkpoint/training.json",
+            "checkpoint/rank-00000.safetensors", "checkpoint/rank-00000.json"} <= files
+    assert not [f for f in files if f.endswith((".pt", ".pth", ".pkl", ".bin"))]
+    stored = hub_dir / "models/m/v1"
+    assert not [p for p in stored.rglob("*") if p.is_file() and is_pickle_file(p)]
     dest = Hub(str(hub_dir)).pull("m@v1", tmp_path / "dest")
-    from largessl.train.checkpoint import load_model_state
-
+    assert not [p for p in dest.rglob("*") if p.is_file() and is_pickle_file(p)]
+    # the weights still load through the checkpoint API (COMPLETE.json lists the published files) ...
     state, config, _ = load_model_state(dest / "checkpoint")
     assert "projector.0.weight" in state and config["model"]["arch"] == "resnet18"
+    # ... and every converted file gives back what torch.load(weights_only=True) of the original gave
+    original = Path(find_latest_checkpoint(run_dir / "checkpoints"))
+    for stem in ("training", "rank-00000"):
+        expected = torch.load(original / f"{stem}.pt", weights_only=True)
+        assert load_pickle_free(dest / "checkpoint" / f"{stem}.json") == expected
+    marker = json.loads((dest / "checkpoint/COMPLETE.json").read_text())
+    assert marker["pickle_free"]["converted"]["training.pt"] == ["training.safetensors", "training.json"]
 
 
 def test_torch_hub_load_from_the_repo_directory(run_dir, tmp_path, repo_root):
