@@ -261,3 +261,98 @@ def test_pages_escape_and_draw_curves():
     assert "<b>x" not in page and "card tampered &lt;i&gt;" in page and 'href="../index.html"' in page
     assert loss_curve_svg([]).startswith("<span")
     assert "points=" in loss_curve_svg([[0, 1.0], [10, float("nan")], [20, 0.5]])
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_yank_marks_deprecated_latest_skips_pulls_refuse_or_warn(run_dir, tmp_path, caplog, capsys):
+    from largessl.cli import main
+
+    hub_dir = tmp_path / "hub"
+    for v in ("v1", "v2", "v3"):
+        push_run(run_dir, str(hub_dir), name="m", version=v)
+    hub = Hub(str(hub_dir))
+    files_before = {k: v for k, v in _tree(hub_dir).items() if k.startswith("models/")}
+    assert main(["hub", "yank", "m@v3", "--reason", "trained on a manifest with val images", "--hub",
+                 str(hub_dir)]) == 0
+    assert "yanked m@v3" in capsys.readouterr().out
+    # nothing is deleted: every version's files are untouched
+    assert {k: v for k, v in _tree(hub_dir).items() if k.startswith("models/")} == files_before
+    assert hub.show("m")["version"] == "v2"  # latest skips the yanked version
+    assert hub.show("m@v3")["yanked"]["reason"] == "trained on a manifest with val images"
+    rows = {r["version"]: r for r in hub.list()}
+    assert rows["v2"]["latest"] and not rows["v3"]["latest"] and rows["v3"]["yanked"]
+    # an explicit pull of the yanked version is refused with the reason and the way out; nothing written
+    with pytest.raises(ValueError, match=r"m@v3 was yanked on .*val images.*latest good version is m@v2.*--allow-yanked"):
+        hub.pull("m@v3", tmp_path / "d3")
+    assert not (tmp_path / "d3").exists() and not list(tmp_path.glob(".d3*"))
+    assert main(["hub", "pull", "m@v3", str(tmp_path / "d3"), "--hub", str(hub_dir)]) == 2
+    # allowed: pulled, with a warning naming the reason
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        dest = hub.pull("m@v3", tmp_path / "d3", allow_yanked=True)
+    assert (dest / BACKBONE).is_file() and "yanked" in caplog.text and "val images" in caplog.text
+    # load_backbone keeps code pinned to the version working, with the same warning; latest gives v2
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        load_backbone("m@v3", hub=str(hub_dir))
+    assert "was yanked" in caplog.text
+    with pytest.raises(ValueError, match="yanked"):
+        load_backbone("m@v3", hub=str(hub_dir), allow_yanked=False)
+    assert load_backbone("m", hub=str(hub_dir), with_card=True)[1]["version"] == "v2"
+    # yanking twice, yanking 'latest', no reason, a missing version: clear errors
+    with pytest.raises(ValueError, match="already yanked"):
+        hub.yank("m@v3", "again")
+    with pytest.raises(ValueError, match="explicit version"):
+        hub.yank("m", "x")
+    with pytest.raises(ValueError, match="--reason"):
+        hub.yank("m@v2", " ")
+    with pytest.raises(ValueError, match="no version 'v9'"):
+        hub.yank("m@v9", "x")
+    # every version yanked: 'latest' names none, and says so
+    hub.yank("m@v2", "bad")
+    hub.yank("m@v1", "bad")
+    with pytest.raises(ValueError, match="every version of m .* is yanked"):
+        hub.pull("m", tmp_path / "dl")
+    assert not (tmp_path / "dl").exists()
+    page = (hub_dir / PAGES_DIR / "m.html").read_text()
+    assert page.count('class="badge yanked"') >= 3 and "trained on a manifest with val images" in page
+
+
+def test_bad_input_gets_a_clear_error_and_writes_nothing(run_dir, tmp_path, caplog):
+    from largessl.cli import main
+
+    hub_dir = tmp_path / "hub"
+    # a run directory without a complete checkpoint (the save was interrupted: no COMPLETE.json)
+    broken = tmp_path / "broken-run"
+    (broken / "checkpoints" / "step-00000010").mkdir(parents=True)
+    (broken / "checkpoints" / "step-00000010" / "model.safetensors").write_bytes(b"partial")
+    with pytest.raises(ValueError, match="no complete checkpoint found"):
+        push_run(broken, str(hub_dir), name="m", version="v1")
+    with caplog.at_level("ERROR"):
+        assert main(["hub", "push", str(broken), "--hub", str(hub_dir), "--name", "m", "--version", "v1"]) == 2
+    assert "no complete checkpoint found" in caplog.text
+    assert not hub_dir.exists()
+    # a missing model or version: exit code 2, nothing at the destination
+    push_run(run_dir, str(hub_dir), name="m", version="v1")
+    before = _tree(hub_dir)
+    for ref in ("m@v2", "nope"):
+        with pytest.raises(ValueError, match="no version 'v2'|not in hub"):
+            Hub(str(hub_dir)).pull(ref, tmp_path / "dest")
+        assert main(["hub", "pull", ref, str(tmp_path / "dest"), "--hub", str(hub_dir)]) == 2
+    # an unknown export format
+    assert main(["hub", "export", "m@v1", str(tmp_path / "dest"), "--format", "onnx", "--hub", str(hub_dir)]) == 2
+    assert not (tmp_path / "dest").exists() and not list(tmp_path.glob(".dest*"))
+    assert _tree(hub_dir) == before
+
+
+def test_writes_to_a_store_without_conditional_writes_need_single_writer(run_dir, tmp_path):
+    url = f"memory://hub-single-writer-{tmp_path.name}"
+    with pytest.raises(RuntimeError, match="no conditional writes.*single_writer=True"):
+        push_run(run_dir, url, name="m", version="v1")
+    hub = Hub(url, single_writer=True)
+    card = push_run(run_dir, name="m", version="v1", hub=hub)
+    assert Hub(url).show("m@v1")["files"] == card["files"]  # reading needs no flag
+    assert "m" in hub.storage.read("index.html").decode()
