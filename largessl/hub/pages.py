@@ -46,6 +46,9 @@ details[open]{padding-bottom:.9rem} summary{cursor:pointer;font-weight:600;overf
 """
 
 
+SNIPPET_ORDER = ("largessl", "torch.hub", "torchvision", "timm", "hf", "detectron2")
+
+
 def model_page_name(name: str) -> str:
     """File name of a model's page inside ``pages/`` (names are already restricted to URL-safe characters)."""
     return f"{name}.html"
@@ -187,7 +190,8 @@ def _facts(card: Mapping[str, Any]) -> str:
     data = _e(ds.get("name") or "unknown") + (f" <span class=muted>({_e(ds['split'])} split)</span>"
                                               if ds.get("split") else "")
     if ds.get("num_samples"):
-        data += f" · {ds['num_samples']:,} images, {ds.get('num_classes', 0)} classes"
+        n_cls = int(ds.get("num_classes", 0) or 0)
+        data += f" · {ds['num_samples']:,} images, {n_cls} class{'es' if n_cls != 1 else ''}"
     skips = card.get("data_skips") or {}
     collapse = (card.get("metrics", {}) or {}).get("collapse") or {}
     rows = [
@@ -249,7 +253,9 @@ def _snippets(card: Mapping[str, Any]) -> str:
     snippets = card.get("snippets") or {}
     if not snippets:
         return '<p class="muted">This version was published without load snippets.</p>'
-    return "".join(f"<h3>{_e(fmt)}</h3><pre><code>{_e(code)}</code></pre>" for fmt, code in snippets.items())
+    order = {k: i for i, k in enumerate(SNIPPET_ORDER)}  # cards store them sorted by name; show the common first
+    return "".join(f"<h3>{_e(fmt)}</h3><pre><code>{_e(code)}</code></pre>"
+                   for fmt, code in sorted(snippets.items(), key=lambda kv: (order.get(kv[0], 99), kv[0])))
 
 
 def _version_section(name: str, version: str, entry: Mapping[str, Any], card: Mapping[str, Any] | str,
