@@ -289,6 +289,13 @@ def test_yank_marks_deprecated_latest_skips_pulls_refuse_or_warn(run_dir, tmp_pa
         hub.pull("m@v3", tmp_path / "d3")
     assert not (tmp_path / "d3").exists() and not list(tmp_path.glob(".d3*"))
     assert main(["hub", "pull", "m@v3", str(tmp_path / "d3"), "--hub", str(hub_dir)]) == 2
+    from largessl.hub.formats import export_model
+
+    with pytest.raises(ValueError, match="was yanked"):
+        export_model("m@v3", tmp_path / "e3", "torchvision", hub=str(hub_dir))
+    assert not (tmp_path / "e3").exists()
+    assert (export_model("m@v3", tmp_path / "e3", "torchvision", hub=str(hub_dir), allow_yanked=True)
+            / "model.safetensors").is_file()
     # allowed: pulled, with a warning naming the reason
     caplog.clear()
     with caplog.at_level("WARNING"):
