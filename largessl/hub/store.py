@@ -451,7 +451,7 @@ class Hub:
         self._check_unpublished(name, version)
         lease = self._claim(name, version, push_id) if self.storage.needs_claims else None
         staged = None
-        committed = False
+        error: BaseException | None = None
         final: list[str] = []  # where finalize_version moved the staged folder (once, inside the commit)
         try:
             staged = self.storage.stage_version(name, version, push_id, files, CARD, card_raw)
@@ -476,17 +476,31 @@ class Hub:
                 return index
 
             self._commit(add)
-            committed = True
-        except BaseException:
-            if staged is not None and not committed:
-                self.storage.discard(final[0] if final else staged)  # unlisted: nobody reads it
-            raise
+        except BaseException as e:
+            error = e
         finally:
             if lease is not None:
                 self._release(lease, push_id)
+        if error is not None:
+            # A failed request may still have been applied (the reply was lost): look before deleting anything.
+            listed = self._listed_push(name, version, push_id) if staged is not None else False
+            if listed is False and staged is not None:
+                self.storage.discard(final[0] if final else staged)  # unlisted: nobody reads it
+            if not (listed is True and isinstance(error, Exception)):
+                raise error
+            log.warning("%s@%s: the index update reported %r, but the index lists this push: published",
+                        name, version, error)
         log.info("published %s@%s to %s", name, version, self.url)
         self.refresh_pages([name])
         return card
+
+    def _listed_push(self, name: str, version: str, push_id: str) -> bool | None:
+        """Whether the index lists ``name@version`` from push ``push_id`` (None when the index cannot be read)."""
+        try:
+            entry = self.read_index()["models"].get(name, {}).get("versions", {}).get(version)
+        except (RuntimeError, OSError):
+            return None
+        return bool(entry) and entry.get("push_id") == push_id
 
     def _check_unpublished(self, name: str, version: str) -> None:
         if self.exists(name, version):

@@ -363,3 +363,23 @@ def test_writes_to_a_store_without_conditional_writes_need_single_writer(run_dir
     card = push_run(run_dir, name="m", version="v1", hub=hub)
     assert Hub(url).show("m@v1")["files"] == card["files"]  # reading needs no flag
     assert "m" in hub.storage.read("index.html").decode()
+
+
+def test_an_index_write_that_succeeded_but_reported_an_error_keeps_the_version(run_dir, tmp_path, monkeypatch,
+                                                                               caplog):
+    """A lost reply must not make the push delete files the index already points at."""
+    hub_dir = tmp_path / "hub"
+    real = LocalStorage.write_if
+
+    def applied_then_failed(self, rel, data, token):
+        out = real(self, rel, data, token)
+        if rel == INDEX:
+            raise OSError("connection reset after the write was applied")
+        return out
+
+    monkeypatch.setattr(LocalStorage, "write_if", applied_then_failed)
+    with caplog.at_level("WARNING"):
+        card = push_run(run_dir, str(hub_dir), name="m", version="v1")
+    monkeypatch.undo()
+    assert "lists this push: published" in caplog.text
+    assert Hub(str(hub_dir)).read_verified("m@v1")[0]["files"] == card["files"]
