@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "config": ("largessl.config_cli", "print the resolved config for a config file and overrides"),
     "shards": ("largessl.data.cli", "write WebDataset shards and a dataset manifest"),
     "eval": ("largessl.eval.cli", "linear and kNN evaluation of a checkpoint or hub model"),
-    "hub": ("largessl.hub.cli", "push, list, show and pull pretrained backbones"),
+    "hub": ("largessl.hub.cli", "push, list, show, pull, export, yank and page pretrained backbones"),
     "launch": ("largessl.launch.cli", "submit pretraining to SLURM or render Kubernetes jobs"),
     "repro": ("largessl.repro.cli", "reproduce the seed papers' collapse tables at small scale"),
     "bench": ("largessl.bench.cli", "benchmarks: training step, data loading, end to end"),

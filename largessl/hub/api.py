@@ -40,19 +40,21 @@ def backbone_from_card(card: dict[str, Any], weights: bytes) -> nn.Module:
 
 
 def load_backbone(ref: str | os.PathLike[str], hub: str | None = None, endpoint_url: str = "",
-                  with_card: bool = False) -> nn.Module | tuple[nn.Module, dict[str, Any]]:
+                  with_card: bool = False, allow_yanked: bool = True) -> nn.Module | tuple[nn.Module, dict[str, Any]]:
     """A torchvision ResNet (fc=Identity, ``num_features`` set, eval mode) with verified hub weights.
 
     ``ref`` is ``NAME[@VERSION]`` in ``hub`` (default: $LARGESSL_HUB, else ``hub``) or a folder written by
     ``largessl hub pull``. Every byte loaded is checked against the recorded sha256 first. With
-    ``with_card`` the model card is returned too.
+    ``with_card`` the model card is returned too. ``NAME``/``NAME@latest`` never resolves to a yanked
+    version; code pinned to a yanked ``NAME@VERSION`` keeps loading it with a logged warning
+    (``allow_yanked=False`` refuses it instead, as ``hub pull`` and ``hub export`` do).
     """
     folder = Path(os.fspath(ref))
     if (folder / CARD).is_file():
         card, data = _verified_local(folder)
     else:
         store = Hub(hub or os.environ.get(DEFAULT_HUB_ENV, "hub"), endpoint_url)
-        card, files = store.read_verified(str(ref), [BACKBONE])
+        card, files = store.read_verified(str(ref), [BACKBONE], allow_yanked=allow_yanked)
         data = files[BACKBONE]
     net = backbone_from_card(card, data)
     return (net, card) if with_card else net

@@ -18,7 +18,9 @@ class HubConfig:
     version: str = ""
     """Version used by the `push` stage; empty = v<UTC timestamp>."""
     include_full_checkpoint: bool = False
-    """Also upload the full training checkpoint next to the backbone weights."""
+    """Also upload the full training checkpoint (converted to safetensors + JSON) next to the backbone weights."""
+    license: str = ""
+    """License of the published weights (an SPDX-style id such as apache-2.0 or cc-by-nc-4.0); empty = unspecified."""
 
     def validate(self) -> None:
         """Check values that do not depend on other sections."""
