@@ -234,7 +234,7 @@ class _Store:
         self.remote = _is_remote(self.url)
         if self.remote:
             self.fs = io.filesystem(self.url, io.storage_options_for(self.url, endpoint_url))
-            self.root = io.strip_protocol(self.url).rstrip("/")
+            self.root = self.fs._strip_protocol(self.url).rstrip("/")  # the filesystem's own path form
         else:
             self.fs = None
             self.root = str(_local(self.url))
