@@ -330,6 +330,8 @@ class Trainer:
                 stale.unlink(missing_ok=True)
             save_config(self.cfg, path)
         except OSError as e:
+            for partial in self.run_dir.glob(".config.yaml.tmp-*"):  # e.g. a full disk: no empty temp file stays
+                partial.unlink(missing_ok=True)
             raise storage_error(e, path) from e
 
     def _loop(self, stop: StopFlag) -> FitResult:
