@@ -353,9 +353,9 @@ def _read_marker(store: _Store, name: str) -> dict[str, Any]:
     return marker
 
 
-def _check_complete(store: _Store, name: str, marker: dict[str, Any]) -> None:
+def _check_complete(store: _Store, name: str, marker: dict[str, Any], present: dict[str, int] | None = None) -> None:
     """Every file the marker lists exists with its recorded size (format 1 markers: exists)."""
-    present = store.sizes(name)
+    present = store.sizes(name) if present is None else present
     sizes = marker.get("sizes", {})
     for rel in marker["files"]:
         if rel not in present:
@@ -370,9 +370,15 @@ def _candidates(store: _Store, below: int | None = None) -> Iterator[tuple[str, 
     for step, name in store.list_steps():
         if below is not None and step >= below:
             continue
+        present = store.sizes(name)  # one listing: presence of the marker and every size, no data
+        if not present:
+            continue  # an empty prefix (some object stores keep a folder entry after its files are deleted)
         try:
+            if MARKER not in present:
+                raise CorruptCheckpointError(f"{store.url_of(name)} has no completion marker {MARKER} "
+                                             "(save interrupted)")
             marker = _read_marker(store, name)
-            _check_complete(store, name, marker)
+            _check_complete(store, name, marker, present)
         except CorruptCheckpointError as e:
             log.warning("skipping checkpoint: %s; falling back to the previous one", e)
             continue
@@ -811,8 +817,10 @@ class CheckpointManager:
         removed = []
         if self.remote:
             for _, name in self.store.list_steps():
-                if not self.store.exists(name, MARKER):
-                    removed.append(self.store.url_of(name))
+                present = self.store.sizes(name)
+                if MARKER not in present:
+                    if present:  # empty prefixes are left-overs of deletes, not saves
+                        removed.append(self.store.url_of(name))
                     self.store.remove(name)
         else:
             root = Path(self.store.root)
