@@ -673,6 +673,8 @@ class CheckpointManager:
             all_files.update(broadcast_object(files, src, self.group))  # type: ignore[arg-type]
         if self.rank == 0:
             try:
+                # Everything that must hold before the folder becomes a checkpoint is checked here, before the
+                # marker; a failure abandons the save and the previous checkpoint stays the latest.
                 self._check_published(staging, name, all_files)
                 self._finalise(staging, name, all_files)
             except BaseException:

@@ -88,8 +88,9 @@ class TrainConfig:
         """Check values that do not depend on other sections."""
         if "://" in self.run_dir:
             raise ValueError(f"train.run_dir={self.run_dir} is a URL; the run directory (config.yaml, metrics, "
-                             "TensorBoard) must be a local path: keep checkpoints on object storage with "
-                             "checkpoint.dir=s3://bucket/prefix and set train.run_dir to a local folder")
+                             "TensorBoard) must be a local path or one on a shared filesystem: keep checkpoints "
+                             "on object storage with checkpoint.dir=s3://bucket/prefix and set train.run_dir "
+                             "to a folder")
         if self.global_batch_size < 2:
             raise ValueError(f"train.global_batch_size must be >= 2 (got {self.global_batch_size})")
         if self.num_steps < 0 or self.epochs < 0:
