@@ -2,15 +2,19 @@
 
 A sub-command module provides ``add_arguments(parser)`` and ``run(args) -> int``; it is imported only
 when its command is used, so one area's heavy imports never slow another. Exceptions become exit codes
-here (library code never calls ``sys.exit``): ValueError → bad input, RuntimeError → environment,
-FloatingPointError → diverged.
+here (library code never calls ``sys.exit``), see :func:`exit_code_for`: ValueError → 2 (bad input),
+OSError and storage-client errors (fsspec, botocore, s3fs, gcsfs) → 3, RuntimeError → 3 (environment),
+FloatingPointError → 4 (diverged), anything else → 1 (a bug). The error is printed as one line; the
+traceback goes to the log above it (for a bug) or at DEBUG level.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
+import os
 import sys
 
 from largessl import __version__, exit_codes
@@ -44,7 +48,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the console script."""
+    """Entry point of the console script (``argv`` None: the process's own arguments; then a failing
+    distributed run ends the process at once instead of returning, see below)."""
+    hard_exit = argv is None
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command if command in COMMANDS else None)
@@ -65,18 +71,71 @@ def main(argv: list[str] | None = None) -> int:
     log = logging.getLogger("largessl")
     try:
         return int(args._run(args) or 0)
-    except ValueError as e:
-        log.error("%s", e)
-        return exit_codes.BAD_INPUT
-    except FloatingPointError as e:
-        log.error("training diverged: %s", e)
-        return exit_codes.DIVERGED
-    except RuntimeError as e:
-        log.error("%s", e)
-        return exit_codes.ENVIRONMENT
-    except KeyboardInterrupt:
-        log.error("interrupted")
-        return 130
+    except BaseException as e:  # every exception becomes an exit code here, and only here
+        if isinstance(e, SystemExit):
+            raise
+        code, message = exit_code_for(e)
+        if code == exit_codes.UNEXPECTED:
+            log.error("unexpected error; traceback:", exc_info=e)
+        else:
+            log.debug("traceback of the error below:", exc_info=e)
+        log.error("%s", message)
+        if hard_exit and _process_group_alive():
+            # A peer may be dead: tearing the process group down (here or at interpreter exit) can block
+            # forever, so this process ends now with the code the scheduler acts on.
+            for h in logging.getLogger().handlers:
+                h.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        return code
+
+
+_STORAGE_MODULES = ("fsspec", "s3fs", "gcsfs", "botocore", "aiobotocore", "boto3", "google.auth",
+                    "google.api_core", "google.cloud", "aiohttp", "urllib3", "requests")
+"""Packages whose exceptions are storage/network failures even when they do not derive from OSError."""
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def is_storage_error(e: BaseException) -> bool:
+    """OSError (disk full, stale NFS handle, permissions, connection) or an exception of a storage client."""
+    if isinstance(e, OSError):
+        return True
+    return any(c.__module__ == m or c.__module__.startswith(m + ".") for c in type(e).__mro__
+               for m in _STORAGE_MODULES)
+
+
+def exit_code_for(e: BaseException) -> tuple[int, str]:
+    """(exit code, one-line message) for an exception that escaped a command."""
+    if isinstance(e, KeyboardInterrupt):
+        return 130, "interrupted"
+    if isinstance(e, FloatingPointError):
+        return exit_codes.DIVERGED, _one_line(f"training diverged: {e}")
+    if is_storage_error(e):
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            what = e.strerror if e.strerror and "disk full" in e.strerror else "disk full (no space left on device)"
+            return exit_codes.ENVIRONMENT, _one_line(f"{what}: {e.filename or 'path not reported'}")
+        if isinstance(e, OSError) and e.strerror and e.filename:
+            detail = f"{e.strerror}: {e.filename}"
+        else:
+            detail = str(e) or type(e).__name__
+        return exit_codes.ENVIRONMENT, _one_line(f"storage error ({type(e).__name__}): {detail}")
+    if isinstance(e, ValueError):
+        return exit_codes.BAD_INPUT, _one_line(str(e))
+    if isinstance(e, RuntimeError):
+        return exit_codes.ENVIRONMENT, _one_line(str(e))
+    return exit_codes.UNEXPECTED, _one_line(f"unexpected error (a bug; the traceback is above): "
+                                            f"{type(e).__name__}: {e}")
+
+
+def _process_group_alive() -> bool:
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        return False
+    return dist.is_available() and dist.is_initialized()
 
 
 if __name__ == "__main__":

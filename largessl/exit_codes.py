@@ -1,13 +1,19 @@
-"""Process exit codes shared by the CLI and the launchers (SLURM requeue, Kubernetes podFailurePolicy)."""
+"""Process exit codes shared by the CLI and the launchers (SLURM requeue, Kubernetes podFailurePolicy).
+
+The CLI (:func:`largessl.cli.exit_code_for`) maps the exception that ended a command to one of these.
+"""
 
 OK = 0
 """Finished."""
 UNEXPECTED = 1
-"""An unexpected exception (a bug): do not retry blindly."""
+"""An unexpected exception (a bug: IndexError, AssertionError, TypeError ...): do not retry blindly. The log holds
+the traceback; the last line names the error."""
 BAD_INPUT = 2
 """Bad config, data, checkpoint or arguments (ValueError): retrying cannot help."""
 ENVIRONMENT = 3
-"""The environment failed (missing shard, rendezvous, storage; RuntimeError): a retry may help."""
+"""The environment failed: storage (any OSError -- a full disk, a stale NFS handle, permissions -- and fsspec,
+s3fs, gcsfs or botocore errors), a dead or hung peer rank (collective timeout, connection closed, the stall
+watchdog), rendezvous, a missing shard (RuntimeError). A retry may help; it resumes from the last checkpoint."""
 DIVERGED = 4
 """The loss or embeddings became NaN/Inf (FloatingPointError): retrying the same run cannot help."""
 REQUEUE = 75
@@ -15,3 +21,5 @@ REQUEUE = 75
 
 FAIL_FAST = (UNEXPECTED, BAD_INPUT, DIVERGED)
 """Codes a scheduler should not retry."""
+RETRY_FREE = (REQUEUE,)
+"""Codes a scheduler should restart without counting a failure (Kubernetes podFailurePolicy: Ignore)."""

@@ -7,8 +7,11 @@
 #   IMAGE=registry.example.com/largessl:0.1.0 PVC=largessl-runs launchers/k8s_imagenet.sh
 #   RENDER_ONLY=1 launchers/k8s_imagenet.sh           # write the manifests to $OUT and stop
 #
-# Pods that are preempted or evicted are replaced without counting against backoffLimit and resume from
-# the run directory on the PVC; bug exit codes (1, 2, 4) fail the Job at once.
+# Pods that are preempted or evicted, and ranks that saved and exited 75, are replaced without counting
+# against backoffLimit and resume from the run directory on the PVC (with NODES > 1 it must be
+# ReadWriteMany; else add checkpoint.dir=s3://... as an extra argument); bug exit codes (1, 2, 4) fail the
+# Job at once. The script follows the Job until it completes (then applies the evaluation stages, exit 0),
+# fails (exit 1, with the Job's reason) or WAIT_TIMEOUT_S passes (exit 124; the Job keeps running).
 set -euo pipefail
 
 IMAGE="${IMAGE:?set IMAGE to the largessl image (see docker/README.md)}"
@@ -24,7 +27,47 @@ largessl launch k8s --nodes "${NODES:-4}" --gpus-per-node "${GPUS_PER_NODE:-8}" 
   data.val_manifest="${VAL:-s3://largessl/imagenet/val/manifest.json}" 'stages=[linear,knn]' "$@"
 [[ -n "${RENDER_ONLY:-}" ]] && exit 0
 
+WAIT_TIMEOUT_S="${WAIT_TIMEOUT_S:-259200}"  # 3 days: 100 epochs on 32 GPUs take about one
+POLL_S="${POLL_S:-60}"
+
+# The Job's terminal condition (Complete or Failed), or nothing while it runs.
+job_state() {
+  local conditions
+  conditions="$(kubectl -n "$NAMESPACE" get "job/$NAME" \
+    -o jsonpath='{range .status.conditions[?(@.status=="True")]}{.type}{"\n"}{end}')" || return 1
+  grep -xE 'Complete|Failed' <<<"$conditions" || true
+}
+
 kubectl apply -f "$OUT/pretrain.yaml"
-echo "following job/$NAME (Ctrl-C stops following, not the job)"
-kubectl -n "$NAMESPACE" wait --for=condition=complete "job/$NAME" --timeout=-1s
-kubectl apply -f "$OUT/stages.yaml"
+echo "following job/$NAME for at most ${WAIT_TIMEOUT_S}s (Ctrl-C stops following, not the job)"
+deadline=$(( $(date +%s) + WAIT_TIMEOUT_S ))
+api_errors=0
+while :; do
+  if ! state="$(job_state)"; then
+    api_errors=$((api_errors + 1))
+    if (( api_errors >= 5 )); then
+      echo "k8s_imagenet: cannot read job/$NAME from the API server ($api_errors attempts)" >&2
+      exit 3
+    fi
+    state=""
+  else
+    api_errors=0
+  fi
+  case "$state" in
+    *Complete*)
+      echo "job/$NAME completed; applying the evaluation stages"
+      kubectl apply -f "$OUT/stages.yaml"
+      exit 0 ;;
+    *Failed*)
+      why="$(kubectl -n "$NAMESPACE" get "job/$NAME" \
+        -o jsonpath='{.status.conditions[?(@.type=="Failed")].reason}: {.status.conditions[?(@.type=="Failed")].message}' || true)"
+      echo "k8s_imagenet: job/$NAME failed (${why:-no reason given}); see kubectl -n $NAMESPACE describe job/$NAME" >&2
+      exit 1 ;;
+  esac
+  if (( $(date +%s) >= deadline )); then
+    echo "k8s_imagenet: job/$NAME did not finish within ${WAIT_TIMEOUT_S}s; it keeps running" \
+         "(kubectl -n $NAMESPACE get job/$NAME; rerun with a larger WAIT_TIMEOUT_S to keep following)" >&2
+    exit 124
+  fi
+  sleep "$POLL_S"
+done

@@ -641,7 +641,8 @@ def bench_process_group(cfg: Config) -> Iterator[DistEnv]:
     env = detect_env()
     setup_logging(env, cfg.log.level)
     device = resolve_device(cfg.train.device, env.local_rank)
-    init_distributed(env, resolve_backend(cfg.dist.backend, device), cfg.dist.timeout_minutes, device)
+    init_distributed(env, resolve_backend(cfg.dist.backend, device), cfg.dist.timeout_minutes,
+                     cfg.dist.rendezvous_timeout_minutes, device)
     try:
         yield env
     finally:

@@ -43,6 +43,8 @@ import bisect
 import functools
 import logging
 import random
+import signal
+import sys
 import tarfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -573,10 +575,33 @@ class ShardReader:
 # Worker-side dataset
 
 
+WORKER_IGNORED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+"""Stop signals a DataLoader worker ignores: SLURM, torchrun and ``kill -- -PGID`` signal the whole process
+group, and the stop belongs to the main process, which saves at the next step boundary and needs its workers
+until then (torch's worker SIGTERM handler would end the worker and turn the stop into exit code 3)."""
+
+
 def _worker_init(_: int) -> None:
+    for s in WORKER_IGNORED_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    _die_with_parent()
     # s3fs/gcsfs sessions are not fork-safe: every worker builds its own filesystem objects
     io.reset_filesystems()
     torch.set_num_threads(1)
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel SIGKILLs this worker when the trainer process dies (it no longer ends on SIGTERM, so a
+    worker stuck in I/O would otherwise outlive a killed trainer)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):  # no prctl: torch's worker loop still notices a dead parent within seconds
+        pass
 
 
 class _ShardDataset(IterableDataset):

@@ -2,15 +2,23 @@
 
 The environment is read once into a :class:`DistEnv` value and passed down explicitly; there are no
 module-level rank globals.
+
+Failure bounds (docs/operations.md): the ranks wait ``rendezvous_timeout_minutes`` for each other at start-up;
+after that every collective times out after ``timeout_minutes`` (gloo raises; NCCL's watchdog aborts the
+communicator, ``TORCH_NCCL_ASYNC_ERROR_HANDLING=2``, and the waiting call raises), and the CLI turns the error
+into exit code 3. :class:`StallWatchdog` is the backstop for waits no timeout covers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
 import socket
-from collections.abc import Mapping
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -196,12 +204,28 @@ def resolve_backend(requested: str, device: torch.device) -> str:
     return requested.replace(" ", "")
 
 
-def init_distributed(env: DistEnv, backend: str = "gloo", timeout_minutes: float = 30.0,
-                     device: torch.device | None = None) -> None:
+NCCL_ERROR_HANDLING = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "2"}
+"""On a collective timeout or NCCL error, abort the communicator so the waiting call raises (mode 2) instead of
+tearing the process down with SIGABRT (modes 1 and 3), which would hide the exit code 3 the schedulers act on.
+Set in the environment before the process group exists; an explicit user setting wins."""
+
+
+def configure_nccl_error_handling(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """Set NCCL's async error handling unless the user chose a mode; returns the values in effect."""
+    env = os.environ if environ is None else environ
+    for key, value in NCCL_ERROR_HANDLING.items():
+        env.setdefault(key, value)
+    return {k: env[k] for k in NCCL_ERROR_HANDLING}
+
+
+def init_distributed(env: DistEnv, backend: str = "gloo", timeout_minutes: float = 4.0,
+                     rendezvous_timeout_minutes: float = 30.0, device: torch.device | None = None) -> None:
     """Initialise the default process group for ``env`` (no-op for a single process).
 
-    ``device`` is the training device; on CUDA it is made current before the group exists (NCCL binds
-    each rank's communicator to the current device, and object collectives stage through it).
+    ``rendezvous_timeout_minutes`` bounds the wait for every rank to arrive; ``timeout_minutes`` bounds every
+    collective afterwards (a dead peer then fails the survivors instead of hanging them). ``device`` is the
+    training device; on CUDA it is made current before the group exists (NCCL binds each rank's
+    communicator to the current device, and object collectives stage through it).
     """
     if not env.distributed or dist.is_initialized():
         return
@@ -210,10 +234,13 @@ def init_distributed(env: DistEnv, backend: str = "gloo", timeout_minutes: float
         torch.cuda.set_device(device)
         if "nccl" in backend:
             kwargs["device_id"] = device  # eager NCCL init on the right GPU; no device guess at the first barrier
+    if "nccl" in backend:
+        configure_nccl_error_handling()
     try:
+        store = _rendezvous_store(env, rendezvous_timeout_minutes)
         dist.init_process_group(
             backend=backend,
-            init_method=f"tcp://{env.master_addr}:{env.master_port}",
+            store=store,
             rank=env.rank,
             world_size=env.world_size,
             timeout=datetime.timedelta(minutes=timeout_minutes),
@@ -224,7 +251,88 @@ def init_distributed(env: DistEnv, backend: str = "gloo", timeout_minutes: float
             f"rendezvous failed for rank {env.rank}/{env.world_size} at {env.master_addr}:{env.master_port} "
             f"({env.source}): {e}"
         ) from e
-    log.info("process group ready: %s, rank %d of %d (%s)", backend, env.rank, env.world_size, env.source)
+    log.info("process group ready: %s, rank %d of %d (%s); collective timeout %g min", backend, env.rank,
+             env.world_size, env.source, timeout_minutes)
+
+
+def _rendezvous_store(env: DistEnv, timeout_minutes: float) -> dist.TCPStore:
+    """The TCP key-value store on rank 0's address that the ranks meet at (its own, longer timeout)."""
+    return dist.TCPStore(env.master_addr, env.master_port, env.world_size, env.rank == 0,
+                         timeout=datetime.timedelta(minutes=timeout_minutes), wait_for_workers=True)
+
+
+class StallWatchdog:
+    """Ends the process with ``exit_code`` when no progress is reported for ``timeout_s`` seconds.
+
+    The backstop for a rank stuck waiting on a dead or frozen peer where no timeout fires (a collective
+    without one, a hung NCCL kernel): the process exits 3 so the scheduler restarts the job, which resumes
+    from the last checkpoint. Armed by the first :meth:`beat`, so start-up (resume, the first compile) never
+    counts; :meth:`paused` covers work with its own bounds (checkpoint reads and writes).
+    """
+
+    def __init__(self, timeout_s: float, exit_code: int = 3, what: str = "training step",
+                 poll_s: float | None = None, on_expire: Callable[[str], None] | None = None) -> None:
+        self.timeout_s = timeout_s
+        self.exit_code = exit_code
+        self.what = what
+        self.poll_s = poll_s if poll_s is not None else max(0.05, min(5.0, timeout_s / 10))
+        self.on_expire = on_expire or self._exit
+        self._last: float | None = None
+        self._paused = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> StallWatchdog:
+        """Start the watching thread (a daemon; it never keeps the process alive)."""
+        self._thread = threading.Thread(target=self._run, name="largessl-stall-watchdog", daemon=True)
+        self._thread.start()
+        return self
+
+    def beat(self) -> None:
+        """Report progress (cheap: one attribute store, no lock)."""
+        self._last = time.monotonic()
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Do not count the time spent inside this block."""
+        self._paused += 1
+        try:
+            yield
+        finally:
+            self._paused -= 1
+            if self._last is not None:
+                self._last = time.monotonic()
+
+    def stop(self) -> None:
+        """Stop watching."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            last = self._last
+            if last is None or self._paused:
+                continue
+            idle = time.monotonic() - last
+            if idle > self.timeout_s:
+                self.on_expire(f"no {self.what} completed for {idle:.0f} s (limit {self.timeout_s:.0f} s): a peer "
+                               "rank died or hangs; exiting so the job can be restarted from the last checkpoint")
+                return
+
+    def _exit(self, message: str) -> None:
+        log.error("%s (exit code %d)", message, self.exit_code)
+        for h in logging.getLogger().handlers:
+            with contextlib.suppress(Exception):
+                h.flush()
+        os._exit(self.exit_code)  # the main thread is stuck in a call that cannot be interrupted
+
+
+def stall_timeout_s(timeout_minutes: float) -> float:
+    """The watchdog's limit: the collective timeout plus a margin (min(timeout, 1 min)) so that the collective's
+    own error, with its clearer message, normally comes first. Default 4 + 1 = 5 minutes."""
+    t = timeout_minutes * 60.0
+    return t + min(t, 60.0)
 
 
 def shutdown_distributed() -> None:

@@ -14,9 +14,17 @@ process per GPU with torchrun's variables (see :mod:`largessl.launch.node`; torc
 every worker exit code into 1 and give workers only 30 s after SIGTERM, defeating the podFailurePolicy
 below and the final checkpoint).
 
-Restarts: ``restartPolicy: Never`` with a podFailurePolicy that ignores disruptions (preemption, eviction,
-node drain do not count against ``backoffLimit``) and fails the Job at once on the trainer's bug exit codes
-(1, 2, 4). The run directory lives on a PVC, or checkpoints on object storage, so a replacement pod resumes.
+Restarts: ``restartPolicy: Never`` with a podFailurePolicy whose rules, first match wins, are: ignore
+disruptions (preemption, eviction, node drain: the ``DisruptionTarget`` condition), ignore exit code 75 (a
+rank that saved a checkpoint on a stop request: when one pod is preempted, every rank agrees to stop, saves
+and exits 75, and none of that counts against ``backoffLimit``), and fail the Job at once on the trainer's
+bug exit codes (1, 2, 4). Code 3 (storage, a dead peer) counts against ``backoffLimit`` and is retried.
+The run directory lives on a PVC, or checkpoints on object storage, so a replacement pod resumes. With
+several pods every pod writes the shared checkpoint folder: the PVC must be ReadWriteMany (NFS, CephFS,
+Filestore, EFS...), or use ``checkpoint.dir=s3://...`` (then only pod 0 writes the run directory).
+
+Pods run hardened: non-root UID/GID 1000 (the image's user) with ``fsGroup`` so a root-owned volume is
+writable, no privilege escalation, every capability dropped, the runtime's default seccomp profile.
 """
 
 from __future__ import annotations
@@ -83,6 +91,8 @@ class K8sRequest:
     backoff_limit: int = 6
     """Failed pods (not counting disruptions) before the Job fails."""
     service_account: str | None = None
+    run_as_user: int = 1000
+    """UID (and GID, and fsGroup of mounted volumes) of the container: the image's ``largessl`` user."""
 
     @property
     def nproc_per_node(self) -> int:
@@ -97,6 +107,8 @@ class K8sRequest:
             raise ValueError("pass --image (the largessl container image, see docker/README.md)")
         if self.grace_seconds < 30:
             raise ValueError("--grace-seconds must leave time for the final checkpoint (>= 30)")
+        if self.run_as_user < 1:
+            raise ValueError(f"run_as_user={self.run_as_user}: the pods run as a non-root user (UID >= 1)")
 
 
 @dataclass
@@ -154,6 +166,10 @@ def _uses_s3(cfg: Config) -> bool:
 def _run_dir(cfg: Config, req: K8sRequest) -> str:
     run_dir = cfg.train.run_dir
     if req.pvc:
+        if req.nodes > 1 and "://" not in cfg.checkpoint.dir:
+            log.warning("%d pods share the run directory on PVC %s: it must be ReadWriteMany (NFS, CephFS, EFS, "
+                        "Filestore...); with a ReadWriteOnce claim set checkpoint.dir=s3://bucket/prefix",
+                        req.nodes, req.pvc)
         if run_dir.startswith("/"):
             if not run_dir.startswith(RUNS_MOUNT + "/"):
                 raise ValueError(f"train.run_dir={run_dir} is outside the PVC mounted at {RUNS_MOUNT}; use a "
@@ -166,6 +182,37 @@ def _run_dir(cfg: Config, req: K8sRequest) -> str:
         return run_dir if run_dir.startswith("/") else f"/tmp/largessl/{run_dir.strip('/')}"
     raise ValueError("a replaced pod would start from scratch: pass --pvc CLAIM (run directory on a volume) or "
                      "set checkpoint.dir=s3://bucket/prefix (checkpoints on object storage)")
+
+
+CONTAINER_SECURITY: dict[str, Any] = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+}
+"""Container hardening (RDMA/InfiniBand setups that need IPC_LOCK add it back in an overlay)."""
+
+
+def pod_security(uid: int) -> dict[str, Any]:
+    """Pod securityContext: non-root ``uid``, volumes group-owned by it (``fsGroup``), default seccomp."""
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": uid,
+        "runAsGroup": uid,
+        "fsGroup": uid,
+        # chown a large volume only when its root does not match yet, not at every pod start
+        "fsGroupChangePolicy": "OnRootMismatch",
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def pretrain_failure_policy() -> dict[str, Any]:
+    """podFailurePolicy of the pretraining Job (first matching rule wins)."""
+    return {"rules": [
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        {"action": "Ignore", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
+                                             "values": sorted(exit_codes.RETRY_FREE)}},
+        {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
+                                              "values": sorted(exit_codes.FAIL_FAST)}},
+    ]}
 
 
 def _labels(name: str, component: str) -> dict[str, str]:
@@ -201,12 +248,16 @@ def _pod_spec(req: K8sRequest, name: str, args: list[str], env: list[dict[str, A
         # optional unless the config reads or writes s3:// paths
         "envFrom": [{"secretRef": {"name": req.s3_secret, "optional": not uses_s3}}],
         "volumeMounts": mounts,
+        "securityContext": CONTAINER_SECURITY,
+        # `kubectl describe pod` shows the last log lines: the CLI's one-line error is the last one
+        "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     if resources:
         container["resources"] = resources
     spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "terminationGracePeriodSeconds": req.grace_seconds,
+        "securityContext": pod_security(req.run_as_user),
         "containers": [container],
         "volumes": volumes,
     }
@@ -279,11 +330,7 @@ def plan_manifests(req: K8sRequest) -> K8sPlan:
             "backoffLimit": req.backoff_limit,
             # a replacement starts only once the old pod is gone, i.e. after its final checkpoint
             "podReplacementPolicy": "Failed",
-            "podFailurePolicy": {"rules": [
-                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-                {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
-                                                      "values": sorted(exit_codes.FAIL_FAST)}},
-            ]},
+            "podFailurePolicy": pretrain_failure_policy(),
             "template": {"metadata": {"labels": _labels(name, "pretrain")}, "spec": pod},
         },
     }

@@ -1,24 +1,41 @@
-"""Atomic, hash-verified training checkpoints: one ``step-N/`` folder per save.
+"""Atomic, hash-verified training checkpoints: one ``step-N/`` folder per save, local or on object storage.
 
 Layout of ``<ckpt_dir>/step-00000123/``::
 
     model.safetensors   consolidated state_dict of the method module (backbone.*, projector.*, ...), rank 0
     training.pt         optimizer, scheduler, scaler, step, epoch, extra state (rank 0; torch.save of tensors/primitives)
-    rank-00001.pt       per-rank RNG states and data position (every rank)
     meta.json           step, epoch, git revision, last metrics, resolved config (rank 0)
-    deepspeed/          DeepSpeed's own per-rank files (only with dist.strategy=deepspeed; every rank writes)
-    COMPLETE.json       completion marker written last: the sha256 of every other file
+    rank-00001.pt       per-rank RNG states and data position (every rank)
+    deepspeed/          DeepSpeed's own files (only with dist.strategy=deepspeed): the module states (shared)
+                        and one optimizer partition per rank
+    COMPLETE.json       completion marker written last: the sha256 and size of every other file
 
-A folder is valid only once its marker exists and every hash matches. On a local or shared file system the
-folder is written under a temporary name, every file is fsynced, and the folder is renamed into place; on
-object storage (any fsspec URL) the files are uploaded first, then the marker, then a small ``latest``
-pointer. Loading goes through ``torch.load(weights_only=True)`` and safetensors only.
+**Writing.** Every rank writes its files into a private folder, hashing them as they are written, then
+publishes them: on a local or shared file system it moves them into the shared staging folder
+``.tmp-step-N/``, which rank 0 renames into place once every rank is done (every file fsynced); on object
+storage (``s3://``, ``gs://``, any fsspec URL) it uploads them into ``step-N/``. Rank 0 then checks that
+every file is there with its size, writes the marker, then a small ``latest`` pointer, and prunes. A
+folder without a marker is an interrupted save: it is never loaded, and it is removed before the next
+run writes anything (:meth:`CheckpointManager.cleanup_interrupted`). A full disk raises an ``OSError``
+(ENOSPC) that names the path; the partial files of this rank are removed at once.
+
+**Reading each byte once.** Rank 0 reads the marker and checks that every file exists with its recorded
+size (a listing, no data). Every rank then streams only the files it loads -- the shared ones once and its
+own -- hashing them as the bytes arrive, and the ranks agree that every hash matched before any state is
+applied; a mismatch anywhere makes every rank fall back to the previous checkpoint. Deserialisation uses
+safetensors and ``torch.load(weights_only=True)``. DeepSpeed looks for its files with a local glob, so the
+DeepSpeed files a rank needs are streamed (and verified) into a local temporary folder (``TMPDIR``).
+
+The S3 endpoint comes from ``checkpoint.endpoint_url``, else ``data.endpoint_url``, else the AWS_*
+environment (see :func:`largessl.data.io.storage_options_for`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
-import io
+import io as _io
 import json
 import logging
 import os
@@ -27,18 +44,20 @@ import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file as load_safetensors
-from safetensors.torch import save_file as save_safetensors
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
 from torch.distributed import ProcessGroup
 
+from largessl.data import io
 from largessl.dist.collectives import barrier, broadcast_object, get_world_size
+from largessl.dist.env import StallWatchdog
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +66,11 @@ MODEL_FILE = "model.safetensors"
 TRAINING_FILE = "training.pt"
 META_FILE = "meta.json"
 LATEST = "latest"
+MARKER_FORMAT = 2
+"""1: hashes only; 2: hashes and sizes (a listing checks completeness without reading data)."""
 _STEP_RE = re.compile(r"^step-(\d+)$")
+_CHUNK = 4 << 20
+_OBJECT_STORES = ("s3", "gs", "az", "abfs")
 
 
 def step_dir_name(step: int) -> str:
@@ -72,7 +95,7 @@ def _local(path: str | os.PathLike[str]) -> Path:
 def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
             h.update(chunk)
     return h.hexdigest()
 
@@ -104,6 +127,59 @@ def git_revision() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Storage errors
+
+
+DISK_FULL = ("disk full (no space left on device); free space on that volume or point checkpoint.dir / "
+             "train.run_dir at one with room, then rerun the same command (it resumes from the last checkpoint)")
+
+
+def storage_error(e: OSError, path: str | os.PathLike[str]) -> OSError:
+    """``e`` naming ``path``; a full disk says so (the CLI maps every OSError to exit code 3)."""
+    if e.errno == errno.ENOSPC:
+        return OSError(errno.ENOSPC, DISK_FULL, str(path))
+    if e.filename:
+        return e
+    return OSError(e.errno or errno.EIO, e.strerror or str(e), str(path))
+
+
+def disk_full(directory: str | os.PathLike[str]) -> bool:
+    """True when ``directory``'s volume cannot take 64 KiB more (probes with a real write)."""
+    probe = Path(directory) / f".largessl-space-probe-{os.getpid()}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0" * (64 << 10))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    finally:
+        try:
+            probe.unlink()
+        except OSError:
+            pass
+    return False
+
+
+def _write_file(path: Path, data: bytes | memoryview) -> tuple[str, int]:
+    """Write, fsync and hash ``data``; storage failures name ``path``."""
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise storage_error(e, path) from e
+    return hashlib.sha256(data).hexdigest(), len(data)
+
+
+def _torch_bytes(obj: Any) -> memoryview:
+    buf = _io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getbuffer()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -143,147 +219,258 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Finding and verifying
-
-
-@dataclass(frozen=True)
-class _Listing:
-    step: int
-    path: str
-
-
-def _list_steps(ckpt_dir: str) -> list[_Listing]:
-    """Step folders under ``ckpt_dir``, newest first (no validation)."""
-    if _is_remote(ckpt_dir):
-        import fsspec
-
-        fs, root = fsspec.core.url_to_fs(ckpt_dir)
-        try:
-            entries = fs.ls(root, detail=False)
-        except FileNotFoundError:
-            return []
-        names = [e.rstrip("/").rsplit("/", 1)[-1] for e in entries]
-        base = ckpt_dir.rstrip("/")
-    else:
-        root_p = _local(ckpt_dir)
-        if not root_p.is_dir():
-            return []
-        names = [p.name for p in root_p.iterdir() if p.is_dir()]
-        base = str(root_p)
-    out = []
-    for n in names:
-        m = _STEP_RE.match(n)
-        if m:
-            out.append(_Listing(int(m.group(1)), f"{base}/{n}"))
-    return sorted(out, key=lambda x: x.step, reverse=True)
+# Where checkpoints live
 
 
 class CorruptCheckpointError(RuntimeError):
     """A checkpoint folder is incomplete or a file does not match its recorded hash."""
 
 
-def _read_bytes(path: str) -> bytes:
-    if _is_remote(path):
-        import fsspec
+class _Store:
+    """A checkpoint root: a local directory or an fsspec URL opened with the configured endpoint."""
 
-        with fsspec.open(path, "rb") as f:
+    def __init__(self, root: str | os.PathLike[str], endpoint_url: str = "") -> None:
+        self.url = str(root).rstrip("/")
+        self.remote = _is_remote(self.url)
+        if self.remote:
+            self.fs = io.filesystem(self.url, io.storage_options_for(self.url, endpoint_url))
+            self.root = self.fs._strip_protocol(self.url).rstrip("/")  # the filesystem's own path form
+        else:
+            self.fs = None
+            self.root = str(_local(self.url))
+
+    def path(self, *parts: str) -> str:
+        """Storage path (no protocol) for fsspec calls, or the local path."""
+        return "/".join([self.root, *parts])
+
+    def url_of(self, *parts: str) -> str:
+        """The user-facing location (with the protocol), for messages and return values."""
+        return "/".join([self.url, *parts])
+
+    def list_steps(self) -> list[tuple[int, str]]:
+        """(step, folder name) of every ``step-N`` folder, newest first (no validation)."""
+        if self.remote:
+            self.fs.invalidate_cache()  # s3fs caches listings; another run may have written since
+            try:
+                entries = self.fs.ls(self.root, detail=False)
+            except FileNotFoundError:
+                return []
+            names = [e.rstrip("/").rsplit("/", 1)[-1] for e in entries]
+        else:
+            root = Path(self.root)
+            if not root.is_dir():
+                return []
+            names = [p.name for p in root.iterdir() if p.is_dir()]
+        out = [(int(m.group(1)), n) for n in names if (m := _STEP_RE.match(n))]
+        return sorted(out, reverse=True)
+
+    def sizes(self, name: str) -> dict[str, int]:
+        """Size of every file under folder ``name`` by relative path (one listing, no data read)."""
+        prefix = self.path(name)
+        if self.remote:
+            self.fs.invalidate_cache()
+            try:
+                found = self.fs.find(prefix, detail=True)
+            except FileNotFoundError:
+                return {}
+            return {p[len(prefix) + 1:]: int(info.get("size") or 0) for p, info in found.items()
+                    if info.get("type", "file") == "file" and p.startswith(prefix + "/")}
+        base = Path(prefix)
+        return {p.relative_to(base).as_posix(): p.stat().st_size for p in base.rglob("*") if p.is_file()}
+
+    def exists(self, *parts: str) -> bool:
+        """True when the file or folder exists."""
+        if self.remote:
+            return self.fs.exists(self.path(*parts))
+        return Path(self.path(*parts)).exists()
+
+    def open(self, *parts: str) -> IO[bytes]:
+        """Open a file for reading (streamed, never cached whole)."""
+        if self.remote:
+            return self.fs.open(self.path(*parts), "rb")
+        return open(self.path(*parts), "rb")
+
+    def read_bytes(self, *parts: str) -> bytes:
+        """A small file's content (markers, pointers)."""
+        with self.open(*parts) as f:
             return f.read()
-    return _local(path).read_bytes()
 
+    def remove(self, name: str) -> None:
+        """Delete folder ``name`` and everything under it (missing is fine)."""
+        if self.remote:
+            try:
+                self.fs.rm(self.path(name), recursive=True)
+            except FileNotFoundError:
+                pass
+        else:
+            shutil.rmtree(self.path(name), ignore_errors=True)
 
-def verify_checkpoint(path: str) -> dict[str, Any]:
-    """Check the completion marker and every file hash; returns the marker, raises CorruptCheckpointError."""
-    try:
-        marker = json.loads(_read_bytes(f"{path}/{MARKER}"))
-    except FileNotFoundError:
-        raise CorruptCheckpointError(f"{path} has no completion marker {MARKER} (save interrupted)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CorruptCheckpointError(f"{path}/{MARKER} is not valid JSON: {e}") from None
-    files = marker.get("files")
-    if not isinstance(files, dict) or MODEL_FILE not in files:
-        raise CorruptCheckpointError(f"{path}/{MARKER} does not list {MODEL_FILE}")
-    for rel, digest in files.items():
+    def stream_verified(self, name: str, rel: str, digest: str | None, sink: Callable[[bytes], Any]) -> int:
+        """Stream ``name/rel`` into ``sink`` while hashing it; raises CorruptCheckpointError on a mismatch."""
+        h = hashlib.sha256()
+        n = 0
         try:
-            if _is_remote(path):
-                actual = hashlib.sha256(_read_bytes(f"{path}/{rel}")).hexdigest()
-            else:
-                actual = _sha256_file(_local(path) / rel)
+            with self.open(name, rel) as f:
+                while chunk := f.read(_CHUNK):
+                    h.update(chunk)
+                    n += len(chunk)
+                    sink(chunk)
         except FileNotFoundError:
-            raise CorruptCheckpointError(f"{path}/{rel} is missing") from None
-        if actual != digest:
-            raise CorruptCheckpointError(f"{path}/{rel} is corrupt (sha256 {actual[:12]}… != recorded {digest[:12]}…)")
+            raise CorruptCheckpointError(f"{self.url_of(name, rel)} is missing") from None
+        if digest is not None and h.hexdigest() != digest:
+            raise CorruptCheckpointError(f"{self.url_of(name, rel)} is corrupt (sha256 {h.hexdigest()[:12]}… != "
+                                         f"recorded {digest[:12]}…)")
+        return n
+
+    def read_verified(self, name: str, rel: str, digest: str | None) -> _io.BytesIO:
+        """The verified content of ``name/rel`` in memory (read once)."""
+        buf = _io.BytesIO()
+        self.stream_verified(name, rel, digest, buf.write)
+        buf.seek(0)
+        return buf
+
+    def copy_verified(self, name: str, rel: str, digest: str | None, dest: Path) -> None:
+        """Stream ``name/rel`` into the local file ``dest`` while verifying it."""
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(dest, "wb") as out:
+                self.stream_verified(name, rel, digest, out.write)
+        except OSError as e:
+            raise storage_error(e, dest) from e
+
+
+def _read_marker(store: _Store, name: str) -> dict[str, Any]:
+    try:
+        marker = json.loads(store.read_bytes(name, MARKER))
+    except FileNotFoundError:
+        raise CorruptCheckpointError(f"{store.url_of(name)} has no completion marker {MARKER} "
+                                     "(save interrupted)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CorruptCheckpointError(f"{store.url_of(name, MARKER)} is not valid JSON: {e}") from None
+    files = marker.get("files") if isinstance(marker, dict) else None
+    if not isinstance(files, dict) or MODEL_FILE not in files:
+        raise CorruptCheckpointError(f"{store.url_of(name, MARKER)} does not list {MODEL_FILE}")
     return marker
 
 
-def find_latest_checkpoint(ckpt_dir: str | os.PathLike[str]) -> str | None:
-    """Newest complete, hash-verified checkpoint folder under ``ckpt_dir``; corrupt ones are reported and skipped."""
-    for entry in _list_steps(str(ckpt_dir)):
+def _check_complete(store: _Store, name: str, marker: dict[str, Any], present: dict[str, int] | None = None) -> None:
+    """Every file the marker lists exists with its recorded size (format 1 markers: exists)."""
+    present = store.sizes(name) if present is None else present
+    sizes = marker.get("sizes", {})
+    for rel in marker["files"]:
+        if rel not in present:
+            raise CorruptCheckpointError(f"{store.url_of(name, rel)} is missing")
+        if rel in sizes and present[rel] != int(sizes[rel]):
+            raise CorruptCheckpointError(f"{store.url_of(name, rel)} has {present[rel]} bytes, the marker "
+                                         f"records {sizes[rel]} (truncated or overwritten)")
+
+
+def _candidates(store: _Store, below: int | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(folder name, marker) of every complete-looking checkpoint, newest first; others are reported."""
+    for step, name in store.list_steps():
+        if below is not None and step >= below:
+            continue
+        present = store.sizes(name)  # one listing: presence of the marker and every size, no data
+        if not present:
+            continue  # an empty prefix (some object stores keep a folder entry after its files are deleted)
         try:
-            verify_checkpoint(entry.path)
+            if MARKER not in present:
+                raise CorruptCheckpointError(f"{store.url_of(name)} has no completion marker {MARKER} "
+                                             "(save interrupted)")
+            marker = _read_marker(store, name)
+            _check_complete(store, name, marker, present)
         except CorruptCheckpointError as e:
             log.warning("skipping checkpoint: %s; falling back to the previous one", e)
             continue
-        return entry.path
+        yield name, marker
+
+
+def _split(path: str | os.PathLike[str], endpoint_url: str = "") -> tuple[_Store, str]:
+    p = str(path).rstrip("/")
+    parent, _, name = p.rpartition("/")
+    return _Store(parent or ".", endpoint_url), name
+
+
+def verify_checkpoint(path: str | os.PathLike[str], endpoint_url: str = "") -> dict[str, Any]:
+    """Full check of one step folder: marker, sizes and every file's hash (reads everything); returns the marker.
+
+    Resume and the loaders verify the files they read as they read them; this is for tools and tests.
+    """
+    store, name = _split(path, endpoint_url)
+    marker = _read_marker(store, name)
+    _check_complete(store, name, marker)
+    for rel, digest in marker["files"].items():
+        store.stream_verified(name, rel, digest, lambda chunk: None)
+    return marker
+
+
+def find_latest_checkpoint(ckpt_dir: str | os.PathLike[str], endpoint_url: str = "") -> str | None:
+    """Newest checkpoint folder whose marker lists files that all exist with their sizes, or None.
+
+    Content hashes are checked when the files are read (:func:`load_model_state`, resume), where a
+    mismatch falls back to the previous checkpoint.
+    """
+    store = _Store(ckpt_dir, endpoint_url)
+    for name, _ in _candidates(store):
+        return store.url_of(name)
     return None
 
 
-def _torch_load(path: str) -> Any:
-    data = _read_bytes(path)
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+def _load_torch(buf: IO[bytes]) -> Any:
+    return torch.load(buf, map_location="cpu", weights_only=True)
 
 
-def load_training_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Rank-0 training state of a verified checkpoint folder (optimizer, scheduler, scaler, step, epoch, extra)."""
-    path = str(path)
-    verify_checkpoint(path)
-    state = _torch_load(f"{path}/{TRAINING_FILE}")
-    state["meta"] = json.loads(_read_bytes(f"{path}/{META_FILE}"))
+def load_training_checkpoint(path: str | os.PathLike[str], endpoint_url: str = "") -> dict[str, Any]:
+    """Rank-0 training state of a checkpoint folder (optimizer, scheduler, scaler, step, epoch, extra, meta)."""
+    store, name = _split(path, endpoint_url)
+    files = _read_marker(store, name)["files"]
+    state = _load_torch(store.read_verified(name, TRAINING_FILE, files.get(TRAINING_FILE)))
+    state["meta"] = json.loads(store.read_verified(name, META_FILE, files.get(META_FILE)).getvalue())
     return state
 
 
-def load_rank_state(path: str | os.PathLike[str], rank: int) -> dict[str, Any]:
-    """A rank's private state (RNG states, data position) from a checkpoint folder."""
-    return _torch_load(f"{path}/{rank_file(rank)}")
+def load_rank_state(path: str | os.PathLike[str], rank: int, endpoint_url: str = "") -> dict[str, Any]:
+    """A rank's private state (RNG states, data position) from a checkpoint folder, hash-verified."""
+    store, name = _split(path, endpoint_url)
+    files = _read_marker(store, name)["files"]
+    return _load_torch(store.read_verified(name, rank_file(rank), files.get(rank_file(rank))))
 
 
-def load_model_state(path_or_run_dir: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict, dict]:
-    """(method-module state_dict, resolved config dict, meta) from a step folder, a checkpoint dir or a run dir."""
+def load_model_state(path_or_run_dir: str | os.PathLike[str],
+                     endpoint_url: str = "") -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """(method-module state_dict, resolved config dict, meta) from a step folder, a checkpoint dir or a run dir.
+
+    Reads the marker, the weights and meta.json once each, verifying their hashes as they stream; for a
+    checkpoint or run directory, a corrupt newest checkpoint falls back to the previous one.
+    """
     p = str(path_or_run_dir).rstrip("/")
-    ckpt = _resolve_checkpoint(p)
-    verify_checkpoint(ckpt)
-    if _is_remote(ckpt):
-        from safetensors.torch import load as load_bytes
-
-        state = load_bytes(_read_bytes(f"{ckpt}/{MODEL_FILE}"))
+    explicit = _Store(p, endpoint_url).exists(MARKER)
+    if explicit:
+        store, name = _split(p, endpoint_url)
+        candidates: Iterator[tuple[str, dict[str, Any]]] = iter([(name, _read_marker(store, name))])
     else:
-        state = load_safetensors(str(_local(ckpt) / MODEL_FILE))
-    meta = json.loads(_read_bytes(f"{ckpt}/{META_FILE}"))
-    config = meta.pop("config", {})
-    meta["path"] = ckpt
-    return state, config, meta
-
-
-def _resolve_checkpoint(p: str) -> str:
-    def exists(path: str) -> bool:
-        if _is_remote(path):
-            import fsspec
-
-            fs, root = fsspec.core.url_to_fs(path)
-            return fs.exists(root)
-        return _local(path).exists()
-
-    if exists(f"{p}/{MARKER}"):
-        return p
-    for candidate in (f"{p}/checkpoints", p):
-        found = find_latest_checkpoint(candidate)
-        if found:
-            return found
+        store = next((s for s in (_Store(f"{p}/checkpoints", endpoint_url), _Store(p, endpoint_url))
+                      if s.list_steps()), _Store(p, endpoint_url))
+        candidates = _candidates(store)
+    for name, marker in candidates:
+        files = marker["files"]
+        try:
+            weights = load_safetensors_bytes(store.read_verified(name, MODEL_FILE, files[MODEL_FILE]).getvalue())
+            meta = json.loads(store.read_verified(name, META_FILE, files.get(META_FILE)).getvalue())
+        except CorruptCheckpointError as e:
+            if explicit:
+                raise
+            log.warning("skipping checkpoint: %s; falling back to the previous one", e)
+            continue
+        config = meta.pop("config", {})
+        meta["path"] = store.url_of(name)
+        return weights, config, meta
     raise ValueError(f"no complete checkpoint found at {p} (looked for a step-N/ folder with {MARKER}); "
                      "pass a run directory, its checkpoints/ folder or a step-N/ folder")
 
 
 # ---------------------------------------------------------------------------------------------------
-# Saving
+# Saving and resuming
 
 
 @dataclass
@@ -299,147 +486,349 @@ class SavePayload:
     meta: dict[str, Any] | None = None
     """JSON-serialisable step, epoch, git revision, metrics, config (rank 0 only)."""
     write_extra: Callable[[Path], None] | None = None
-    """Called on every rank with the staging folder (DeepSpeed's save_checkpoint writes there)."""
+    """Called on every rank with its private folder; every file it writes there is this rank's (DeepSpeed's
+    save_checkpoint writes ``deepspeed/...``)."""
+
+
+@dataclass
+class LoadedCheckpoint:
+    """What one rank read (and verified) of a checkpoint; :meth:`close` removes the local copies."""
+
+    path: str
+    """The step folder (URL for object storage)."""
+    marker: dict[str, Any]
+    """The completion marker (hashes and sizes of every file)."""
+    training: dict[str, Any]
+    """training.pt with ``meta`` (meta.json) added."""
+    model: dict[str, torch.Tensor] | None
+    """model.safetensors, when it was asked for."""
+    rank_state: dict[str, Any]
+    """This rank's private state (rank 0's when the saving run had fewer ranks)."""
+    extra_dir: Path | None = None
+    """Local folder holding the extra files this rank needs (``deepspeed/...``), verified."""
+    _store: _Store | None = field(default=None, repr=False)
+    _name: str = field(default="", repr=False)
+
+    def read_rank_state(self, rank: int) -> dict[str, Any]:
+        """Another rank's private state file, read and verified on demand."""
+        assert self._store is not None
+        rel = rank_file(rank)
+        if rel not in self.marker["files"]:
+            raise ValueError(f"checkpoint {self.path} has no state of rank {rank} (it was saved by "
+                             f"{saved_world_size(self.marker)} rank(s))")
+        return _load_torch(self._store.read_verified(self._name, rel, self.marker["files"][rel]))
+
+    def close(self) -> None:
+        """Remove the local copies of the extra files."""
+        if self.extra_dir is not None:
+            shutil.rmtree(self.extra_dir, ignore_errors=True)
+            self.extra_dir = None
+
+
+def saved_world_size(marker: dict[str, Any]) -> int:
+    """Number of ranks that wrote a checkpoint (its rank-N.pt files)."""
+    return sum(1 for rel in marker["files"] if re.fullmatch(r"rank-\d+\.pt", rel))
 
 
 class CheckpointManager:
-    """Writes ``step-N/`` folders atomically from all ranks, keeps the newest ``keep`` and finds the latest."""
+    """Writes ``step-N/`` folders atomically from all ranks, keeps the newest ``keep``, and resumes reading
+    each byte once. Every public method except :meth:`cleanup_interrupted` is a collective."""
 
-    def __init__(self, ckpt_dir: str, keep: int = 2, rank: int = 0, group: ProcessGroup | None = None) -> None:
+    def __init__(self, ckpt_dir: str, keep: int = 2, rank: int = 0, group: ProcessGroup | None = None,
+                 endpoint_url: str = "") -> None:
         if keep < 2:
             raise ValueError(f"keep must be >= 2 (got {keep}): the previous checkpoint is the fallback")
-        self.dir = ckpt_dir.rstrip("/")
-        self.remote = _is_remote(self.dir)
+        self.store = _Store(ckpt_dir, endpoint_url)
+        self.dir = self.store.url
+        self.remote = self.store.remote
         self.keep = keep
         self.rank = rank
         self.group = group
+        self.watchdog: StallWatchdog | None = None
+        """Paused while checkpoints are read or written (their bounds are the storage's and the collectives')."""
         if not self.remote:
-            _local(self.dir).mkdir(parents=True, exist_ok=True)
+            try:
+                Path(self.store.root).mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise storage_error(e, self.store.root) from e
+
+    # -------------------------------------------------------------------------------------------
+    # finding and loading
 
     def latest(self) -> str | None:
-        """Newest verified checkpoint, decided on rank 0 and broadcast so every rank resumes from the same one."""
-        found = find_latest_checkpoint(self.dir) if self.rank == 0 else None
+        """Newest complete checkpoint (marker and sizes), decided on rank 0 and broadcast to every rank."""
+        found = next((self.store.url_of(n) for n, _ in _candidates(self.store)), None) if self.rank == 0 else None
         return broadcast_object(found, 0, self.group)  # type: ignore[return-value]
+
+    def _io(self) -> contextlib.AbstractContextManager[None]:
+        return self.watchdog.paused() if self.watchdog is not None else contextlib.nullcontext()
+
+    def load(self, *, read_model: bool = True, extra_files: Callable[[str], bool] | None = None,
+             state_of_rank: int | None = None) -> LoadedCheckpoint | None:
+        """Collective: read the newest verified checkpoint, each rank only the files it needs, each byte once.
+
+        Rank 0 picks the candidate from the markers and sizes; every rank streams training.pt, meta.json,
+        model.safetensors (``read_model``), its rank file (``state_of_rank``; default its own, or rank 0's
+        when the saving run had fewer ranks) and the files ``extra_files`` selects, into a local folder,
+        verifying hashes as it reads. Only when every rank verified everything is the result returned;
+        a corrupt file anywhere makes all ranks move on to the previous checkpoint. None when there is none.
+        """
+        with self._io():
+            return self._load(read_model, extra_files, state_of_rank)
+
+    def _load(self, read_model: bool, extra_files: Callable[[str], bool] | None,
+              state_of_rank: int | None) -> LoadedCheckpoint | None:
+        below: int | None = None
+        while True:
+            cand = None
+            if self.rank == 0:
+                cand = next(_candidates(self.store, below), None)
+            cand = broadcast_object(cand, 0, self.group)
+            if cand is None:
+                return None
+            name, marker = cand  # type: ignore[misc]
+            loaded: LoadedCheckpoint | None = None
+            error: tuple[str, str] | None = None
+            raised: BaseException | None = None
+            try:
+                loaded = self._read(name, marker, read_model, extra_files, state_of_rank)
+            except CorruptCheckpointError as e:
+                error = ("corrupt", str(e))
+            except Exception as e:  # reported to every rank so none is left waiting in the agreement
+                error, raised = ("error", f"{type(e).__name__}: {e}"), e
+            errors = [broadcast_object(error, src, self.group) for src in range(get_world_size(self.group))]
+            if all(e is None for e in errors):
+                assert loaded is not None
+                return loaded
+            if loaded is not None:
+                loaded.close()
+            failed = [(r, e) for r, e in enumerate(errors) if e is not None and e[0] == "error"]
+            if raised is not None:
+                raise raised
+            if failed:
+                r, (_, msg) = failed[0]
+                raise RuntimeError(f"rank {r} could not read checkpoint {self.store.url_of(name)}: {msg}")
+            for r, e in enumerate(errors):
+                if e is not None:
+                    log.warning("checkpoint %s failed verification on rank %d: %s; falling back to the previous "
+                                "one", self.store.url_of(name), r, e[1])
+                    break
+            below = int(marker["step"]) if "step" in marker else int(name.split("-")[1])
+
+    def _read(self, name: str, marker: dict[str, Any], read_model: bool, extra_files: Callable[[str], bool] | None,
+              state_of_rank: int | None) -> LoadedCheckpoint:
+        files: dict[str, str] = marker["files"]
+        store = self.store
+        if state_of_rank is None:
+            state_of_rank = self.rank if rank_file(self.rank) in files else 0
+        for rel in (TRAINING_FILE, META_FILE, rank_file(state_of_rank)):
+            if rel not in files:
+                raise CorruptCheckpointError(f"{store.url_of(name, MARKER)} does not list {rel}")
+        training = _load_torch(store.read_verified(name, TRAINING_FILE, files[TRAINING_FILE]))
+        training["meta"] = json.loads(store.read_verified(name, META_FILE, files[META_FILE]).getvalue())
+        model = None
+        if read_model:
+            model = load_safetensors_bytes(store.read_verified(name, MODEL_FILE, files[MODEL_FILE]).getvalue())
+        rank_state = _load_torch(store.read_verified(name, rank_file(state_of_rank), files[rank_file(state_of_rank)]))
+        loaded = LoadedCheckpoint(store.url_of(name), marker, training, model, rank_state, None, store, name)
+        if extra_files is not None:
+            wanted = sorted(rel for rel in files if extra_files(rel))
+            loaded.extra_dir = Path(tempfile.mkdtemp(prefix=f"largessl-load-{name}-r{self.rank}-"))
+            try:
+                for rel in wanted:
+                    store.copy_verified(name, rel, files[rel], loaded.extra_dir / rel)
+            except BaseException:
+                loaded.close()
+                raise
+        return loaded
+
+    # -------------------------------------------------------------------------------------------
+    # saving
 
     def save(self, step: int, payload: SavePayload) -> str:
         """Collective: every rank calls this with its payload; returns the final folder path."""
-        name = step_dir_name(step)
-        if self.remote:
-            # Every rank stages privately and uploads its own files; only hashes travel between ranks.
-            staging = Path(tempfile.mkdtemp(prefix=f"largessl-{name}-r{self.rank}-"))
-        else:
-            staging = _local(self.dir) / f".tmp-{name}"
-            if self.rank == 0:
-                if staging.exists():
-                    shutil.rmtree(staging)
-                staging.mkdir(parents=True)
-            barrier(self.group)
-        hashes = self._write_rank_files(staging, payload)
-        if self.remote:
-            self._upload(staging, name, hashes)
-            shutil.rmtree(staging, ignore_errors=True)
-        all_hashes: dict[str, str] = {}
-        for src in range(get_world_size(self.group)):
-            all_hashes.update(broadcast_object(hashes, src, self.group))  # type: ignore[arg-type]
-        if self.rank == 0:
-            if not self.remote:  # the broadcasts above ordered this after every rank's writes
-                for p in sorted((staging / "deepspeed").rglob("*")):
-                    if p.is_file():
-                        _fsync_file(p)
-                        all_hashes[p.relative_to(staging).as_posix()] = _sha256_file(p)
-            self._finalise(staging, name, all_hashes)
-            self._prune()
-        barrier(self.group)
-        return f"{self.dir}/{name}"
+        with self._io():
+            return self._save(step, payload)
 
-    def _write_rank_files(self, staging: Path, payload: SavePayload) -> dict[str, str]:
-        """Write this rank's files, fsync them, and return their sha256 by relative path."""
-        written = [staging / rank_file(self.rank)]
-        torch.save(payload.rank_state, written[0])
+    def _save(self, step: int, payload: SavePayload) -> str:
+        name = step_dir_name(step)
+        staging = self._prepare(name)
+        if staging is not None:
+            private = staging / f".rank-{self.rank:05d}"
+            private.mkdir(parents=True, exist_ok=True)
+        else:
+            private = Path(tempfile.mkdtemp(prefix=f"largessl-{name}-r{self.rank}-"))
+        try:
+            files = self._write_rank_files(private, payload)
+            self._publish(private, staging, name, files)
+        except BaseException:
+            if self.rank == 0:
+                self._abandon(staging, name)
+            raise
+        finally:
+            # frees the space at once when the disk filled up; the next run removes whatever is left
+            shutil.rmtree(private, ignore_errors=True)
+        all_files: dict[str, tuple[str, int]] = {}
+        for src in range(get_world_size(self.group)):
+            all_files.update(broadcast_object(files, src, self.group))  # type: ignore[arg-type]
+        if self.rank == 0:
+            try:
+                # Everything that must hold before the folder becomes a checkpoint is checked here, before the
+                # marker; a failure abandons the save and the previous checkpoint stays the latest.
+                self._check_published(staging, name, all_files)
+                self._finalise(staging, name, all_files)
+            except BaseException:
+                self._abandon(staging, name)
+                raise
+            self._prune(step)
+        barrier(self.group)
+        return self.store.url_of(name)
+
+    def _prepare(self, name: str) -> Path | None:
+        """Rank 0 readies the destination; returns the shared local staging folder (None on object storage)."""
+        staging = Path(self.store.path(f".tmp-{name}")) if not self.remote else None
+        if self.rank == 0:
+            try:
+                if staging is not None:
+                    if staging.exists():
+                        shutil.rmtree(staging)
+                    staging.mkdir(parents=True)
+                elif self.store.exists(name, MARKER):
+                    # a re-save of the same step: invalidate the folder before any file is replaced
+                    self.store.fs.rm(self.store.path(name, MARKER))
+            except OSError as e:
+                raise storage_error(e, staging or self.store.url_of(name)) from e
+        barrier(self.group)
+        return staging
+
+    def _write_rank_files(self, private: Path, payload: SavePayload) -> dict[str, tuple[str, int]]:
+        """Write this rank's files into its private folder; returns (sha256, size) by relative path."""
+        out: dict[str, tuple[str, int]] = {}
         if payload.write_extra is not None:
-            payload.write_extra(staging)
-            # In a private (remote) staging folder every extra file is this rank's; in the shared folder
-            # rank 0 hashes the extra files after all ranks finished (see save), never while they are written.
-            if self.remote:
-                written += [p for p in (staging / "deepspeed").rglob("*") if p.is_file()]
+            try:
+                payload.write_extra(private)
+            except OSError as e:
+                raise storage_error(e, private) from e
+            except Exception as e:
+                # DeepSpeed's torch.save reports a full disk as a RuntimeError ("unexpected pos ...")
+                if disk_full(private):
+                    raise OSError(errno.ENOSPC, DISK_FULL, str(private)) from e
+                raise
+            for p in sorted(private.rglob("*")):
+                if p.is_file():
+                    _fsync_file(p)
+                    out[p.relative_to(private).as_posix()] = (_sha256_file(p), p.stat().st_size)
+        out[rank_file(self.rank)] = _write_file(private / rank_file(self.rank), _torch_bytes(payload.rank_state))
         if self.rank == 0:
             if payload.model_state is None or payload.training_state is None or payload.meta is None:
                 raise AssertionError("rank 0 must provide model_state, training_state and meta")
             tensors = {k: v.detach().cpu().contiguous() for k, v in payload.model_state.items()}
-            save_safetensors(tensors, str(staging / MODEL_FILE))
-            torch.save(payload.training_state, staging / TRAINING_FILE)
-            (staging / META_FILE).write_text(json.dumps(payload.meta, indent=1, sort_keys=True, default=str))
-            written += [staging / MODEL_FILE, staging / TRAINING_FILE, staging / META_FILE]
-        out = {}
-        for p in written:
-            _fsync_file(p)
-            out[p.relative_to(staging).as_posix()] = _sha256_file(p)
+            out[MODEL_FILE] = _write_file(private / MODEL_FILE, save_safetensors_bytes(tensors))
+            out[TRAINING_FILE] = _write_file(private / TRAINING_FILE, _torch_bytes(payload.training_state))
+            meta = json.dumps(payload.meta, indent=1, sort_keys=True, default=str).encode()
+            out[META_FILE] = _write_file(private / META_FILE, meta)
         return out
 
-    def _finalise(self, staging: Path, name: str, files: dict[str, str]) -> None:
-        marker = {"step": int(name.split("-")[1]), "files": dict(sorted(files.items())),
-                  "git_revision": git_revision()}
-        text = json.dumps(marker, indent=1, sort_keys=True)
-        if self.remote:
-            import fsspec
+    def _publish(self, private: Path, staging: Path | None, name: str, files: dict[str, tuple[str, int]]) -> None:
+        """Move this rank's files into the shared staging folder, or upload them into ``step-N/``."""
+        if staging is None and io.protocol_of(self.store.url) not in _OBJECT_STORES:
+            # object stores have no folders (s3fs's makedirs would even create a missing bucket); others need them
+            for parent in sorted({self.store.path(name, rel).rsplit("/", 1)[0] for rel in files}):
+                self.store.fs.makedirs(parent, exist_ok=True)
+        for rel in files:
+            src = private / rel
+            if staging is not None:
+                dest = staging / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(src, dest)
+            else:
+                self.store.fs.put_file(str(src), self.store.path(name, rel))
 
-            fs, root = fsspec.core.url_to_fs(self.dir)
-            # Payload first (already uploaded by every rank), marker second, pointer last.
-            fs.pipe_file(f"{root}/{name}/{MARKER}", text.encode())
-            fs.pipe_file(f"{root}/{LATEST}", (name + "\n").encode())
+    def _check_published(self, staging: Path | None, name: str, files: dict[str, tuple[str, int]]) -> None:
+        """Every rank's file is in place with its size before the marker makes the folder valid."""
+        if staging is not None:
+            present = {rel: (staging / rel).stat().st_size for rel in files if (staging / rel).is_file()}
         else:
-            (staging / MARKER).write_text(text)
-            _fsync_file(staging / MARKER)
-            _fsync_dir(staging)
-            root_p = _local(self.dir)
-            final = root_p / name
+            present = self.store.sizes(name)
+        for rel, (_, size) in sorted(files.items()):
+            if present.get(rel) != size:
+                raise OSError(errno.EIO, f"checkpoint file has {present.get(rel, 'no')} bytes after the upload, "
+                              f"expected {size}; the save is abandoned", self.store.url_of(name, rel))
+
+    def _finalise(self, staging: Path | None, name: str, files: dict[str, tuple[str, int]]) -> None:
+        marker = {"format": MARKER_FORMAT, "step": int(name.split("-")[1]),
+                  "files": {rel: files[rel][0] for rel in sorted(files)},
+                  "sizes": {rel: files[rel][1] for rel in sorted(files)},
+                  "git_revision": git_revision()}
+        text = json.dumps(marker, indent=1, sort_keys=True).encode()
+        if staging is None:
+            # Payload first (already uploaded by every rank), marker second, pointer last.
+            self.store.fs.pipe_file(self.store.path(name, MARKER), text)
+            self.store.fs.pipe_file(self.store.path(LATEST), (name + "\n").encode())
+        else:
+            root = Path(self.store.root)
+            _write_file(staging / MARKER, text)
+            for d in sorted({(staging / rel).parent for rel in files} | {staging}, reverse=True):
+                _fsync_dir(d)
+            final = root / name
             if final.exists():  # a re-save of the same step (e.g. a crash after the rename, before pruning)
                 shutil.rmtree(final)
             os.replace(staging, final)
-            _fsync_dir(root_p)
-            tmp = root_p / f".{LATEST}.tmp"
-            tmp.write_text(name + "\n")
-            _fsync_file(tmp)
-            os.replace(tmp, root_p / LATEST)
-            _fsync_dir(root_p)
-        log.info("checkpoint saved: %s/%s", self.dir, name)
+            _fsync_dir(root)
+            tmp = root / f".{LATEST}.tmp"
+            _write_file(tmp, (name + "\n").encode())
+            os.replace(tmp, root / LATEST)
+            _fsync_dir(root)
+        log.info("checkpoint saved: %s", self.store.url_of(name))
 
-    def _upload(self, staging: Path, name: str, files: dict[str, str]) -> None:
-        import fsspec
+    def _abandon(self, staging: Path | None, name: str) -> None:
+        """Rank 0, after a failed save: remove what it left (best effort; the next start cleans up the rest)."""
+        try:
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+            elif not self.store.exists(name, MARKER):
+                self.store.remove(name)
+        except Exception as e:  # the original failure matters more than this one
+            log.warning("could not remove the failed save %s: %s", self.store.url_of(name), e)
 
-        fs, root = fsspec.core.url_to_fs(self.dir)
-        for rel in files:
-            fs.put_file(str(staging / rel), f"{root}/{name}/{rel}")
-
-    def _prune(self) -> None:
-        """Delete complete checkpoints beyond the newest ``keep`` and leftovers of interrupted saves."""
-        entries = _list_steps(self.dir)
-        complete = []
-        for e in entries:
-            try:
-                _read_bytes(f"{e.path}/{MARKER}")
-                complete.append(e)
-            except FileNotFoundError:
+    def _prune(self, newest: int) -> None:
+        """Keep the newest ``keep`` complete checkpoints up to step ``newest`` (the one just written and checked,
+        so the newest verified checkpoint is never dropped) and remove interrupted saves older than it."""
+        kept = 0
+        for step, name in self.store.list_steps():
+            if step > newest:
+                continue  # not this run's: an older timeline's checkpoint that failed verification at resume
+            complete = step == newest or self.store.exists(name, MARKER)
+            if complete and kept < self.keep:
+                kept += 1
                 continue
-        for e in complete[self.keep:]:
-            self._remove(e.path)
+            log.debug("removing %s checkpoint %s", "old" if complete else "interrupted", self.store.url_of(name))
+            self.store.remove(name)
         if not self.remote:
-            for p in _local(self.dir).glob(".tmp-step-*"):
+            for p in Path(self.store.root).glob(".tmp-step-*"):
                 shutil.rmtree(p, ignore_errors=True)
 
-    def _remove(self, path: str) -> None:
-        log.debug("removing old checkpoint %s", path)
+    def cleanup_interrupted(self) -> list[str]:
+        """Rank 0, before the run writes anything: remove what killed or failed saves left behind.
+
+        Local: ``.tmp-step-N`` staging folders. Object storage: ``step-N/`` folders without a marker
+        (uploads cut short). Returns what was removed. Other ranks do nothing.
+        """
+        if self.rank != 0:
+            return []
+        removed = []
         if self.remote:
-            import fsspec
-
-            fs, root = fsspec.core.url_to_fs(path)
-            fs.rm(root, recursive=True)
+            for _, name in self.store.list_steps():
+                present = self.store.sizes(name)
+                if MARKER not in present:
+                    if present:  # empty prefixes are left-overs of deletes, not saves
+                        removed.append(self.store.url_of(name))
+                    self.store.remove(name)
         else:
-            shutil.rmtree(_local(path), ignore_errors=True)
-
-    def cleanup_interrupted(self) -> None:
-        """Remove staging folders left by a killed save (rank 0, before training starts)."""
-        if self.rank == 0 and not self.remote:
-            for p in _local(self.dir).glob(".tmp-step-*"):
-                log.info("removing interrupted save %s", p)
+            root = Path(self.store.root)
+            for p in sorted(root.glob(".tmp-step-*")) if root.is_dir() else []:
+                removed.append(str(p))
                 shutil.rmtree(p, ignore_errors=True)
+        for r in removed:
+            log.info("removed interrupted save %s", r)
+        return removed

@@ -1,8 +1,8 @@
 """``largessl pretrain --config X.yaml [key=value ...]``: one process, torchrun, SLURM or a Kubernetes job.
 
 Rerunning the same command on the same ``train.run_dir`` resumes from its newest complete checkpoint.
-Exit codes: 0 done, 75 stopped by a signal or the time limit after saving (requeue), 2 bad config,
-3 environment, 4 diverged (see :mod:`largessl.exit_codes`).
+Exit codes: 0 done, 75 stopped by a signal or the time limit after saving (requeue), 1 a bug, 2 bad config,
+3 environment (storage, a dead peer, rendezvous), 4 diverged (see :mod:`largessl.exit_codes`).
 """
 
 from __future__ import annotations
@@ -37,17 +37,17 @@ def run(args: argparse.Namespace) -> int:
     setup_logging(env, cfg.log.level)
     device = resolve_device(cfg.train.device, env.local_rank)
     backend = resolve_backend(cfg.dist.backend, device)
-    init_distributed(env, backend, cfg.dist.timeout_minutes, device)
-    try:
-        from largessl.train.trainer import build_trainer
+    init_distributed(env, backend, cfg.dist.timeout_minutes, cfg.dist.rendezvous_timeout_minutes, device)
+    from largessl.train.trainer import build_trainer
 
-        trainer = build_trainer(cfg, env)
-        result = trainer.fit()
-        if result.exit_code == 0 and cfg.stages:
-            _run_stages(cfg, result.run_dir)
-        return result.exit_code
-    finally:
-        shutdown_distributed()
+    # No teardown after a failure: with a dead peer, destroying the process group can block forever; the
+    # CLI ends the process with the failure's exit code instead (largessl.cli.main).
+    trainer = build_trainer(cfg, env)
+    result = trainer.fit()
+    if result.exit_code == 0 and cfg.stages:
+        _run_stages(cfg, result.run_dir)
+    shutdown_distributed()
+    return result.exit_code
 
 
 def _run_stages(cfg, run_dir: str) -> None:

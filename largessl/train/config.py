@@ -52,7 +52,8 @@ class TrainConfig:
     """Length, batch, precision and device of the run."""
 
     run_dir: str = "runs/default"
-    """Run directory (config.yaml, metrics.jsonl, tb/, checkpoints/); rerunning on it resumes."""
+    """Local run directory (config.yaml, metrics.jsonl, tb/, checkpoints/); rerunning on it resumes. For
+    object storage set checkpoint.dir=s3://... (the run directory itself must be a local path)."""
     global_batch_size: int = 2048
     """Images per optimizer step summed over all ranks; per-rank batch = global / world size."""
     epochs: float = 100.0
@@ -87,6 +88,11 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Check values that do not depend on other sections."""
+        if "://" in self.run_dir:
+            raise ValueError(f"train.run_dir={self.run_dir} is a URL; the run directory (config.yaml, metrics, "
+                             "TensorBoard) must be a local path or one on a shared filesystem: keep checkpoints "
+                             "on object storage with checkpoint.dir=s3://bucket/prefix and set train.run_dir "
+                             "to a folder")
         if self.global_batch_size < 2:
             raise ValueError(f"train.global_batch_size must be >= 2 (got {self.global_batch_size})")
         if self.num_steps < 0 or self.epochs < 0:
@@ -108,7 +114,9 @@ class CheckpointConfig:
     keep: int = 2
     """Complete checkpoints kept (at least 2, so a corrupt latest one always has a fallback)."""
     dir: str = ""
-    """Checkpoint directory or fsspec URL; empty = <run_dir>/checkpoints."""
+    """Checkpoint directory or fsspec URL (s3://bucket/prefix, gs://...); empty = <run_dir>/checkpoints."""
+    endpoint_url: str = ""
+    """S3 endpoint for checkpoint.dir; empty = data.endpoint_url, else AWS_ENDPOINT_URL from the environment."""
 
     def validate(self) -> None:
         """Check values that do not depend on other sections."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,9 @@ from largessl.train.precision import PrecisionPolicy
 log = logging.getLogger(__name__)
 
 CHECKPOINT_TAG = "state"
+CHECKPOINT_DIR = "deepspeed"
+"""Folder of DeepSpeed's files inside a checkpoint."""
+_PARTITION_RE = re.compile(r"(?:^|/)(?:bf16_)?zero_pp_rank_(\d+)_")
 
 
 def import_deepspeed(device: torch.device) -> Any:
@@ -86,14 +90,29 @@ def build_engine(module: nn.Module, optimizer: Optimizer, zero_stage: int, per_r
     return engine
 
 
-def save_engine(engine: Any, staging: Path) -> None:
-    """Every rank writes its DeepSpeed files (optimizer partitions; module states on rank 0)."""
-    engine.save_checkpoint(str(staging / "deepspeed"), tag=CHECKPOINT_TAG, save_latest=False)
+def save_engine(engine: Any, folder: Path) -> None:
+    """Every rank writes its DeepSpeed files under ``folder/deepspeed`` (module states on rank 0, each rank's
+    optimizer partition)."""
+    engine.save_checkpoint(str(folder / CHECKPOINT_DIR), tag=CHECKPOINT_TAG, save_latest=False)
 
 
-def load_engine(engine: Any, ckpt: str) -> None:
-    """Restore module and optimizer partitions from a verified checkpoint folder."""
-    path, _ = engine.load_checkpoint(f"{ckpt}/deepspeed", tag=CHECKPOINT_TAG, load_optimizer_states=True,
-                                     load_lr_scheduler_states=False)
+def files_for_rank(rel: str, rank: int) -> bool:
+    """Whether checkpoint file ``rel`` is one that ``rank`` loads: DeepSpeed's shared files (module states,
+    the recovery script) and that rank's own ZeRO partition, never the other ranks' partitions.
+
+    ZeRO-1/2 without ``elastic_checkpoint`` (our configuration) reads only its own partition file:
+    ``zero_pp_rank_<dp rank>_mp_rank_00_optim_states.pt``.
+    """
+    if not rel.startswith(CHECKPOINT_DIR + "/"):
+        return False
+    m = _PARTITION_RE.search(rel)
+    return m is None or int(m.group(1)) == rank
+
+
+def load_engine(engine: Any, folder: str | Path) -> None:
+    """Restore module and optimizer partition from ``folder/deepspeed`` on the local file system (DeepSpeed
+    finds its files with a glob; :class:`largessl.train.checkpoint.CheckpointManager` stages them there)."""
+    path, _ = engine.load_checkpoint(str(Path(folder) / CHECKPOINT_DIR), tag=CHECKPOINT_TAG,
+                                     load_optimizer_states=True, load_lr_scheduler_states=False)
     if path is None:
-        raise RuntimeError(f"DeepSpeed could not load its state from {ckpt}/deepspeed")
+        raise RuntimeError(f"DeepSpeed could not load its state from {folder}/{CHECKPOINT_DIR}")

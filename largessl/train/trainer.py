@@ -8,6 +8,7 @@ metrics. A stop request saves a checkpoint on every rank and ends with ``exit_co
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -24,7 +25,7 @@ from largessl import exit_codes
 from largessl.config import Config, RunPlan, config_to_dict, plan_run, save_config
 from largessl.data.batch import Batch
 from largessl.dist.collectives import all_reduce_sum_no_grad, device_values, get_rank, get_world_size
-from largessl.dist.env import DistEnv
+from largessl.dist.env import DistEnv, StallWatchdog, stall_timeout_s
 from largessl.eval.online_probe import OnlineProbe
 from largessl.methods import build_method
 from largessl.methods.base import MethodOutput, check_output
@@ -35,9 +36,8 @@ from largessl.train.checkpoint import (
     SavePayload,
     capture_rng_state,
     git_revision,
-    load_rank_state,
-    load_training_checkpoint,
     restore_rng_state,
+    storage_error,
 )
 from largessl.train.optim import build_optimizer
 from largessl.train.precision import PrecisionPolicy, resolve_device, resolve_precision
@@ -124,7 +124,8 @@ class Trainer:
         self.plan = self._plan(num_train_samples)
         self.run_dir = Path(cfg.train.run_dir)
         self.ckpt = CheckpointManager(cfg.checkpoint.dir or str(self.run_dir / "checkpoints"),
-                                      keep=cfg.checkpoint.keep, rank=self.rank, group=group)
+                                      keep=cfg.checkpoint.keep, rank=self.rank, group=group,
+                                      endpoint_url=cfg.checkpoint.endpoint_url or cfg.data.endpoint_url)
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         backbone = build_backbone(cfg.model, group)
@@ -244,37 +245,45 @@ class Trainer:
         return self.ckpt.save(self.step, payload)
 
     def resume(self) -> bool:
-        """Load the newest verified checkpoint if there is one (every rank); returns whether it resumed."""
-        self.ckpt.cleanup_interrupted()
-        path = self.ckpt.latest()
-        if path is None:
+        """Load the newest verified checkpoint if there is one (every rank); returns whether it resumed.
+
+        Each rank reads each byte it needs once, verifying hashes as they stream (see CheckpointManager.load):
+        training.pt, meta.json, its rank file, and model.safetensors (DDP) or its DeepSpeed files.
+        """
+        extra = None
+        if self.engine is not None:
+            from largessl.train.deepspeed_engine import files_for_rank
+
+            extra = functools.partial(files_for_rank, rank=self.rank)
+        loaded = self.ckpt.load(read_model=self.engine is None, extra_files=extra)
+        if loaded is None:
             return False
-        state = load_training_checkpoint(path)
+        path, state, rank_state = loaded.path, loaded.training, loaded.rank_state
         saved_world = int(state["meta"].get("world_size", self.world_size))
         if saved_world != self.world_size and self.engine is not None:
+            loaded.close()
             # ZeRO partitions optimizer state per rank; DeepSpeed's universal-checkpoint conversion is an
-            # offline step (ds_to_universal) this trainer does not run, so refuse before loading anything.
+            # offline step (ds_to_universal) this trainer does not run, so refuse before loading any state.
             raise ValueError(f"checkpoint {path} was written by DeepSpeed on {saved_world} rank(s), this run has "
                              f"{self.world_size}: DeepSpeed's partitioned optimizer state resumes only on the same "
                              f"world size. Relaunch on {saved_world} rank(s), or use dist.strategy=ddp, which "
                              "resumes on any world size that divides train.global_batch_size")
-        from largessl.train.checkpoint import load_model_state
-
-        weights, _, _ = load_model_state(path)
-        self.module.load_state_dict(strip_compile_prefix(weights), strict=True)
         if self.engine is not None:
             from largessl.train.deepspeed_engine import load_engine
 
-            load_engine(self.engine, path)
+            try:  # module weights and this rank's optimizer partition, from the verified local copies
+                load_engine(self.engine, loaded.extra_dir)
+            finally:
+                loaded.close()
         else:
+            self.module.load_state_dict(strip_compile_prefix(loaded.model), strict=True)
             self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         if self.probe is not None and state.get("probe"):
             self.probe.load_full_state_dict(state["probe"])
         self.step = int(state["step"])
-        # Positions are identical on every rank; a rank the old run did not have reads rank 0's.
-        rank_state = load_rank_state(path, self.rank if self.rank < saved_world else 0)
+        # Positions are identical on every rank; a rank the old run did not have got rank 0's (load()).
         pos = rank_state["data"]
         if pos.get("batches_per_epoch", self.plan.steps_per_epoch) != self.plan.steps_per_epoch:
             raise ValueError(f"checkpoint {path} was written with {pos['batches_per_epoch']} batches per "
@@ -333,22 +342,51 @@ class Trainer:
         """Train until ``plan.num_steps`` or a stop request; resumes from the run directory first."""
         cfg = self.cfg
         if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
+            # Before anything new is written: a save that was killed or hit a full disk may hold the space.
+            self.ckpt.cleanup_interrupted()
+            self._write_run_config()
         log.info("run directory: %s", self.run_dir.resolve())
         stop = StopFlag(cfg.train.max_minutes, self.group, self.device).install()
+        watchdog, beat_hook = self._start_watchdog()
         result = None
         try:
             self.resume()
             result = self._loop(stop)
             return result
         finally:
+            if watchdog is not None:
+                watchdog.stop()
+                beat_hook.remove()
+                self.ckpt.watchdog = None
             # After a stop request the handlers stay: more signals while the process winds down must not
             # turn the requeue exit code into death-by-signal. A completed run restores the old handlers.
             if result is None or result.exit_code == exit_codes.OK:
                 stop.uninstall()
             else:
                 stop.ignore_further()
+
+    def _start_watchdog(self) -> tuple[StallWatchdog | None, Any]:
+        """With several ranks: exit 3 when no step starts for the collective timeout plus a margin (a dead peer
+        where no collective timeout fires). Every forward of the method module is a beat; checkpoint I/O pauses it."""
+        if self.world_size < 2:
+            return None, None
+        watchdog = StallWatchdog(stall_timeout_s(self.cfg.dist.timeout_minutes)).start()
+        hook = self.module.register_forward_pre_hook(lambda module, args: watchdog.beat())
+        self.ckpt.watchdog = watchdog
+        return watchdog, hook
+
+    def _write_run_config(self) -> None:
+        """config.yaml of the run (rank 0), after removing temp files of an earlier write that failed."""
+        path = self.run_dir / "config.yaml"
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            for stale in self.run_dir.glob(".config.yaml.tmp-*"):
+                stale.unlink(missing_ok=True)
+            save_config(self.cfg, path)
+        except OSError as e:
+            for partial in self.run_dir.glob(".config.yaml.tmp-*"):  # e.g. a full disk: no empty temp file stays
+                partial.unlink(missing_ok=True)
+            raise storage_error(e, path) from e
 
     def _loop(self, stop: StopFlag) -> FitResult:
         cfg, plan = self.cfg, self.plan
@@ -475,7 +513,10 @@ def build_trainer(cfg: Config, env: DistEnv, group: ProcessGroup | None = None) 
 
     if not cfg.data.train_manifest:
         raise ValueError("data.train_manifest is empty; point it at a manifest written by `largessl shards write`")
-    manifest = read_manifest(cfg.data.train_manifest)
+    from largessl.data.io import storage_options_for
+
+    manifest = read_manifest(cfg.data.train_manifest,
+                             storage_options_for(cfg.data.train_manifest, cfg.data.endpoint_url))
     world = get_world_size(group)
     rank = get_rank(group)
     if cfg.train.global_batch_size % world:

@@ -118,3 +118,56 @@ def test_webdataset_reads_s3_through_registered_opener(aws_env, tmp_path: Path) 
     samples = list(wds.WebDataset([s.url for s in manifest.shards], shardshuffle=False))
     assert len(samples) == len(truth)
     assert sorted(int(s["cls"]) for s in samples) == [0, 0, 1, 1, 2, 2]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("strategy", ["ddp", "deepspeed"])
+def test_pretrain_checkpoints_on_s3_with_only_data_endpoint_url(s3_server, tmp_path: Path, monkeypatch,
+                                                                strategy: str) -> None:
+    """2 ranks save to and resume from S3 through the trainer's own path (DDP, DeepSpeed ZeRO-2); the endpoint
+    comes from data.endpoint_url alone (no AWS_ENDPOINT_URL), the keys from the environment."""
+    import cli_runs
+
+    from largessl.data.digits import write_digits_shards
+    from largessl.train.checkpoint import MARKER, load_model_state
+
+    if strategy == "deepspeed":
+        pytest.importorskip("deepspeed", reason="DeepSpeed is an optional extra (pip install 'largessl[deepspeed]')")
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    train, _ = write_digits_shards(s3_server.url("digits16"), image_size=16)
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    ckpt_url = s3_server.url(f"runs-{strategy}", "checkpoints")
+    run = tmp_path / "run"
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    args = [*cli_runs.SMALL, f"data.train_manifest={train}", f"data.endpoint_url={s3_server.endpoint_url}",
+            f"checkpoint.dir={ckpt_url}", f"train.run_dir={run}", "checkpoint.every_steps=2", "data.num_workers=1"]
+    if strategy == "deepspeed":
+        args += ["dist.strategy=deepspeed", "dist.zero_stage=2"]
+    assert cli_runs.wait(cli_runs.start([*args, "train.num_steps=3"], logs, world=2)) == [0, 0], cli_runs.logs(logs)
+
+    fs = s3_server.filesystem()
+    root = ckpt_url[len("s3://"):]
+
+    def step_folders() -> list[str]:  # folders holding files (SeaweedFS keeps empty folder entries after a delete)
+        fs.invalidate_cache()
+        return sorted({p[len(root) + 1:].split("/")[0] for p in fs.find(root) if "/step-" in p})
+
+    assert step_folders() == ["step-00000002", "step-00000003"]
+    files = fs.find(f"{root}/step-00000003")
+    if strategy == "deepspeed":
+        assert any("zero_pp_rank_1_" in f for f in files) and any("mp_rank_00_model_states" in f for f in files)
+    # an upload cut short by a killed process: no marker; the next run removes it before writing anything
+    fs.pipe(f"{root}/step-00000004/model.safetensors", b"partial upload")
+
+    assert cli_runs.wait(cli_runs.start([*args, "train.num_steps=5"], logs, world=2)) == [0, 0], cli_runs.logs(logs)
+    text = cli_runs.logs(logs)
+    assert f"removed interrupted save {ckpt_url}/step-00000004" in text
+    assert f"resumed from {ckpt_url}/step-00000003 at step 3" in text
+    assert cli_runs.steps(run) == [1, 2, 3, 4, 5]
+    assert step_folders() == ["step-00000004", "step-00000005"]
+    assert fs.exists(f"{root}/step-00000005/{MARKER}")
+    state, _, meta = load_model_state(ckpt_url, endpoint_url=s3_server.endpoint_url)  # consumers: no DeepSpeed
+    assert meta["step"] == 5 and meta["strategy"] == strategy and any(k.startswith("backbone.") for k in state)

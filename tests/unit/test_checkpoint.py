@@ -1,4 +1,5 @@
-"""Checkpoint folders: atomic layout, hash verification, corrupt-latest fallback, pruning, consumer API."""
+"""Checkpoint folders: atomic layout, hash verification, corrupt-latest fallback, pruning, consumer API, object
+storage (fsspec memory:// and the counting filesystem), interrupted and failed saves, storage errors."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from largessl.train.checkpoint import (
     MARKER,
     MODEL_FILE,
     CheckpointManager,
+    CorruptCheckpointError,
     SavePayload,
     capture_rng_state,
     find_latest_checkpoint,
@@ -22,6 +24,8 @@ from largessl.train.checkpoint import (
     load_rank_state,
     load_training_checkpoint,
     restore_rng_state,
+    storage_error,
+    verify_checkpoint,
 )
 
 
@@ -88,11 +92,22 @@ def test_corrupt_latest_falls_back_to_previous(tmp_path, damage, caplog):
         (tmp_path / "step-00000020" / "training.pt").unlink()
     with caplog.at_level("WARNING"):
         found = find_latest_checkpoint(tmp_path)
-    assert found is not None and found.endswith("step-00000010") and found != latest
+        state, _, meta = load_model_state(tmp_path)
+        loaded = mgr.load()
+    if damage == "flip":
+        # the listing checks presence and sizes only; the hash is checked as the bytes are read
+        assert found == latest
+        with pytest.raises(CorruptCheckpointError, match="model.safetensors is corrupt"):
+            verify_checkpoint(latest)
+        with pytest.raises(CorruptCheckpointError, match="corrupt"):
+            load_model_state(latest)  # an explicit step folder does not fall back
+    else:
+        assert found is not None and found.endswith("step-00000010")
     assert "step-00000020" in caplog.text
-    state, _, meta = load_model_state(tmp_path)
     assert meta["step"] == 10
     assert torch.equal(state["0.weight"], good.state_dict()["0.weight"])
+    assert loaded is not None and loaded.path.endswith("step-00000010") and loaded.training["step"] == 10
+    assert torch.equal(loaded.model["0.weight"], good.state_dict()["0.weight"])
 
 
 def test_interrupted_save_leaves_no_valid_folder(tmp_path):
@@ -138,6 +153,116 @@ def test_object_storage_marker_then_pointer():
     assert find_latest_checkpoint(url).endswith("step-00000003")
     state, _, meta = load_model_state(url)
     assert meta["step"] == 3 and torch.equal(state["0.weight"], m.state_dict()["0.weight"])
+    loaded = mgr.load()
+    assert loaded.path == f"{url}/step-00000003" and loaded.rank_state["data"]["batch_in_epoch"] == 3
     fs.rm(f"{root}/step-00000003/{MARKER}")
     assert find_latest_checkpoint(url).endswith("step-00000002")
     fs.rm(root, recursive=True)
+
+
+class _UploadFails(RuntimeError):
+    pass
+
+
+def test_object_storage_failed_and_interrupted_uploads_are_cleaned(tmp_path):
+    """A save that dies mid-upload leaves no valid folder and is removed; the newest good checkpoint stays
+    latest; a partial folder left by a killed process is removed before the next run writes anything."""
+    import fsspec
+
+    url = "memory://ckpt-fail/checkpoints"
+    fs, root = fsspec.core.url_to_fs(url)
+    mgr = CheckpointManager(url, keep=2)
+    m = _model(5)
+    mgr.save(1, _payload(1, m))
+    mgr.save(2, _payload(2, m))
+
+    real_put = mgr.store.fs.put_file
+    calls = []
+
+    def flaky_put(lpath, rpath, **kw):  # the second upload of the save fails, as a dropped connection would
+        calls.append(rpath)
+        if len(calls) == 2:
+            raise _UploadFails("connection reset while uploading")
+        return real_put(lpath, rpath, **kw)
+
+    mgr.store.fs.put_file = flaky_put
+    with pytest.raises(_UploadFails):
+        mgr.save(3, _payload(3, m))
+    mgr.store.fs.put_file = real_put
+    assert not fs.exists(f"{root}/step-00000003")  # the failed save removed what it had uploaded
+    assert find_latest_checkpoint(url).endswith("step-00000002")
+
+    # a killed process cannot clean up: its partial folder stays until the next start
+    fs.pipe_file(f"{root}/step-00000004/{MODEL_FILE}", b"partial")
+    assert find_latest_checkpoint(url).endswith("step-00000002")
+    assert mgr.cleanup_interrupted() == [f"{url}/step-00000004"]
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False) if "step-" in p) == [
+        "step-00000001", "step-00000002"]
+
+    # pruning counts complete checkpoints only and never drops the one just written and checked
+    fs.pipe_file(f"{root}/step-00000000/{MODEL_FILE}", b"partial")
+    mgr.save(5, _payload(5, m))
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False) if "step-" in p) == [
+        "step-00000002", "step-00000005"]
+    assert mgr.load().path.endswith("step-00000005")
+    fs.rm(root, recursive=True)
+
+
+def test_resave_of_the_same_step_on_object_storage():
+    import fsspec
+
+    url = "memory://ckpt-resave/checkpoints"
+    mgr = CheckpointManager(url, keep=2)
+    mgr.save(1, _payload(1, _model(1)))
+    mgr.save(2, _payload(2, _model(2)))
+    mgr.save(2, _payload(2, _model(3)))
+    state, _, _ = load_model_state(url)
+    assert torch.equal(state["0.weight"], _model(3).state_dict()["0.weight"])
+    assert mgr.load().path.endswith("step-00000002")
+    fsspec.core.url_to_fs(url)[0].rm("/ckpt-resave", recursive=True)
+
+
+def test_reads_each_file_once_through_fsspec(tmp_path):
+    """Single process: resume reads the marker and each file it loads exactly once (counting filesystem)."""
+    import counting_fs
+
+    counting_fs.register()
+    url = f"counting://{tmp_path}/ckpt"
+    mgr = CheckpointManager(url, keep=2)
+    mgr.save(7, _payload(7, nn.Linear(300, 300)))
+    counting_fs.reset()
+    loaded = mgr.load()
+    sizes = loaded.marker["sizes"]
+    read = {p.rsplit("/", 1)[-1]: n for p, n in counting_fs.BYTES_READ.items()}
+    assert set(read) == set(sizes) | {MARKER}
+    assert all(read[f] == sizes[f] for f in sizes)
+
+
+def test_storage_errors_name_the_path(tmp_path):
+    import errno
+
+    full = storage_error(OSError(errno.ENOSPC, "No space left on device"), tmp_path / "x" / MODEL_FILE)
+    assert full.errno == errno.ENOSPC and "disk full" in full.strerror and full.filename.endswith(MODEL_FILE)
+    other = storage_error(OSError(errno.EIO, "Input/output error"), tmp_path / "y")
+    assert other.filename == str(tmp_path / "y")
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(OSError) as info:
+        CheckpointManager(str(blocker / "checkpoints"))
+    assert str(blocker) in str(info.value.filename)
+
+
+def test_failed_local_save_removes_its_staging(tmp_path):
+    mgr = CheckpointManager(str(tmp_path), keep=2)
+    mgr.save(1, _payload(1, _model(0)))
+    payload = _payload(2, _model(1))
+
+    def fail(folder):
+        (folder / "deepspeed").mkdir()
+        (folder / "deepspeed" / "part.pt").write_bytes(b"x" * 1000)
+        raise RuntimeError("writer failed")
+
+    payload.write_extra = fail
+    with pytest.raises(RuntimeError, match="writer failed"):
+        mgr.save(2, payload)
+    assert not list(tmp_path.glob(".tmp-*")) and find_latest_checkpoint(tmp_path).endswith("step-00000001")

@@ -60,10 +60,14 @@ def test_job_policy_and_pod_shape(cfg_file: Path, tmp_path: Path) -> None:
     assert pod["subdomain"] == svc["metadata"]["name"] and svc["spec"]["clusterIP"] == "None"
     assert svc["spec"]["selector"].items() <= job["spec"]["template"]["metadata"]["labels"].items()
     rules = spec["podFailurePolicy"]["rules"]
-    # disruptions first (first matching rule wins), then fail fast on the trainer's bug codes
-    assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
-    assert rules[1]["action"] == "FailJob" and rules[1]["onExitCodes"]["values"] == sorted(exit_codes.FAIL_FAST)
-    assert exit_codes.REQUEUE not in rules[1]["onExitCodes"]["values"]
+    # first matching rule wins: disruptions and the requeue code (every rank saved) never count against
+    # backoffLimit; the trainer's bug codes fail the Job at once; 3 (storage, dead peer) is retried
+    assert rules == [
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        {"action": "Ignore", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [75]}},
+        {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [1, 2, 4]}},
+    ]
+    assert exit_codes.REQUEUE == 75 and sorted(exit_codes.FAIL_FAST) == [1, 2, 4]
     c = pod["containers"][0]
     assert c["resources"]["limits"]["nvidia.com/gpu"] == "8" == c["resources"]["requests"]["nvidia.com/gpu"]
     assert c["args"][:4] == ["launch", "node", "--nproc-per-node", "8"]
@@ -76,6 +80,33 @@ def test_job_policy_and_pod_shape(cfg_file: Path, tmp_path: Path) -> None:
     assert cfg.train.run_dir == "/mnt/runs/runs/bt-r50" and cfg.stages == [] and cfg.train.num_steps == 100
     stage = plan.stages[0]["spec"]["template"]["spec"]["containers"][0]
     assert stage["args"][:2] == ["eval", "knn"] and "/mnt/runs/runs/bt-r50" in stage["args"]
+
+
+@pytest.mark.parametrize("part", ["pretrain", "stage"])
+def test_pods_run_hardened(cfg_file: Path, part: str) -> None:
+    plan = _plan(cfg_file, gpus_per_node=8)
+    job = plan.pretrain[2] if part == "pretrain" else plan.stages[0]
+    pod = job["spec"]["template"]["spec"]
+    sec = pod["securityContext"]
+    assert sec["runAsNonRoot"] is True and sec["runAsUser"] == sec["runAsGroup"] == 1000
+    assert sec["fsGroup"] == 1000  # a root-owned PVC becomes writable for UID 1000 (the image's user)
+    assert sec["seccompProfile"] == {"type": "RuntimeDefault"}
+    c = pod["containers"][0]
+    assert c["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+    assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    for version in K8S_VERSIONS:
+        k8s.validate_manifests([job], version)
+    with pytest.raises(ValueError, match="non-root"):
+        _plan(cfg_file, run_as_user=0)
+
+
+def test_multi_pod_pvc_must_be_read_write_many(cfg_file: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING"):
+        _plan(cfg_file, nodes=1)
+    assert "ReadWriteMany" not in caplog.text
+    with caplog.at_level("WARNING"):
+        _plan(cfg_file, nodes=4)
+    assert "ReadWriteMany" in caplog.text and "checkpoint.dir=s3://" in caplog.text
 
 
 def test_resume_needs_a_volume_or_object_storage(cfg_file: Path) -> None:

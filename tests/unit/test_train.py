@@ -81,6 +81,7 @@ def test_resume_with_other_world_size_is_refused(tmp_path):
     meta_file.write_text(json.dumps(meta))
     marker = json.loads((meta_file.parent / ck.MARKER).read_text())
     marker["files"]["meta.json"] = ck._sha256_file(meta_file)
+    marker["sizes"]["meta.json"] = meta_file.stat().st_size
     (meta_file.parent / ck.MARKER).write_text(json.dumps(marker))
     with pytest.raises(ValueError, match="allow_resplit"):
         _fit(run, "train.num_steps=4")
