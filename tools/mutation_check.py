@@ -81,6 +81,15 @@ MUTATIONS = (
         ("tests/unit/test_train.py", "tests/distributed/test_resume.py"),
     ),
     Mutation(
+        "stream_resume_replays_consumed_samples",
+        "on resume each loader worker starts its epoch order from the beginning instead of dropping the "
+        "samples of batches already trained (right count of batches, wrong samples)",
+        "largessl/data/stream.py",
+        "    order = order[done * batch_size:]\n",
+        "    order = order[:len(order) - done * batch_size]\n",
+        ("tests/distributed/test_resume.py",),
+    ),
+    Mutation(
         "stop_without_agreement",
         "StopFlag.agreed() stops only the rank that got the signal (no all-reduce of the flags)",
         "largessl/train/signals.py",

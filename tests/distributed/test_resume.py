@@ -96,7 +96,7 @@ def test_sigkill_and_restart_is_bitwise_identical(world, workers, manifest, tmp_
         resume_step = second[0][0] - 1
         # The rerun continues after the newest complete checkpoint (the one before, when the kill hit the
         # save of step killed_at): it seeks there, it neither replays from the epoch start nor skips.
-        saves = [s for s in range(1, NUM_STEPS) if s % 3 == 0 or s % STEPS_PER_EPOCH == 0]
+        saves = [0] + [s for s in range(1, NUM_STEPS) if s % 3 == 0 or s % STEPS_PER_EPOCH == 0]
         assert resume_step in {max(s for s in saves if s <= killed_at), max(s for s in saves if s < killed_at)}, \
             (resume_step, context)
         assert [s for s, _ in second] == list(range(resume_step + 1, NUM_STEPS + 1)), context
