@@ -137,11 +137,11 @@ def check_zero_layout_support(zero_optimizer: Any) -> None:
     missing = [a for a in ZERO_LAYOUT_ATTRIBUTES if not hasattr(zero_optimizer, a)]
     if not missing:
         return
-    try:
-        from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
         installed = f"DeepSpeed {version('deepspeed')}"
-    except Exception:  # metadata missing (e.g. a source checkout on the path): still name what we can
+    except PackageNotFoundError:  # a source checkout on the path has no metadata: still name what we can
         installed = "the installed DeepSpeed (version unknown)"
     from largessl.train.deepspeed_engine import TESTED_DEEPSPEED
 
