@@ -44,10 +44,18 @@ def main(argv: list[str]) -> int:
     """``python tests/synthetic_stream.py NUM_SAMPLES key=value ...``: the pretrain CLI's flow on this stream.
 
     Used by tests that SIGKILL/signal real training processes (one process, or several with torchrun's
-    environment variables) before the data pipeline is involved.
+    environment variables) before the data pipeline is involved. The probes of ``run_probes`` record what
+    this process received and trained on when the environment asks for it.
     """
     import logging
     import os
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import run_probes
+
+    probes = run_probes.install()
 
     from largessl.config import load_config
     from largessl.dist.env import detect_env, init_distributed, setup_logging, shutdown_distributed
@@ -60,13 +68,16 @@ def main(argv: list[str]) -> int:
     env = detect_env()
     setup_logging(env, "INFO")
     init_distributed(env, "gloo", cfg.dist.timeout_minutes)
+    code, reason = 1, "raised"
     try:
         per_rank = cfg.train.global_batch_size // env.world_size
         stream = SyntheticStream(num_samples, per_rank, env.rank, env.world_size, cfg.train.seed)
-        result = Trainer(cfg, env, stream, num_samples).fit()
+        result = Trainer(cfg, env, probes.wrap(stream), num_samples).fit()
+        code, reason = result.exit_code, result.reason
         logging.getLogger("synthetic").info("exit %d", result.exit_code)
         return result.exit_code
     finally:
+        probes.finish(code, reason)
         shutdown_distributed()
 
 

@@ -28,6 +28,20 @@ CHECKPOINT_DIR = "deepspeed"
 """Folder of DeepSpeed's files inside a checkpoint."""
 _PARTITION_RE = re.compile(r"(?:^|/)(?:bf16_)?zero_pp_rank_(\d+)_")
 
+TESTED_DEEPSPEED = ">=0.19,<0.20"
+"""The DeepSpeed releases the suite has run on (the ``deepspeed`` extra in pyproject.toml pins the same range).
+LARS under ZeRO reads DeepSpeed-private attributes (:func:`largessl.train.optim.check_zero_layout_support`)."""
+
+
+def is_tested_deepspeed(version: str) -> bool:
+    """True when ``version`` (e.g. ``"0.19.8"``, ``"0.19.0+cpu"``) lies in :data:`TESTED_DEEPSPEED`."""
+    low, high = (tuple(int(x) for x in bound.lstrip("<>=").split(".")) for bound in TESTED_DEEPSPEED.split(","))
+    try:
+        release = tuple(int(x) for x in version.split("+")[0].split(".")[:len(low)])
+    except ValueError:
+        return False
+    return low <= release < high
+
 
 def import_deepspeed(device: torch.device) -> Any:
     """Import DeepSpeed with the accelerator matching ``device`` (DeepSpeed reads DS_ACCELERATOR at import)."""
@@ -37,6 +51,10 @@ def import_deepspeed(device: torch.device) -> Any:
         import deepspeed
     except ImportError as e:
         raise RuntimeError("dist.strategy=deepspeed needs DeepSpeed: pip install 'largessl[deepspeed]'") from e
+    version = str(getattr(deepspeed, "__version__", "unknown"))
+    if not is_tested_deepspeed(version):
+        log.warning("DeepSpeed %s is outside the tested range deepspeed%s; start-up checks what LARS under "
+                    "ZeRO needs, but other behaviour is unverified", version, TESTED_DEEPSPEED)
     return deepspeed
 
 

@@ -127,24 +127,45 @@ def _zero_trust_scaled(flat_p: torch.Tensor, flat_u: torch.Tensor, eta: float,
     return flat_u * scale
 
 
+ZERO_LAYOUT_ATTRIBUTES = ("round_robin_bit16_groups", "round_robin_bit16_padding", "partition_size",
+                          "single_partition_of_fp32_groups", "real_dp_process_group")
+"""DeepSpeed-private attributes of the ZeRO-1/2 optimizer that :func:`attach_zero_layout` reads."""
+
+
+def check_zero_layout_support(zero_optimizer: Any) -> None:
+    """Raise (at start-up, naming the installed DeepSpeed) when ZeRO lacks the partition layout LARS reads."""
+    missing = [a for a in ZERO_LAYOUT_ATTRIBUTES if not hasattr(zero_optimizer, a)]
+    if not missing:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        installed = f"DeepSpeed {version('deepspeed')}"
+    except PackageNotFoundError:  # a source checkout on the path has no metadata: still name what we can
+        installed = "the installed DeepSpeed (version unknown)"
+    from largessl.train.deepspeed_engine import TESTED_DEEPSPEED
+
+    raise RuntimeError(
+        f"{installed}: its ZeRO optimizer ({type(zero_optimizer).__name__}) lacks {', '.join(missing)}, the "
+        f"partition layout LARS reads to keep per-layer trust ratios under ZeRO-1/2. largessl is tested with "
+        f"deepspeed{TESTED_DEEPSPEED}: pip install 'deepspeed{TESTED_DEEPSPEED}' (or reinstall "
+        "'largessl[deepspeed]'), or run with dist.zero_stage=0 or optim.name=sgd/adamw"
+    )
+
+
 def attach_zero_layout(optimizer: Optimizer, zero_optimizer: Any) -> None:
     """Tell LARS where each layer lies inside the ZeRO-1/2 partition it owns (call after deepspeed.initialize).
 
     Uses DeepSpeed's ``round_robin_bit16_groups`` / ``round_robin_bit16_padding`` / ``partition_size`` /
-    ``single_partition_of_fp32_groups`` / ``real_dp_process_group`` (DeepSpeed ≥ 0.15, stage 1 and 2).
+    ``single_partition_of_fp32_groups`` / ``real_dp_process_group`` (DeepSpeed-private, stage 1 and 2; tested
+    with the releases of ``deepspeed_engine.TESTED_DEEPSPEED``): :func:`check_zero_layout_support` fails with
+    the installed version when they are missing.
     """
     if not isinstance(optimizer, LARS):
         return
     import torch.distributed as dist
 
-    required = ("round_robin_bit16_groups", "round_robin_bit16_padding", "partition_size",
-                "single_partition_of_fp32_groups", "real_dp_process_group")
-    missing = [a for a in required if not hasattr(zero_optimizer, a)]
-    if missing:
-        raise RuntimeError(
-            f"this DeepSpeed version's ZeRO optimizer lacks {missing}; LARS cannot keep per-layer trust ratios "
-            "under it. Use dist.zero_stage=0, optim.name=sgd/adamw, or a DeepSpeed version in the 0.15-0.19 range"
-        )
+    check_zero_layout_support(zero_optimizer)
     for i, flat in enumerate(zero_optimizer.single_partition_of_fp32_groups):
         params = zero_optimizer.round_robin_bit16_groups[i]
         padding = zero_optimizer.round_robin_bit16_padding[i]

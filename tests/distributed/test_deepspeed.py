@@ -1,8 +1,11 @@
-"""DeepSpeed on CPU/gloo: LARS under ZeRO-1/2 equals the DDP step; ZeRO-2 pretraining runs, saves, resumes."""
+"""DeepSpeed on CPU/gloo: LARS under ZeRO-1/2 equals the DDP step; ZeRO-2 pretraining runs, saves, resumes;
+a DeepSpeed whose ZeRO optimizer lacks the private layout LARS reads fails at start-up naming its version."""
 
 from __future__ import annotations
 
 import os
+import re
+from importlib.metadata import version
 
 import pytest
 import torch
@@ -10,8 +13,9 @@ from dist_harness import run_distributed
 from torch import nn
 from train_procs import TINY, dump_logs, launch, logged_steps, wait_all
 
-from largessl.train.config import OptimConfig
-from largessl.train.optim import LARS, build_optimizer
+from largessl.train.config import OptimConfig, TrainConfig
+from largessl.train.deepspeed_engine import TESTED_DEEPSPEED, is_tested_deepspeed
+from largessl.train.optim import LARS, ZERO_LAYOUT_ATTRIBUTES, build_optimizer
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 pytest.importorskip("deepspeed", reason="DeepSpeed is an optional extra (pip install 'largessl[deepspeed]')")
@@ -91,3 +95,46 @@ def test_zero2_pretraining_smoke_and_resume(tmp_path):
     state, _, meta = load_model_state(run)  # consumers need no DeepSpeed
     assert meta["step"] == 5 and meta["strategy"] == "deepspeed"
 
+
+
+def _start_with_a_zero_optimizer_lacking(rank: int, world: int, attribute: str) -> str:
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    os.environ["LOCAL_RANK"] = str(rank)
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    from largessl.train.deepspeed_engine import build_engine
+    from largessl.train.precision import resolve_precision
+
+    # The real ZeRO optimizer class, made to behave like a release that no longer sets ``attribute``.
+    init = DeepSpeedZeroOptimizer.__init__
+
+    def init_without(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        delattr(self, attribute)
+
+    DeepSpeedZeroOptimizer.__init__ = init_without
+    model = _net()
+    opt = build_optimizer(model, OptimConfig(name="lars"), lr=0.5, bias_norm_lr=0.1)
+    device = torch.device("cpu")
+    try:
+        build_engine(model, opt, 2, 4, world, 0.0, resolve_precision(TrainConfig(device="cpu"), device), device)
+    except RuntimeError as e:
+        return str(e)
+    return "build_engine started without the ZeRO partition layout"
+
+
+def test_missing_private_zero_layout_fails_at_start_up_naming_the_version():
+    (message,) = run_distributed(_start_with_a_zero_optimizer_lacking, 1, "round_robin_bit16_padding")
+    assert f"DeepSpeed {version('deepspeed')}" in message, message
+    assert "round_robin_bit16_padding" in message and "DeepSpeedZeroOptimizer" in message, message
+    assert f"deepspeed{TESTED_DEEPSPEED}" in message and "dist.zero_stage=0" in message, message
+    assert "round_robin_bit16_groups" not in message  # only what is really missing is named
+    assert set(ZERO_LAYOUT_ATTRIBUTES) >= {"round_robin_bit16_padding", "partition_size"}
+
+
+def test_declared_deepspeed_range_is_the_tested_one_and_holds_the_installed_release(repo_root):
+    declared = re.findall(r'^deepspeed = \[(.*)\]$', (repo_root / "pyproject.toml").read_text(), re.M)
+    assert declared == [f'"deepspeed{TESTED_DEEPSPEED}"'], declared
+    assert is_tested_deepspeed(version("deepspeed")), (version("deepspeed"), TESTED_DEEPSPEED)
+    assert [is_tested_deepspeed(v) for v in ("0.19.0", "0.19.8+cpu", "0.18.9", "0.20.0", "1.19.0", "x")] == \
+        [True, True, False, False, False, False]

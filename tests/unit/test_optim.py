@@ -78,14 +78,20 @@ def test_fixed_predictor_lr_needs_a_predictor():
 @pytest.mark.parametrize("name,cls", [("lars", LARS), ("sgd", torch.optim.SGD), ("adamw", torch.optim.AdamW)])
 def test_build_optimizer_choice(name, cls):
     m = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
-    opt = build_optimizer(m, OptimConfig(name=name, betas=[0.9, 0.95] if name == "adamw" else None), 0.1, 0.01)
+    cfg = OptimConfig(name=name, weight_decay=0.05, betas=[0.9, 0.95] if name == "adamw" else None)
+    opt = build_optimizer(m, cfg, 0.1, 0.01)
     assert isinstance(opt, cls)
     x = torch.randn(4, 3)
     m(x).pow(2).sum().backward()
     before = m[0].weight.detach().clone()
     opt.step()
     assert not torch.equal(before, m[0].weight.detach())
-    assert [g["weight_decay"] for g in opt.param_groups] == [opt.param_groups[0]["weight_decay"], 0.0]
+    # The configured decay (not the optimizer's default, nor the recipe default 1.5e-6) on the Linear weight
+    # only; biases and BatchNorm parameters get none.
+    decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert decay == {id(m[0].weight): 0.05, id(m[0].bias): 0.0, id(m[1].weight): 0.0, id(m[1].bias): 0.0}
+    if name == "adamw":
+        assert all(g["betas"] == (0.9, 0.95) for g in opt.param_groups)
 
 
 def test_foreach_lars_equals_the_per_parameter_loop():
