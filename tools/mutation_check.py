@@ -56,7 +56,7 @@ MUTATIONS = (
         "all_reduce_sum uses the non-autograd dist.all_reduce: the value is the sum, the gradient only the "
         "local term (backward no longer sums over ranks)",
         "largessl/dist/collectives.py",
-        "    return dist_fn.all_reduce(x, op=dist.ReduceOp.SUM, group=group or dist.group.WORLD)\n",
+        "    return _AllReduceSum.apply(x, group)\n",
         "    total = x.detach().clone()\n"
         "    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)\n"
         "    return x + (total - x).detach()\n",
