@@ -7,7 +7,6 @@ there as it would on a real multi-GPU job.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -21,8 +20,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from cli_runs import logs, wait
+from train_procs import logged_steps as records
 
 from largessl.dist.env import free_port
+
+__all__ = ["ROOT", "logs", "pretrain", "records", "run_on_one_gpu", "signal_at_step", "wait"]
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -42,30 +45,6 @@ def pretrain(world: int, overrides: list[str], log_dir: Path) -> list[subprocess
     return procs
 
 
-def wait_all(procs: list[subprocess.Popen], timeout: float = 300) -> list[int]:
-    """Exit codes, killing stragglers after ``timeout``."""
-    codes = []
-    for p in procs:
-        try:
-            codes.append(p.wait(timeout=timeout))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            codes.append(p.wait())
-    return codes
-
-
-def records(run_dir: Path) -> list[dict]:
-    """metrics.jsonl records (a torn last line skipped)."""
-    path = run_dir / "metrics.jsonl"
-    out = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
-    return out
-
-
 def signal_at_step(run_dir: Path, step: int, proc: subprocess.Popen, procs: list[subprocess.Popen],
                    timeout: float = 240) -> None:
     """SIGTERM ``proc`` once metrics.jsonl shows ``step``."""
@@ -78,11 +57,6 @@ def signal_at_step(run_dir: Path, step: int, proc: subprocess.Popen, procs: list
             raise AssertionError(f"a rank exited early: {[p.poll() for p in procs]}")
         time.sleep(0.05)
     raise AssertionError(f"step {step} not reached in {timeout}s")
-
-
-def logs(log_dir: Path) -> str:
-    """Every rank's log tail, for assertion messages."""
-    return "\n".join(f"== {p.name}\n{p.read_text()[-4000:]}" for p in sorted(log_dir.glob("*.log")))
 
 
 def _worker(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple, queue: Any) -> None:

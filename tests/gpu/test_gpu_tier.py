@@ -19,7 +19,8 @@ import sys
 
 import pytest
 import torch
-from gpu_procs import ROOT, logs, pretrain, records, run_on_one_gpu, signal_at_step, wait_all
+from gpu_procs import ROOT, logs, pretrain, records, run_on_one_gpu, signal_at_step
+from gpu_procs import wait as wait_all
 
 CUDA_RUN = ["model.arch=resnet18", "model.small_input=true", "method.projector=256-256", "data.image_size=32",
             "data.augment=small", "data.num_workers=2", "data.shuffle_buffer=200", "train.device=cuda",
