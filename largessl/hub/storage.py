@@ -29,6 +29,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from largessl.durable import fsync_dir, fsync_file
+
 log = logging.getLogger(__name__)
 
 LOCK_FILE = ".hub.lock"
@@ -131,7 +133,7 @@ class LocalStorage(Storage):
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _fsync_dir(p.parent)
+        fsync_dir(p.parent)
 
     def write_if(self, rel: str, data: bytes, token: str | None) -> str | None:
         """Compare and write under the hub lock."""
@@ -154,9 +156,9 @@ class LocalStorage(Storage):
             for frel, src in files.items():
                 (staging / frel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(src, staging / frel)
-                _fsync_file(staging / frel)
+                fsync_file(staging / frel)
             (staging / card_name).write_bytes(card_raw)
-            _fsync_file(staging / card_name)
+            fsync_file(staging / card_name)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -172,7 +174,7 @@ class LocalStorage(Storage):
             log.warning("removing unpublished leftovers of an interrupted push at %s", final)
             shutil.rmtree(final)
         os.rename(self._p(staged), final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         return rel
 
     def discard(self, staged: str) -> None:
@@ -203,22 +205,8 @@ class LocalStorage(Storage):
                     self._lock_file = None
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # not every file system allows a directory fsync
-    finally:
-        os.close(fd)
 
 
 class PlainStorage(Storage):

@@ -58,6 +58,7 @@ from torch.distributed import ProcessGroup
 from largessl.data import io
 from largessl.dist.collectives import barrier, broadcast_object, get_world_size
 from largessl.dist.env import StallWatchdog
+from largessl.durable import fsync_dir, fsync_file
 
 log = logging.getLogger(__name__)
 
@@ -100,23 +101,8 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    # Directory fsync makes the rename durable; not every platform/filesystem allows it.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def git_revision() -> str:
@@ -716,7 +702,7 @@ class CheckpointManager:
                 raise
             for p in sorted(private.rglob("*")):
                 if p.is_file():
-                    _fsync_file(p)
+                    fsync_file(p)
                     out[p.relative_to(private).as_posix()] = (_sha256_file(p), p.stat().st_size)
         out[rank_file(self.rank)] = _write_file(private / rank_file(self.rank), _torch_bytes(payload.rank_state))
         if self.rank == 0:
@@ -769,16 +755,16 @@ class CheckpointManager:
             root = Path(self.store.root)
             _write_file(staging / MARKER, text)
             for d in sorted({(staging / rel).parent for rel in files} | {staging}, reverse=True):
-                _fsync_dir(d)
+                fsync_dir(d)
             final = root / name
             if final.exists():  # a re-save of the same step (e.g. a crash after the rename, before pruning)
                 shutil.rmtree(final)
             os.replace(staging, final)
-            _fsync_dir(root)
+            fsync_dir(root)
             tmp = root / f".{LATEST}.tmp"
             _write_file(tmp, (name + "\n").encode())
             os.replace(tmp, root / LATEST)
-            _fsync_dir(root)
+            fsync_dir(root)
         log.info("checkpoint saved: %s", self.store.url_of(name))
 
     def _abandon(self, staging: Path | None, name: str) -> None:
