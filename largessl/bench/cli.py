@@ -12,6 +12,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "data": ("largessl.bench.data", "decoded+augmented views/s per CPU core vs a torchvision ImageFolder baseline"),
     "step": ("largessl.bench.step", "SSL step images/s and peak memory vs an anchor-style step and the backbone floor"),
     "e2e": ("largessl.bench.e2e", "shards -> loader -> step: images/s, data-wait fraction, CPU utilisation"),
+    "knn": ("largessl.bench.knn", "sharded kNN at ImageNet shape (1/20 run, extrapolated): time and peak memory per rank"),
 }
 
 

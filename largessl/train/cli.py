@@ -44,16 +44,17 @@ def run(args: argparse.Namespace) -> int:
         trainer = build_trainer(cfg, env)
         result = trainer.fit()
         if result.exit_code == 0 and cfg.stages:
-            _run_stages(cfg, result.run_dir)
+            return _run_stages(cfg, result.run_dir)
         return result.exit_code
     finally:
         shutdown_distributed()
 
 
-def _run_stages(cfg, run_dir: str) -> None:
+def _run_stages(cfg, run_dir: str) -> int:
     try:
-        from largessl.stages import run_stages
+        from largessl.stages import run_stages, stages_exit_code
     except ImportError:
         raise RuntimeError(f"stages {cfg.stages} were requested but largessl.stages is not available in this "
                            "installation; remove `stages` from the config or update largessl") from None
-    run_stages(cfg, run_dir)
+    # a stage stopped by a signal saved its state: exit 75 so the rerun resumes it
+    return stages_exit_code(run_stages(cfg, run_dir))
