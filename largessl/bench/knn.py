@@ -99,8 +99,8 @@ def _worker(rank: int, world: int, port: int, args: dict[str, Any], queue: Any) 
         g = torch.Generator().manual_seed(1000 + rank)
         # this rank's rows only, prepared in blocks (the float64 normalisation is row-wise)
         shard = torch.empty((hi - lo, d), dtype=torch.float16)
-        for s in range(0, hi - lo, 65536):
-            shard[s:s + 65536] = prepare_features(torch.randn(min(65536, hi - lo - s), d, generator=g))
+        for s in range(0, hi - lo, 8192):
+            shard[s:s + 8192] = prepare_features(torch.randn(min(8192, hi - lo - s), d, generator=g))
         labels = torch.randint(0, args["classes"], (hi - lo,), generator=g)
         queries = prepare_features(torch.randn(qhi - qlo, d, generator=g))
         train = KnnShard(shard.to(device), labels.to(device), lo, n)

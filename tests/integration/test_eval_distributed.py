@@ -222,3 +222,25 @@ def test_each_rank_keeps_and_caches_only_its_shard(tmp_path):
         torch.testing.assert_close(r["gathered"], expected)
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [
         f"rank-0000{r}-of-00003.safetensors" for r in range(3)]
+
+
+def _subset_worker(rank: int, world: int, source: str, dest: str) -> str:
+    from largessl.data.manifest import read_manifest
+    from largessl.data.subset import SubsetRequest
+    from largessl.eval.finetune import build_subset_distributed
+
+    return build_subset_distributed(read_manifest(source), dest, SubsetRequest(percent=10, seed=3))
+
+
+def test_finetune_stage_builds_the_label_subset_on_all_ranks(tmp_path):
+    """Shards split over 3 ranks for scanning and writing; the result is the single-process subset, byte for byte."""
+    from largessl.data.digits import write_digits_shards
+    from largessl.data.manifest import read_manifest
+    from largessl.data.subset import SubsetRequest, build_subset, verify_subset
+
+    train, _ = write_digits_shards(str(tmp_path / "digits"), image_size=8)
+    urls = run_distributed(_subset_worker, 3, train, str(tmp_path / "ranks"))
+    assert len(set(urls)) == 1
+    alone = build_subset(train, str(tmp_path / "alone"), SubsetRequest(percent=10, seed=3), workers=2, progress=False)
+    assert read_manifest(urls[0]).id == read_manifest(alone).id
+    verify_subset(urls[0])
