@@ -37,6 +37,7 @@ from largessl.eval.supervised import (
     wrap_ddp,
 )
 from largessl.hub.card import EVAL_DIR
+from largessl.train.sinks import ProgressBar
 
 log = logging.getLogger(__name__)
 
@@ -107,11 +108,13 @@ def subset_for(cfg: Config, index: int, train: Any, out_dir: Path, group: Proces
     if found:
         log.info("%g%% labels: reusing subset %s", percent, found)
         return str(found)
-    return build_subset_distributed(train, dest, request, group)
+    from largessl.eval.runner import _progress
+
+    return build_subset_distributed(train, dest, request, group, progress=_progress(cfg, group))
 
 
 def build_subset_distributed(train: Any, dest: str, request: Any, group: ProcessGroup | None = None,
-                             shard_bytes: int = 256 * 1000**2, threads: int = 4) -> str:
+                             shard_bytes: int = 256 * 1000**2, threads: int = 4, progress: bool = False) -> str:
     """:func:`largessl.data.subset.build_subset` with the shards split over the ranks (O(dataset / W) each).
 
     Rank r scans the labels of source shards r, r+W, ... and writes output shards r, r+W, ...; the
@@ -125,8 +128,15 @@ def build_subset_distributed(train: Any, dest: str, request: Any, group: Process
     mine = list(range(rank, len(train.shards), world))
     log.info("building the label subset %s (%s) from %d shards on %d rank(s)", dest, request.identity(),
              len(train.shards), world)
+    bar = ProgressBar(len(mine), 0, rank == 0 and progress, desc="subset: scan labels (shards)")
     with ThreadPoolExecutor(threads) as pool:
-        local = dict(zip(mine, pool.map(lambda i: scan_shard(train, i, src_opts), mine)))
+        def scan(i: int) -> Any:
+            out = scan_shard(train, i, src_opts)
+            bar.update(1)
+            return out
+
+        local = dict(zip(mine, pool.map(scan, mine)))
+    bar.close()
     index: dict[int, Any] = {}
     for src in range(world):
         index.update(broadcast_object(local if src == rank else None, src, group))  # type: ignore[arg-type]
@@ -141,7 +151,10 @@ def build_subset_distributed(train: Any, dest: str, request: Any, group: Process
         raise ValueError(str(outcome))
     selection = outcome
     plan = plan_outputs(train, selection, shard_bytes)
-    rows_local = {j: write_output(train, dest, j, plan[j], dest_opts) for j in range(rank, len(plan), world)}
+    outputs = list(range(rank, len(plan), world))
+    bar = ProgressBar(sum(len(plan[j]) for j in outputs), 0, rank == 0 and progress, desc="subset: copy (images)")
+    rows_local = {j: write_output(train, dest, j, plan[j], dest_opts, lambda: bar.update(1)) for j in outputs}
+    bar.close()
     rows: dict[int, Any] = {}
     for src in range(world):
         rows.update(broadcast_object(rows_local if src == rank else None, src, group))  # type: ignore[arg-type]
@@ -199,8 +212,12 @@ def finetune_one(cfg: Config, source: Any, index: int, subset_url: str, val: Any
         if status == STOPPED:
             return {"stopped": True, "reason": stop.reason}
         model.eval()
-        metrics = evaluate_classifier(model, eval_batches(cfg, val, cfg.eval.feature_batch_size, group).iterate(0),
-                                      device, group)
+        val_stream = eval_batches(cfg, val, cfg.eval.feature_batch_size, group)
+        bar = ProgressBar(val_stream.batches_per_epoch, 0, _progress(cfg, group), desc=f"{run.name} (val)")
+        try:
+            metrics = evaluate_classifier(model, val_stream.iterate(0), device, group, bar)
+        finally:
+            bar.close()
         if writer is not None:
             writer.add_scalar(f"eval/{name}_top1", metrics["top1"], ft.epochs)
     finally:

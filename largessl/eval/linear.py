@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -200,7 +200,7 @@ class _FrozenThenHead(nn.Module):
         return self.head(feats)
 
 
-def train_linear_full(backbone: nn.Module, train_stream: Any, make_val_batches: Callable[[], Any], num_classes: int,
+def train_linear_full(backbone: nn.Module, train_stream: Any, val_stream: Any, num_classes: int,
                       checkpoint_dir: str | os.PathLike[str], epochs: int = 100, lr: float = 0.02,
                       batch_size: int = 256, weight_decay: float = 1e-6, momentum: float = 0.9,
                       normalize: bool = False, seed: int = 0, device: torch.device | str = "cpu",
@@ -209,7 +209,8 @@ def train_linear_full(backbone: nn.Module, train_stream: Any, make_val_batches: 
     """The standard protocol on a frozen ``backbone``; resumes from ``checkpoint_dir`` when it holds a checkpoint.
 
     ``train_stream`` is this rank's :class:`~largessl.data.stream.TrainStream` of augmented single views (per-rank
-    batch = ``batch_size`` / world size); ``make_val_batches()`` yields this rank's share of the val set.
+    batch = ``batch_size`` / world size); ``val_stream`` (``iterate(0)``, ``batches_per_epoch``) gives this
+    rank's share of the val set.
     ``fingerprint`` (e.g. the weights and manifests) must match a saved state for it to be resumed. Returns
     the val metrics, or ``{"stopped": True}`` after a stop request was saved (rerun to resume).
     """
@@ -245,7 +246,11 @@ def train_linear_full(backbone: nn.Module, train_stream: Any, make_val_batches: 
         return {"stopped": True, "reason": stop.reason}
     backbone.eval()
     head.eval()
-    val = evaluate_classifier(model, make_val_batches(), device, group)
+    bar = ProgressBar(int(val_stream.batches_per_epoch), 0, progress, desc="linear (val)")
+    try:
+        val = evaluate_classifier(model, val_stream.iterate(0), device, group, bar)
+    finally:
+        bar.close()
     if writer is not None:
         writer.add_scalar("eval/linear_top1", val["top1"], epochs)
         writer.add_scalar("eval/linear_top5", val["top5"], epochs)

@@ -276,7 +276,7 @@ def evaluate_linear(cfg: Config, source: EvalSource, out_dir: str | os.PathLike[
                                "image_size": cfg.data.image_size, "min_scale": e.linear_min_scale,
                                "world_size": get_world_size(group)}
                 result = train_linear_full(
-                    source.backbone, stream, lambda: val_stream.iterate(0), num_classes=train_m.num_classes,
+                    source.backbone, stream, val_stream, num_classes=train_m.num_classes,
                     checkpoint_dir=out / EVAL_DIR / LINEAR_STATE_DIR, epochs=e.linear_epochs, lr=e.linear_lr,
                     batch_size=e.linear_batch_size, weight_decay=e.linear_weight_decay, momentum=e.linear_momentum,
                     normalize=e.linear_normalize, seed=e.seed, device=device, group=group, fingerprint=fingerprint,

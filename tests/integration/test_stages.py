@@ -101,16 +101,22 @@ def test_failed_stage_is_rerun_alone_with_its_command(digits, tmp_path):
     assert _tree(run_dir / "checkpoints") == before
 
 
-def test_eval_cli_full_linear_protocol_and_random_baseline(digits, tmp_path):
+def test_eval_cli_full_linear_protocol_and_random_baseline(digits, tmp_path, capsys):
     train, val = digits
     out = tmp_path / "out"
     args = ["--train", train, "--val", val, "--out", str(out), "model.arch=resnet18", "model.small_input=true",
             "data.image_size=16", "data.num_workers=0", "train.device=cpu", "log.tensorboard=false",
-            "eval.linear_epochs=1", "eval.linear_batch_size=128", "eval.feature_batch_size=256"]
+            "eval.linear_epochs=1", "eval.linear_batch_size=128", "eval.feature_batch_size=256", "log.progress=true"]
     assert main(["eval", "linear", "--checkpoint", "random", *args]) == 0
     res = json.loads((out / "eval" / "linear.json").read_text())
     assert res["protocol"] == "full" and res["num_val"] == 359 and res["source"]["random_init"] is True
     assert find_latest_checkpoint(out / "eval" / "linear")  # the requeue state: step-N folders, hash-verified
+    err = capsys.readouterr().err
+    # progress bars with ETA (tqdm's "<remaining") on the training epochs and the val pass
+    assert "linear: 100%" in err and "linear (val): 100%" in err and "<" in err
+    assert main(["eval", "knn", "--checkpoint", "random", *args]) == 0
+    err = capsys.readouterr().err
+    assert "features (train): 100%" in err and "features (val): 100%" in err and "kNN: 100%" in err
     assert main(["eval", "linear", "--checkpoint", "hub:nope@v1", "--hub", str(tmp_path / "h"), *args]) == 2
 
 
