@@ -28,7 +28,7 @@ import logging
 import os
 import tarfile
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import IO, Any
 
 from largessl.data import io
@@ -418,7 +418,3 @@ def verify_subset(subset_url: str, source_url: str = "", workers: int = 8, endpo
              sub.num_samples)
     return dict(info)
 
-
-def request_dict(request: SubsetRequest) -> dict[str, Any]:
-    """The request as a plain dict (logs, results)."""
-    return asdict(request)

@@ -25,7 +25,6 @@ from torch.distributed import ProcessGroup
 
 from largessl.config import Config
 from largessl.data import io
-from largessl.data.manifest import read_manifest
 from largessl.dist.collectives import barrier, broadcast_object, get_rank, get_world_size
 from largessl.eval.linear import scaled_lr, write_json_atomic
 from largessl.eval.supervised import (
@@ -70,8 +69,10 @@ class Classifier(nn.Module):
 # Label subsets
 
 
-def _check_prebuilt(url: str, train: Any, percent: float) -> str:
-    sub = read_manifest(url)
+def _check_prebuilt(cfg: Config, url: str, train: Any, percent: float) -> str:
+    from largessl.eval.runner import read_labelled
+
+    sub = read_labelled(cfg, url)
     info = sub.extra.get("subset")
     if not isinstance(info, dict) or info.get("source_id") != train.id:
         raise ValueError(f"{url} is not a subset of {train.url} (its source id is "
@@ -89,7 +90,7 @@ def subset_for(cfg: Config, index: int, train: Any, out_dir: Path, group: Proces
     ft = cfg.eval.finetune
     percent = ft.percents[index]
     if ft.subset_manifests:
-        return _check_prebuilt(ft.subset_manifests[index], train, percent)
+        return _check_prebuilt(cfg, ft.subset_manifests[index], train, percent)
     request = SubsetRequest(percent=percent, seed=ft.seed, list_file=ft.label_lists[index] if ft.label_lists else "",
                             source_root=ft.source_root)
     ident = request.identity()
@@ -99,7 +100,7 @@ def subset_for(cfg: Config, index: int, train: Any, out_dir: Path, group: Proces
     found: Any = None
     if get_rank(group) == 0:
         try:
-            found = existing_subset(dest, train, request, io.storage_options_for(dest))
+            found = existing_subset(dest, train, request, io.storage_options_for(dest, cfg.data.endpoint_url))
         except ValueError as e:
             found = e
     found = broadcast_object(found, 0, group)  # every rank raises or proceeds together
@@ -110,11 +111,13 @@ def subset_for(cfg: Config, index: int, train: Any, out_dir: Path, group: Proces
         return str(found)
     from largessl.eval.runner import _progress
 
-    return build_subset_distributed(train, dest, request, group, progress=_progress(cfg, group))
+    return build_subset_distributed(train, dest, request, group, progress=_progress(cfg, group),
+                                    endpoint_url=cfg.data.endpoint_url)
 
 
 def build_subset_distributed(train: Any, dest: str, request: Any, group: ProcessGroup | None = None,
-                             shard_bytes: int = 256 * 1000**2, threads: int = 4, progress: bool = False) -> str:
+                             shard_bytes: int = 256 * 1000**2, threads: int = 4, progress: bool = False,
+                             endpoint_url: str = "") -> str:
     """:func:`largessl.data.subset.build_subset` with the shards split over the ranks (O(dataset / W) each).
 
     Rank r scans the labels of source shards r, r+W, ... and writes output shards r, r+W, ...; the
@@ -123,8 +126,8 @@ def build_subset_distributed(train: Any, dest: str, request: Any, group: Process
     from largessl.data.subset import finish, plan_outputs, scan_shard, select, write_output
 
     rank, world = get_rank(group), get_world_size(group)
-    src_opts = io.storage_options_for(train.url)
-    dest_opts = io.storage_options_for(dest)
+    src_opts = io.storage_options_for(train.url, endpoint_url)
+    dest_opts = io.storage_options_for(dest, endpoint_url)
     mine = list(range(rank, len(train.shards), world))
     log.info("building the label subset %s (%s) from %d shards on %d rank(s)", dest, request.identity(),
              len(train.shards), world)
@@ -173,12 +176,12 @@ def build_subset_distributed(train: Any, dest: str, request: Any, group: Process
 def finetune_one(cfg: Config, source: Any, index: int, subset_url: str, val: Any, out_dir: Path,
                  device: torch.device, stop: StopCheck, group: ProcessGroup | None = None) -> dict[str, Any]:
     """Fine-tune a copy of the backbone on one label subset and evaluate it on ``val``."""
-    from largessl.eval.runner import _progress, _writer, eval_batches, train_stream
+    from largessl.eval.runner import _progress, _writer, eval_batches, read_labelled, train_stream
 
     ft = cfg.eval.finetune
     percent = ft.percents[index]
     backbone_lr, head_lr = ft.lrs(index)
-    subset = read_manifest(subset_url)
+    subset = read_labelled(cfg, subset_url)
     if subset.class_names != val.class_names:
         raise ValueError(f"{subset_url} and {val.url} disagree on the class names")
     if ft.batch_size % get_world_size(group):

@@ -114,12 +114,17 @@ def ieee_fp32() -> Iterator[None]:
     if not torch.cuda.is_available():
         yield
         return
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
+    m = torch.backends.cuda.matmul
+    try:
+        previous, name = m.allow_tf32, "allow_tf32"
+        m.allow_tf32 = False
+    except RuntimeError:  # the process set TF32 through the newer fp32_precision API: use that one, not both
+        previous, name = m.fp32_precision, "fp32_precision"
+        m.fp32_precision = "ieee"
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
+        setattr(m, name, previous)
 
 
 def _keys(sims: torch.Tensor, first_index: int) -> torch.Tensor:

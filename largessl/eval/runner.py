@@ -75,14 +75,20 @@ def _per_rank(global_batch: int, world: int, what: str) -> int:
     return global_batch // world
 
 
-def _manifests(cfg: Config) -> tuple[Any, Any]:
+def read_labelled(cfg: Config, url: str) -> Any:
+    """A manifest read with ``data.endpoint_url`` (S3-compatible stores)."""
+    from largessl.data.io import storage_options_for
     from largessl.data.manifest import read_manifest
 
+    return read_manifest(url, storage_options_for(url, cfg.data.endpoint_url))
+
+
+def _manifests(cfg: Config) -> tuple[Any, Any]:
     if not cfg.data.train_manifest or not cfg.data.val_manifest:
         raise ValueError("evaluation needs labelled train and val manifests: pass --train and --val "
                          "(or set data.train_manifest and data.val_manifest)")
-    train = read_manifest(cfg.data.train_manifest)
-    val = read_manifest(cfg.data.val_manifest)
+    train = read_labelled(cfg, cfg.data.train_manifest)
+    val = read_labelled(cfg, cfg.data.val_manifest)
     if train.num_classes < 2:
         raise ValueError(f"{cfg.data.train_manifest} has {train.num_classes} classes; evaluation needs labels")
     if val.class_names != train.class_names:

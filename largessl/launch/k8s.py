@@ -295,9 +295,12 @@ def plan_manifests(req: K8sRequest) -> K8sPlan:
 
 
 def _failure_policy() -> dict[str, Any]:
-    # disruptions first (first matching rule wins), then fail fast on bug codes; 75 (requeue) is retried
+    # first matching rule wins: disruptions and the requeue exit (75: state saved on a stop request) are
+    # retried without counting against backoffLimit; bug codes fail the Job at once
     return {"rules": [
         {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        {"action": "Ignore", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
+                                             "values": [exit_codes.REQUEUE]}},
         {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
                                               "values": sorted(exit_codes.FAIL_FAST)}},
     ]}
@@ -309,8 +312,8 @@ def stage_manifests(req: K8sRequest, name: str, stage: str, args: list[str], res
 
     Evaluation stages get ``nodes`` pods x ``gpus_per_node`` GPUs (default: 1 node x the pretraining pods'
     GPUs), one process per GPU through ``largessl launch node``, and the pretraining Job's restart rules:
-    an Indexed Job whose pods are replaced after a disruption or a requeue exit (75) and resume from the
-    stage's checkpoint on the run volume; bug exit codes fail it at once. ``push`` is one process without GPUs.
+    an Indexed Job whose pods are replaced after a disruption or a requeue exit (75, neither counted against
+    ``backoffLimit``) and resume from the stage's checkpoint on the run volume; bug exit codes fail it at once. ``push`` is one process without GPUs.
     Kubernetes has no time limit to request: ``stages.<stage>.time`` applies to SLURM only.
     """
     from largessl.stages import EVAL_STAGES
@@ -324,6 +327,9 @@ def stage_manifests(req: K8sRequest, name: str, stage: str, args: list[str], res
     else:
         gpus = req.gpus_per_node if sc is None or sc.gpus_per_node is None else sc.gpus_per_node
         nproc = gpus if gpus > 0 else req.procs_per_node
+    if nodes > 1 and req.pvc:
+        log.warning("stage %s: %d pods write its checkpoints under the run directory on PVC %s, which must be "
+                    "ReadWriteMany (NFS, CephFS, EFS, Filestore...)", stage, nodes, req.pvc)
     env: list[dict[str, Any]] = [{"name": "PYTHONUNBUFFERED", "value": "1"}]
     out: list[dict[str, Any]] = []
     if nodes > 1 or nproc > 1:

@@ -18,11 +18,8 @@ from largessl.eval.knn import (
     prepare_features,
 )
 
-pytestmark = pytest.mark.gpu
-
-if not torch.cuda.is_available():
-    print("tests/gpu/test_eval_knn_gpu.py: skipped, CUDA is not available", file=sys.stderr)
-    pytest.skip("CUDA is not available", allow_module_level=True)
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device: the GPU tier runs only on a GPU machine (make gpu-test)")]
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))

@@ -81,10 +81,13 @@ def test_k8s_stage_jobs_request_their_resources_and_validate(cfg_file: Path, gpu
             assert c["args"][:4] == ["launch", "node", "--nproc-per-node", str(nproc)]
         cmd = c["args"][c["args"].index("--") + 1:] if nproc > 1 else c["args"]
         assert cmd[:2] == (["hub", "push"] if stage == "push" else ["eval", stage])
-        # requeue like pretraining: disruptions ignored, bug codes fail fast, 75 is retried on a new pod
+        # requeue like pretraining: disruptions and 75 are retried on a new pod without counting as failures,
+        # bug codes fail fast
         rules = spec["podFailurePolicy"]["rules"]
-        assert rules[0]["action"] == "Ignore" and rules[1]["onExitCodes"]["values"] == sorted(exit_codes.FAIL_FAST)
-        assert exit_codes.REQUEUE not in rules[1]["onExitCodes"]["values"] and pod["restartPolicy"] == "Never"
+        assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+        assert rules[1]["action"] == "Ignore" and rules[1]["onExitCodes"]["values"] == [exit_codes.REQUEUE]
+        assert rules[2]["action"] == "FailJob" and rules[2]["onExitCodes"]["values"] == sorted(exit_codes.FAIL_FAST)
+        assert pod["restartPolicy"] == "Never"
         if stage != "push":
             assert spec["backoffLimit"] == 6 and spec["podReplacementPolicy"] == "Failed"
             assert {"name": "runs", "mountPath": "/mnt/runs"} in c["volumeMounts"]  # the checkpoint survives
