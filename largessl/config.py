@@ -46,9 +46,32 @@ _Loader.add_implicit_resolver(
 def _yaml_load(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
-STAGES = ("linear", "knn", "push")
+STAGES = ("linear", "knn", "finetune", "push")
 DEFAULTS = "defaults"
 CLI = "command line"
+
+
+@dataclass
+class StageConfig:
+    """Resources of one downstream stage's job (``largessl launch slurm|k8s``; ignored in-process)."""
+
+    nodes: int = 1
+    """Nodes of the stage's job."""
+    gpus_per_node: int | None = None
+    """GPUs per node, one process each; null = as many as the pretraining job's nodes (--gpus-per-node)."""
+    time: str = ""
+    """SLURM time limit of each run of the job (minutes, H:MM:SS, D-HH:MM:SS); "" = the pretraining job's.
+    A stage that runs out is requeued and resumes from its checkpoint."""
+
+    def validate(self, name: str) -> None:
+        """Check the values."""
+        if self.nodes < 1:
+            raise ValueError(f"stages.{name}.nodes must be >= 1 (got {self.nodes})")
+        if self.gpus_per_node is not None and self.gpus_per_node < 0:
+            raise ValueError(f"stages.{name}.gpus_per_node must be >= 0 or null (got {self.gpus_per_node})")
+        if self.time and not re.fullmatch(r"\s*(?:\d+-)?\d+(?::\d+){0,2}\s*", self.time):
+            raise ValueError(f"stages.{name}.time={self.time!r} is not a SLURM time; use minutes (90), H:MM:SS or "
+                             "D-HH:MM:SS")
 
 
 @dataclass
@@ -75,8 +98,16 @@ class Config:
     """Logging and metric sinks."""
     hub: HubConfig = field(default_factory=HubConfig)
     """Where the `push` stage publishes."""
-    stages: list[str] = field(default_factory=list)
-    """Downstream stages run after pretraining completes, in order: linear, knn, push."""
+    stages: list[str] | dict[str, StageConfig] = field(default_factory=list)
+    """Downstream stages run after pretraining completes, in order: linear, knn, finetune, push. A list of names,
+    or a mapping name -> {nodes, gpus_per_node, time} giving each stage's job its resources (default 1 node x
+    all GPUs of a pretraining node)."""
+
+    def stage_config(self, name: str) -> StageConfig:
+        """The resources of stage ``name`` (defaults when ``stages`` is a list)."""
+        if isinstance(self.stages, dict):
+            return self.stages.get(name) or StageConfig()
+        return StageConfig()
 
     def validate(self) -> None:
         """Cross-section checks; each section's own ``validate`` runs first."""
@@ -90,6 +121,12 @@ class Config:
         bad = [s for s in self.stages if s not in STAGES]
         if bad:
             raise ValueError(f"invalid config: unknown stage(s) {bad} in 'stages'; allowed: {', '.join(STAGES)}")
+        if isinstance(self.stages, dict):
+            for name, sc in self.stages.items():
+                try:
+                    sc.validate(name)
+                except ValueError as e:
+                    raise ValueError(f"invalid config: {e}") from None
         if self.dist.strategy == "deepspeed" and self.train.compile:
             raise ValueError("invalid config: train.compile=true is not supported with dist.strategy=deepspeed")
         views_needed = getattr(self.method, "num_views", None)
@@ -258,6 +295,17 @@ def _build(cls: type, data: dict[str, Any], prefix: str, prov: dict[str, str], s
     return cls(**kwargs)
 
 
+class _OneSource(dict):  # type: ignore[type-arg]
+    """Provenance of every key of a value that came from one place."""
+
+    def __init__(self, source: str) -> None:
+        super().__init__()
+        self.source = source
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        return self.source
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -279,6 +327,9 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             try:
                 return _coerce(value, a, key, source)
             except ValueError as e:
+                # a mapping given for a mapping alternative: its own error (e.g. an unknown key) is the useful one
+                if isinstance(value, dict) and typing.get_origin(a) is dict:
+                    raise
                 errors.append(str(e))
         raise ValueError(f"{where}: {value!r} matches none of {', '.join(_type_name(a) for a in args)}")
     if origin is Literal:
@@ -298,6 +349,18 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ValueError(f"{where}: expected a mapping, got {value!r}")
+        inner = args[1] if len(args) == 2 else Any
+        if dataclasses.is_dataclass(inner):
+            out = {}
+            for k, v in value.items():
+                if not isinstance(k, str):
+                    raise ValueError(f"{where}: keys must be strings, got {k!r}")
+                if v is None:
+                    v = {}
+                if not isinstance(v, dict):
+                    raise ValueError(f"config key '{key}.{k}' ({source}) must be a mapping of its fields, got {v!r}")
+                out[k] = _build(inner, v, f"{key}.{k}.", _OneSource(source))
+            return out
         return dict(value)
     if tp is bool:
         if not isinstance(value, bool):

@@ -1,10 +1,15 @@
-"""Downstream stages that run after pretraining completes: ``stages: [linear, knn, push]``.
+"""Downstream stages that run after pretraining completes: ``stages: [linear, knn, finetune, push]``.
 
 Locally the trainer calls :func:`run_stages` in-process on every rank once the final checkpoint is
 saved. Launchers turn :func:`stage_commands` into dependent jobs instead (SLURM ``afterok``, Kubernetes
-follow-up Jobs). Either way a stage only *reads* the pretraining checkpoint and writes under
-``<run_dir>/eval/`` or to the hub, so a failed stage leaves the checkpoint untouched and can be re-run
-alone with the same command line.
+follow-up Jobs), each with the nodes, GPUs and time of ``stages.<name>`` (``Config.stage_config``).
+Either way a stage only *reads* the pretraining checkpoint and writes under ``<run_dir>/eval/`` or to the
+hub, so a failed stage leaves the checkpoint untouched and can be re-run alone with the same command line.
+
+Requeue: the evaluation stages handle SIGTERM/SIGUSR1/SIGUSR2 like pretraining. The linear and finetune
+stages checkpoint every epoch and on the signal (under ``<run_dir>/eval/``); kNN keeps nothing but its
+optional feature cache. A stopped stage is recorded as ``interrupted``, the process exits 75, and rerunning
+the same command (SLURM requeue, a replacement pod) resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -16,12 +21,15 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from largessl import exit_codes
 from largessl.config import STAGES, Config
 from largessl.dist.collectives import barrier, broadcast_object, get_rank
 
 log = logging.getLogger(__name__)
 
 STAGES_JSON = "stages.json"
+EVAL_STAGES = ("linear", "knn", "finetune")
+"""Stages that run ``largessl eval <stage>`` on every rank of the stage job (the others run on one process)."""
 
 
 def _checkpoint_location(cfg: Config, run_dir: str | os.PathLike[str]) -> str:
@@ -44,7 +52,7 @@ def stage_commands(cfg: Config, run_dir: str | os.PathLike[str],
         data += ["--val", cfg.data.val_manifest]
     cmds = []
     for stage in cfg.stages:
-        if stage in ("linear", "knn"):
+        if stage in EVAL_STAGES:
             cmds.append([*exe, "eval", stage, "--checkpoint", ckpt, "--out", str(run_dir), *data])
         elif stage == "push":
             cmd = [*exe, "hub", "push", ckpt, "--hub", cfg.hub.url]
@@ -91,15 +99,22 @@ def _push_on_rank0(cfg: Config, ckpt: str, rank: int) -> dict[str, Any]:
     return outcome[1]
 
 
+def stages_exit_code(results: dict[str, Any]) -> int:
+    """75 (requeue) when a stage was stopped by a signal, else 0."""
+    stopped = any(isinstance(r, dict) and r.get("stopped") for r in results.values())
+    return exit_codes.REQUEUE if stopped else exit_codes.OK
+
+
 def run_stages(cfg: Config, run_dir: str | os.PathLike[str], stages: list[str] | None = None) -> dict[str, Any]:
     """Run ``stages`` (default ``cfg.stages``) in order, in this process; call on every rank.
 
     Returns {stage: result}. Status goes to ``<run_dir>/eval/stages.json``. The first failing stage
     stops the chain (push must not publish without the metrics it should carry) and its exception is
-    re-raised after being recorded; the checkpoint is never modified.
+    re-raised after being recorded; the checkpoint is never modified. A stage stopped by a signal is
+    recorded as ``interrupted`` and ends the chain; :func:`stages_exit_code` then gives 75.
     """
     from largessl.eval.cli import load_source
-    from largessl.eval.runner import evaluate_knn, evaluate_linear
+    from largessl.eval.runner import evaluate_finetune, evaluate_knn, evaluate_linear
     from largessl.train.precision import resolve_device
 
     stages = list(cfg.stages if stages is None else stages)
@@ -117,15 +132,21 @@ def run_stages(cfg: Config, run_dir: str | os.PathLike[str], stages: list[str] |
     for stage in stages:
         log.info("stage %s: starting", stage)
         try:
-            if stage in ("linear", "knn"):
+            if stage in EVAL_STAGES:
                 if source is None:
                     source = load_source(ckpt, cfg)[0]
                     source.backbone.to(resolve_device(cfg.train.device, int(os.environ.get("LOCAL_RANK", 0))))
                 device = next(source.backbone.parameters()).device
-                fn = evaluate_linear if stage == "linear" else evaluate_knn
+                fn = {"linear": evaluate_linear, "knn": evaluate_knn, "finetune": evaluate_finetune}[stage]
                 results[stage] = fn(cfg, source, run_dir, device)
             else:
                 results[stage] = _push_on_rank0(cfg, ckpt, rank)
+            if isinstance(results[stage], dict) and results[stage].get("stopped"):
+                status["stages"][stage] = "interrupted"
+                status["error"] = f"{stage}: {results[stage].get('reason', 'stopped by a signal')}; rerun to resume"
+                if rank == 0:
+                    _record(run_dir, status)
+                return results
             status["stages"][stage] = "ok"
         except Exception as e:
             status["stages"][stage] = "failed"
@@ -134,7 +155,7 @@ def run_stages(cfg: Config, run_dir: str | os.PathLike[str], stages: list[str] |
             if rank == 0:
                 _record(run_dir, status)
             log.error("stage %s failed: %s; the checkpoint is unchanged, re-run the stage alone with "
-                      "`largessl %s`", stage, e, "eval " + stage if stage != "push" else "hub push")
+                      "`largessl %s`", stage, e, "eval " + stage if stage in EVAL_STAGES else "hub push")
             raise
         if rank == 0:
             _record(run_dir, status)

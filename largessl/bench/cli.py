@@ -13,6 +13,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "step": ("largessl.bench.step", "SSL step images/s and peak memory vs an anchor-style step and the backbone floor"),
     "e2e": ("largessl.bench.e2e", "shards -> loader -> step: images/s, data-wait fraction, CPU utilisation"),
     "resume": ("largessl.bench.resume", "time to the first batch resuming at 90% of an epoch vs at its start"),
+    "knn": ("largessl.bench.knn", "sharded kNN at ImageNet shape (1/20 run, extrapolated): time and peak memory per rank"),
 }
 
 

@@ -4,6 +4,7 @@
     largessl shards verify MANIFEST
     largessl shards index MANIFEST
     largessl shards digits DEST [--image-size 32]
+    largessl shards subset SRC_MANIFEST DEST (--percent 10 [--seed 0] | --list 10percent.txt) [--verify]
 """
 
 from __future__ import annotations
@@ -64,6 +65,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--image-size", type=int, default=32)
     d.add_argument("--val-fraction", type=float, default=0.2)
     d.add_argument("--seed", type=int, default=0)
+    s = sub.add_parser("subset", help="write a label subset (1%%/10%%: seeded class-balanced draw or an image list) "
+                                      "as its own shards + manifest; rerun to reuse or --verify it")
+    s.add_argument("src", help="manifest URL of the labelled dataset to draw from")
+    s.add_argument("dest", help="destination folder URL of the subset")
+    how = s.add_mutually_exclusive_group(required=True)
+    how.add_argument("--percent", type=float, help="keep this percent of every class (class-balanced, seeded)")
+    how.add_argument("--list", dest="list_file", help="image list file (SimCLR's 1percent.txt) or shard keys, one a line")
+    s.add_argument("--seed", type=int, default=0, help="seed of the class-balanced draw (default 0)")
+    s.add_argument("--source-root", default="",
+                   help="ImageFolder the shards were written from, to resolve image names of --list "
+                        "(default: the source recorded in the manifest)")
+    s.add_argument("--shard-size", default="256MB", help="target size of the subset's shards")
+    s.add_argument("--workers", type=int, default=8, help="shards read/written in parallel")
+    s.add_argument("--verify", action="store_true",
+                   help="afterwards re-derive the selection from SRC and check the subset's keys, labels and hashes")
+    s.add_argument("--endpoint-url", default="", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _verify(manifest_url: str, workers: int, endpoint_url: str) -> int:
@@ -116,5 +134,18 @@ def run(args: argparse.Namespace) -> int:
         train, val = write_digits_shards(args.dest, args.image_size, args.val_fraction, args.seed, progress=True)
         print(train)
         print(val)
+        return 0
+    if args.shards_command == "subset":
+        from largessl.data.subset import SubsetRequest, build_subset, verify_subset
+
+        if args.workers < 1:
+            raise ValueError(f"--workers must be >= 1 (got {args.workers})")
+        request = SubsetRequest(percent=args.percent or 0.0, seed=args.seed, list_file=args.list_file or "",
+                                source_root=args.source_root)
+        url = build_subset(args.src, args.dest, request, workers=args.workers, shard_bytes=parse_size(args.shard_size),
+                           endpoint_url=args.endpoint_url, progress=not args.no_progress)
+        if args.verify:
+            verify_subset(url, args.src, args.workers, args.endpoint_url)
+        print(url)
         return 0
     raise ValueError(f"unknown shards action {args.shards_command!r}")

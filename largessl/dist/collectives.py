@@ -200,3 +200,48 @@ def barrier(group: ProcessGroup | None = None) -> None:
     """Barrier over ``group`` (no-op for one process)."""
     if is_distributed(group):
         dist.barrier(group=group)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Variable-size and rooted collectives (evaluation: per-rank feature shards of different lengths)
+
+
+def all_gather_counts(n: int, device: torch.device | str, group: ProcessGroup | None = None) -> list[int]:
+    """Every rank's ``n`` in rank order: one all-gather of a one-element tensor on ``device`` (a host sync)."""
+    if not is_distributed(group):
+        return [int(n)]
+    t = torch.tensor([int(n)], dtype=torch.int64, device=device)
+    return [int(v) for v in all_gather_no_grad(t, group).tolist()]
+
+
+def all_gather_variable(x: torch.Tensor, group: ProcessGroup | None = None,
+                        counts: list[int] | None = None) -> torch.Tensor:
+    """Concatenate ``x`` along dim 0 in rank order when ranks hold different numbers of rows (no grad).
+
+    ``counts`` (every rank's row count, e.g. from :func:`all_gather_counts`) saves one collective. Rows
+    are padded to the largest count for the fixed-size all-gather and trimmed after, so the traffic is
+    W × max(counts) rows.
+    """
+    if not is_distributed(group):
+        return x
+    if counts is None:
+        counts = all_gather_counts(x.shape[0], x.device, group)
+    if len(counts) != dist.get_world_size(group) or counts[dist.get_rank(group)] != x.shape[0]:
+        raise AssertionError(f"counts {counts} do not describe this group's {x.shape[0]}-row tensor")
+    biggest = max(counts)
+    padded = x.detach().new_zeros((biggest, *x.shape[1:]))
+    padded[: x.shape[0]] = x.detach()
+    parts = all_gather_no_grad(padded, group).split(biggest)
+    return torch.cat([p[:c] for p, c in zip(parts, counts)])
+
+
+def broadcast_tensor(x: torch.Tensor, src: int, group: ProcessGroup | None = None) -> torch.Tensor:
+    """Overwrite ``x`` on every rank with rank ``src``'s ``x`` (in place, no grad); returns ``x``.
+
+    Every rank passes a tensor of the same shape and dtype on its training device; ``src`` is the rank
+    within ``group``.
+    """
+    if is_distributed(group):
+        root = src if group is None else dist.get_global_rank(group, src)
+        dist.broadcast(x, src=root, group=group)
+    return x

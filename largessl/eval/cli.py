@@ -1,12 +1,14 @@
-"""``largessl eval linear|knn``: evaluate a checkpoint, a hub model or a random init on labelled manifests.
+"""``largessl eval linear|knn|finetune``: evaluate a checkpoint, a hub model or a random init on labelled manifests.
 
     largessl eval linear --checkpoint runs/bt --train data/train/manifest.json --val data/val/manifest.json
     largessl eval knn --checkpoint hub:bt-r50-in1k@v1 --hub s3://models/hub --out runs/eval-bt ...
-    torchrun --nproc-per-node 8 -m largessl eval linear --checkpoint runs/bt eval.linear_lr=0.3
+    torchrun --nproc-per-node 8 -m largessl eval linear --checkpoint runs/bt --config configs/eval_barlow_twins.yaml
+    largessl eval finetune --checkpoint runs/bt eval.finetune.percents=[10]
 
 The evaluated model's own resolved config is the base (so image size and stem match pretraining);
-``--config`` files and ``key=value`` overrides go on top. Results land in ``<out>/eval/{linear,knn}.json``
-and ``<out>/tb``; ``<out>`` defaults to the checkpoint's run directory.
+``--config`` files and ``key=value`` overrides go on top. Results land in
+``<out>/eval/{linear,knn,finetune_<p>pct}.json`` and ``<out>/tb``; ``<out>`` defaults to the checkpoint's
+run directory. Exit code 75 means a stop signal was handled and state saved: rerun the same command to resume.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="protocol", metavar="PROTOCOL", required=True)
     sub.add_parser("linear", parents=[common], help="linear probe on the frozen backbone (top-1/top-5)")
     sub.add_parser("knn", parents=[common], help="weighted kNN on frozen features (eval.knn_k)")
+    sub.add_parser("finetune", parents=[common],
+                   help="fine-tune the whole network on 1%%/10%% of the labels (eval.finetune.*)")
 
 
 def load_source(checkpoint: str, base_cfg: Config | None = None, hub_url: str | None = None,
@@ -102,6 +106,7 @@ def resolve_config(model_cfg: dict[str, Any], files: list[str], overrides: list[
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``largessl eval``."""
+    from largessl import exit_codes
     from largessl.dist.env import (
         detect_env,
         init_distributed,
@@ -109,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         setup_logging,
         shutdown_distributed,
     )
-    from largessl.eval.runner import evaluate_knn, evaluate_linear
+    from largessl.eval.runner import evaluate_finetune, evaluate_knn, evaluate_linear
     from largessl.train.precision import resolve_device
 
     overrides = list(args.overrides)
@@ -125,16 +130,28 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else run_dir
     if out is None:
         raise ValueError(f"--checkpoint {args.checkpoint} has no run directory; pass --out DIR for the results")
+    # set_device (inside resolve_device) before the first collective: NCCL binds to the current device
     device = resolve_device(cfg.train.device, env.local_rank)
-    init_distributed(env, resolve_backend(cfg.dist.backend, device))
+    init_distributed(env, resolve_backend(cfg.dist.backend, device), cfg.dist.timeout_minutes)
     try:
         source.backbone.to(device)
-        fn = evaluate_linear if args.protocol == "linear" else evaluate_knn
+        fn = {"linear": evaluate_linear, "knn": evaluate_knn, "finetune": evaluate_finetune}[args.protocol]
         result = fn(cfg, source, out, device)
     finally:
         shutdown_distributed()
+    if result.get("stopped"):
+        log.warning("%s stopped (%s); exit %d: rerun the same command to resume", args.protocol,
+                    result.get("reason", "signal"), exit_codes.REQUEUE)
+        return exit_codes.REQUEUE
     if env.is_main:
-        top1 = result["top1"]
-        text = f"{top1:.2f}%" if isinstance(top1, float) else ", ".join(f"k={k}: {v:.2f}%" for k, v in top1.items())
-        log.info("%s top-1 %s -> %s", args.protocol, text, out / "eval" / f"{args.protocol}.json")
+        log.info("%s -> %s", summary(args.protocol, result), out / "eval")
     return 0
+
+
+def summary(protocol: str, result: dict[str, Any]) -> str:
+    """One line of top-1 accuracies of an evaluation result."""
+    if protocol == "finetune":
+        return ", ".join(f"{name}: top-1 {r['top1']:.2f}%" for name, r in result.items())
+    top1 = result["top1"]
+    text = f"{top1:.2f}%" if isinstance(top1, float) else ", ".join(f"k={k}: {v:.2f}%" for k, v in top1.items())
+    return f"{protocol} top-1 {text}"

@@ -1,24 +1,29 @@
 """Linear evaluation of a frozen backbone: SGD with momentum, cosine schedule, top-1/top-5.
 
-Two paths share the head, schedule and metrics:
+Two paths share the head, schedule and metrics, and both are data-parallel over the ranks:
 
-- :func:`train_linear_probe` trains on cached features (tensors in memory; no augmentation): seconds per
-  run, so a sweep over learning rates is cheap.
+- :func:`train_linear_probe` trains on cached features (each rank holds its own shard): seconds per run,
+  so a sweep over learning rates is cheap. Each epoch draws one permutation of the global row indices
+  (the same on every rank); the global batch is a slice of it, and each rank contributes the members it
+  holds. The batches are therefore the same on any number of ranks, and W ranks give the 1-rank head up
+  to float summation order.
 - :func:`train_linear_full` is the papers' protocol: every step runs the frozen backbone on freshly
-  augmented images (RandomResizedCrop + flip), the head's gradients are summed over ranks, state is saved
-  after every epoch and a rerun resumes from it.
+  augmented images (RandomResizedCrop + flip), gradients are averaged over ranks, and it checkpoints and
+  requeues like pretraining (see :mod:`largessl.eval.supervised`).
 
-Learning rates are given at batch 256 and scaled linearly with the global batch (VICReg App. C.2: SGD lr
-0.02, wd 1e-6, batch 256, 100 epochs, cosine; Shuffled-DBN §4.1: lr 30, no wd).
+Learning rates are given at batch 256 and scaled linearly with the global batch (Barlow Twins: lr 0.3,
+wd 1e-6; VICReg App. C.2: lr 0.02, wd 1e-6; batch 256, 100 epochs, cosine; Shuffled-DBN §4.1: lr 30,
+no wd). ``normalize`` puts a BatchNorm without affine in front of the head whose statistics are over the
+global batch of all ranks (:class:`~largessl.nn.batchnorm.GlobalBatchNorm1d`), so it does not change with
+the world size.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,20 +32,35 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed import ProcessGroup
 
-from largessl.dist.collectives import all_reduce_sum_no_grad, get_rank
-from largessl.eval.features import images_and_labels
+from largessl.dist.collectives import all_reduce_sum_no_grad, get_world_size
+from largessl.eval.features import FeatureShard
+from largessl.eval.supervised import (
+    COMPLETED,
+    STOPPED,
+    StopCheck,
+    SupervisedRun,
+    cosine_lr,
+    evaluate_classifier,
+    fit_supervised,
+    topk_correct,
+    wrap_ddp,
+)
+from largessl.nn.batchnorm import GlobalBatchNorm1d
+from largessl.train.sinks import ProgressBar
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "linear_state.pt"
+__all__ = ["LinearHead", "cosine_lr", "scaled_lr", "topk_correct", "train_linear_probe", "sweep_linear_probe",
+           "train_linear_full", "write_json_atomic", "STOPPED", "COMPLETED"]
 
 
 class LinearHead(nn.Module):
-    """Linear classifier, optionally behind a BatchNorm without affine that standardises the features."""
+    """Linear classifier, optionally behind a global BatchNorm without affine that standardises the features."""
 
-    def __init__(self, num_features: int, num_classes: int, normalize: bool = False) -> None:
+    def __init__(self, num_features: int, num_classes: int, normalize: bool = False,
+                 group: ProcessGroup | None = None) -> None:
         super().__init__()
-        self.norm = nn.BatchNorm1d(num_features, affine=False) if normalize else nn.Identity()
+        self.norm = GlobalBatchNorm1d(num_features, affine=False, group=group) if normalize else nn.Identity()
         self.fc = nn.Linear(num_features, num_classes)
         nn.init.normal_(self.fc.weight, std=0.01)
         nn.init.zeros_(self.fc.bias)
@@ -50,116 +70,9 @@ class LinearHead(nn.Module):
         return self.fc(self.norm(x))
 
 
-def cosine_lr(base_lr: float, progress: float) -> float:
-    """Cosine decay from ``base_lr`` to 0 as ``progress`` goes from 0 to 1 (a pure function of progress)."""
-    progress = min(max(progress, 0.0), 1.0)
-    return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 def scaled_lr(lr_at_256: float, global_batch_size: int) -> float:
     """The linear scaling rule: lr × global batch / 256."""
     return lr_at_256 * global_batch_size / 256
-
-
-def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> torch.Tensor:
-    """Number of samples whose label is among the top-k logits, for each k (k clipped to the class count)."""
-    kmax = min(max(ks), logits.shape[1])
-    top = logits.topk(kmax, dim=1).indices
-    hit = top == labels[:, None]
-    return torch.stack([hit[:, : min(k, kmax)].any(dim=1).sum() for k in ks]).float()
-
-
-def _make_optimizer(head: nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
-    return torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-
-
-def _check_labels(labels: torch.Tensor, num_classes: int, what: str) -> None:
-    if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(f"{what} labels must be in [0, {num_classes}); got [{int(labels.min())}, "
-                         f"{int(labels.max())}]; is the manifest labelled?")
-
-
-@torch.no_grad()
-def evaluate_head(head: nn.Module, feats: torch.Tensor, labels: torch.Tensor, batch_size: int = 1024) -> dict[str, float]:
-    """Top-1 and top-5 accuracy (%) and mean loss of ``head`` on in-memory features."""
-    head.eval()
-    correct = torch.zeros(2)
-    loss = 0.0
-    for f, y in zip(feats.split(batch_size), labels.split(batch_size)):
-        logits = head(f)
-        correct += topk_correct(logits, y).cpu()
-        loss += F.cross_entropy(logits, y, reduction="sum").item()
-    n = max(1, feats.shape[0])
-    return {"top1": 100.0 * correct[0].item() / n, "top5": 100.0 * correct[1].item() / n, "loss": loss / n}
-
-
-def train_linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, val_feats: torch.Tensor,
-                       val_labels: torch.Tensor, num_classes: int | None = None, epochs: int = 100,
-                       lr: float = 0.02, batch_size: int = 256, weight_decay: float = 1e-6, momentum: float = 0.9,
-                       normalize: bool = False, seed: int = 0,
-                       device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Train a linear head on cached features; returns val ``top1``/``top5`` (%) and the settings used.
-
-    Deterministic for a given ``seed``, so every rank that holds the same gathered features gets the same
-    head without communicating. ``lr`` is at batch 256 and scaled by ``batch_size / 256``.
-    """
-    if train_feats.shape[0] != train_labels.shape[0] or val_feats.shape[0] != val_labels.shape[0]:
-        raise ValueError("need exactly one label per feature row")
-    if train_feats.shape[0] == 0 or val_feats.shape[0] == 0:
-        raise ValueError("linear probe needs non-empty train and val features")
-    num_classes = int(num_classes or int(max(train_labels.max(), val_labels.max())) + 1)
-    _check_labels(train_labels, num_classes, "train")
-    _check_labels(val_labels, num_classes, "val")
-    device = torch.device(device)
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    head = LinearHead(train_feats.shape[1], num_classes, normalize).to(device)
-    peak = scaled_lr(lr, batch_size)
-    opt = _make_optimizer(head, peak, momentum, weight_decay)
-    xf, yf = train_feats.float().to(device), train_labels.long().to(device)
-    n = xf.shape[0]
-    steps_per_epoch = max(1, n // batch_size)  # drop the ragged last batch, as the full protocol does
-    total = epochs * steps_per_epoch
-    step = 0
-    last_loss = float("nan")
-    for _ in range(epochs):
-        head.train()
-        perm = torch.randperm(n, generator=gen).to(device)
-        for i in range(steps_per_epoch):
-            idx = perm[i * batch_size:(i + 1) * batch_size]
-            for g in opt.param_groups:
-                g["lr"] = cosine_lr(peak, step / total)
-            loss = F.cross_entropy(head(xf[idx]), yf[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-        last_loss = loss.item()
-    val = evaluate_head(head, val_feats.float().to(device), val_labels.long().to(device))
-    return {"top1": val["top1"], "top5": val["top5"], "val_loss": val["loss"], "train_loss": last_loss,
-            "lr": lr, "epochs": epochs, "batch_size": batch_size, "weight_decay": weight_decay,
-            "num_train": n, "num_val": int(val_feats.shape[0]), "protocol": "cached_features"}
-
-
-def sweep_linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, val_feats: torch.Tensor,
-                       val_labels: torch.Tensor, lrs: Sequence[float], **kwargs: Any) -> dict[str, Any]:
-    """Run :func:`train_linear_probe` for each lr; the best val top-1 is returned with every run under ``sweep``."""
-    if not lrs:
-        raise ValueError("give at least one learning rate to sweep")
-    runs = [train_linear_probe(train_feats, train_labels, val_feats, val_labels, lr=lr, **kwargs) for lr in lrs]
-    best = dict(max(runs, key=lambda r: r["top1"]))
-    best["sweep"] = [{"lr": r["lr"], "top1": r["top1"], "top5": r["top5"]} for r in runs]
-    return best
-
-
-# ---------------------------------------------------------------------------------------------------
-# Full protocol: frozen backbone on augmented images, distributed, resumable
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def write_json_atomic(path: str | os.PathLike[str], data: dict[str, Any]) -> None:
@@ -171,135 +84,185 @@ def write_json_atomic(path: str | os.PathLike[str], data: dict[str, Any]) -> Non
     os.replace(tmp, path)
 
 
-def _sync_grads_and_count(head: nn.Module, n_local: int, device: torch.device,
-                          group: ProcessGroup | None) -> int:
-    """Sum gradients of summed losses over ranks and divide by the global sample count; returns that count."""
-    count = all_reduce_sum_no_grad(torch.tensor([float(n_local)], device=device), group)
-    n = int(count.item())
-    for p in head.parameters():
-        if p.grad is not None:
-            all_reduce_sum_no_grad(p.grad, group).div_(max(n, 1))
-    return n
+def _check_labels(labels: torch.Tensor, num_classes: int, what: str) -> None:
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(f"{what} labels must be in [0, {num_classes}); got [{int(labels.min())}, "
+                         f"{int(labels.max())}]; is the manifest labelled?")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Cached features: sharded, data-parallel
 
 
 @torch.no_grad()
-def _features(backbone: nn.Module, images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        return backbone(images.to(device, non_blocking=True)).float().flatten(1)
-
-
-@torch.no_grad()
-def evaluate_stream(backbone: nn.Module, head: nn.Module, stream: Iterable[Any], device: torch.device,
-                    group: ProcessGroup | None = None) -> dict[str, float]:
-    """Top-1/top-5 (%) of backbone + head over a stream that splits the samples across ranks."""
-    backbone.eval()
+def _evaluate_shard(head: nn.Module, shard: FeatureShard, device: torch.device, group: ProcessGroup | None,
+                    batch_size: int = 1024) -> dict[str, Any]:
     head.eval()
-    sums = torch.zeros(4, device=device)  # top1 hits, top5 hits, loss sum, count
-    for item in stream:
-        images, labels = images_and_labels(item)
-        labels = labels.to(device).long()
-        logits = head(_features(backbone, images, device))
-        sums[:2] += topk_correct(logits, labels)
-        sums[2] += F.cross_entropy(logits, labels, reduction="sum")
-        sums[3] += labels.numel()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    for f, y in zip(shard.features.split(batch_size), shard.labels.split(batch_size)):
+        logits = head(f.float())
+        sums[:2] += topk_correct(logits, y).double()
+        sums[2] += F.cross_entropy(logits, y, reduction="sum").double()
+        sums[3] += y.numel()
     all_reduce_sum_no_grad(sums, group)
-    n = max(1.0, sums[3].item())
-    return {"top1": 100.0 * sums[0].item() / n, "top5": 100.0 * sums[1].item() / n,
-            "loss": sums[2].item() / n, "num_val": int(sums[3].item())}
+    top1, top5, loss, n = sums.tolist()
+    n = max(n, 1.0)
+    return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "val_loss": loss / n, "num_val": int(n)}
 
 
-def _exactly(make_stream: Callable[[int], Iterable[Any]], epoch: int, steps: int) -> Iterable[Any]:
-    """Exactly ``steps`` batches of ``epoch``, restarting the stream if it runs short.
+def train_linear_probe(train: FeatureShard, val: FeatureShard, num_classes: int, epochs: int = 100,
+                       lr: float = 0.02, batch_size: int = 256, weight_decay: float = 1e-6, momentum: float = 0.9,
+                       normalize: bool = False, seed: int = 0, device: torch.device | str = "cpu",
+                       group: ProcessGroup | None = None, progress: bool = False) -> dict[str, Any]:
+    """Train a linear head on this rank's cached feature shard, data-parallel; val ``top1``/``top5`` (%).
 
-    Every rank must take the same number of steps or the gradient all-reduce would hang; a rank's share
-    of the data can be one batch short of ``num_train_samples // batch_size`` after the rank split.
+    A collective when distributed (every rank calls it with its shard). ``lr`` is at batch 256 and scaled
+    by ``batch_size / 256``; the ragged last batch of an epoch is dropped.
     """
-    taken = 0
-    while taken < steps:
-        before = taken
-        for item in make_stream(epoch):
-            yield item
-            taken += 1
-            if taken == steps:
-                return
-        if taken == before:
-            raise RuntimeError(f"the linear-eval training stream of epoch {epoch} yielded no batches")
-        log.debug("linear eval: stream of epoch %d ran short after %d of %d steps; restarting it",
-                  epoch, taken, steps)
+    device = torch.device(device)
+    n = train.total
+    if train.features.shape[0] != train.labels.shape[0] or val.features.shape[0] != val.labels.shape[0]:
+        raise ValueError("need exactly one label per feature row")
+    if n == 0 or val.total == 0:
+        raise ValueError("linear probe needs non-empty train and val features")
+    if batch_size > n:
+        raise ValueError(f"eval.linear_batch_size={batch_size} exceeds the {n} training samples; lower it")
+    _check_labels(train.labels, num_classes, "train")
+    _check_labels(val.labels, num_classes, "val")
+    torch.manual_seed(seed)  # same head on every rank
+    head = LinearHead(train.features.shape[1], num_classes, normalize, group).to(device)
+    peak = scaled_lr(lr, batch_size)
+    opt = torch.optim.SGD(head.parameters(), lr=peak, momentum=momentum, weight_decay=weight_decay)
+    steps_per_epoch = n // batch_size
+    total = epochs * steps_per_epoch
+    lo, hi = train.offset, train.offset + train.features.shape[0]
+    bar = ProgressBar(total, 0, enabled=progress, desc=f"linear (cached, lr {lr:g})")
+    step = 0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    try:
+        for epoch in range(epochs):
+            head.train()
+            # the same permutation on every rank (CPU generator); each rank keeps the rows it holds
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).to(device)
+            loss_sum.zero_()
+            for i in range(steps_per_epoch):
+                idx = perm[i * batch_size:(i + 1) * batch_size]
+                mine = idx[(idx >= lo) & (idx < hi)] - lo
+                for g in opt.param_groups:
+                    g["lr"] = cosine_lr(peak, step / total)
+                logits = head(train.features[mine].float())
+                # summed over this rank's members; gradients summed over ranks and divided by the real batch
+                loss = F.cross_entropy(logits, train.labels[mine], reduction="sum")
+                opt.zero_grad(set_to_none=False)
+                loss.backward()
+                for p in head.parameters():
+                    if p.grad is not None:
+                        all_reduce_sum_no_grad(p.grad, group).div_(batch_size)
+                opt.step()
+                loss_sum += loss.detach().double()
+                step += 1
+                bar.update(1)
+    finally:
+        bar.close()
+    all_reduce_sum_no_grad(loss_sum, group)
+    val_metrics = _evaluate_shard(head, val, device, group)
+    return {**val_metrics, "train_loss": float(loss_sum.item()) / max(1, steps_per_epoch * batch_size),
+            "lr": lr, "epochs": epochs, "batch_size": batch_size, "weight_decay": weight_decay, "num_train": n,
+            "normalize": normalize, "protocol": "cached_features"}
 
 
-def train_linear_full(backbone: nn.Module, make_train_stream: Callable[[int], Iterable[Any]],
-                      make_val_stream: Callable[[], Iterable[Any]], num_classes: int, num_train_samples: int,
-                      out_dir: str | os.PathLike[str], epochs: int = 100, lr: float = 0.02,
+def sweep_linear_probe(train: FeatureShard, val: FeatureShard, lrs: Sequence[float], **kwargs: Any) -> dict[str, Any]:
+    """Run :func:`train_linear_probe` for each lr; the best val top-1 is returned with every run under ``sweep``."""
+    if not lrs:
+        raise ValueError("give at least one learning rate to sweep")
+    runs = [train_linear_probe(train, val, lr=lr, **kwargs) for lr in lrs]
+    best = dict(max(runs, key=lambda r: r["top1"]))
+    best["sweep"] = [{"lr": r["lr"], "top1": r["top1"], "top5": r["top5"]} for r in runs]
+    return best
+
+
+# ---------------------------------------------------------------------------------------------------
+# Full protocol: frozen backbone on augmented images, distributed, requeueable
+
+
+class _FrozenThenHead(nn.Module):
+    """Frozen backbone (eval mode, no grad, bf16 autocast on CUDA) followed by the trainable head."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), torch.autocast(device_type=images.device.type, dtype=torch.bfloat16,
+                                             enabled=images.device.type == "cuda"):
+            feats = self.backbone(images).float().flatten(1)
+        return self.head(feats)
+
+
+def train_linear_full(backbone: nn.Module, train_stream: Any, val_stream: Any, num_classes: int,
+                      checkpoint_dir: str | os.PathLike[str], epochs: int = 100, lr: float = 0.02,
                       batch_size: int = 256, weight_decay: float = 1e-6, momentum: float = 0.9,
                       normalize: bool = False, seed: int = 0, device: torch.device | str = "cpu",
                       group: ProcessGroup | None = None, fingerprint: dict[str, Any] | None = None,
-                      writer: Any = None) -> dict[str, Any]:
-    """The standard protocol on a frozen ``backbone``; resumes from ``out_dir/linear_state.pt`` when present.
+                      writer: Any = None, stop: StopCheck | None = None, progress: bool = False) -> dict[str, Any]:
+    """The standard protocol on a frozen ``backbone``; resumes from ``checkpoint_dir`` when it holds a checkpoint.
 
-    ``make_train_stream(epoch)`` yields this rank's augmented batches for ``epoch`` (per-rank batch =
-    ``batch_size`` / world size); ``make_val_stream()`` yields this rank's share of the val set. Gradients
-    of the summed loss are summed over ranks and divided by the global count, so W ranks × B ≡ 1 rank × W·B.
-    ``fingerprint`` (e.g. the checkpoint and manifests) must match a saved state for it to be resumed.
-    ``writer`` is an optional TensorBoard ``SummaryWriter`` (rank 0 only).
+    ``train_stream`` is this rank's :class:`~largessl.data.stream.TrainStream` of augmented single views (per-rank
+    batch = ``batch_size`` / world size); ``val_stream`` (``iterate(0)``, ``batches_per_epoch``) gives this
+    rank's share of the val set.
+    ``fingerprint`` (e.g. the weights and manifests) must match a saved state for it to be resumed. Returns
+    the val metrics, or ``{"stopped": True}`` after a stop request was saved (rerun to resume).
     """
     device = torch.device(device)
-    rank = get_rank(group)
-    out = Path(out_dir)
-    state_path = out / STATE_FILE
     for p in backbone.parameters():
         p.requires_grad_(False)
     backbone.eval()
     torch.manual_seed(seed)  # same head init on every rank
     num_features = int(backbone.num_features)
-    head = LinearHead(num_features, num_classes, normalize).to(device)
+    head = LinearHead(num_features, num_classes, normalize, group).to(device)
+    model = _FrozenThenHead(backbone, wrap_ddp(head, device, group))
     peak = scaled_lr(lr, batch_size)
-    opt = _make_optimizer(head, peak, momentum, weight_decay)
+    opt = torch.optim.SGD(head.parameters(), lr=peak, momentum=momentum, weight_decay=weight_decay)
     settings = {"num_features": num_features, "num_classes": num_classes, "epochs": epochs, "lr": lr,
                 "batch_size": batch_size, "weight_decay": weight_decay, "momentum": momentum,
                 "normalize": normalize, "seed": seed, **(fingerprint or {})}
-    start_epoch = 0
-    if state_path.exists():
-        state = torch.load(state_path, map_location=device, weights_only=True)
-        if state.get("settings") != json.loads(json.dumps(settings)):
-            raise ValueError(
-                f"{state_path} was written by a linear evaluation with different settings "
-                f"({state.get('settings')}); delete {state_path} to start over or use another output directory"
-            )
-        head.load_state_dict(state["head"])
-        opt.load_state_dict(state["optimizer"])
-        start_epoch = int(state["epoch"])
-        log.info("linear eval: resuming after epoch %d of %d from %s", start_epoch, epochs, state_path)
-    steps_per_epoch = max(1, num_train_samples // batch_size)
-    total = epochs * steps_per_epoch
-    for epoch in range(start_epoch, epochs):
+    run = SupervisedRun("linear", str(checkpoint_dir), settings, epochs, [peak], progress)
+
+    def modes() -> None:
+        backbone.eval()  # frozen: BN uses its running statistics, as at feature-extraction time
         head.train()
-        loss_sum = torch.zeros(2, device=device)
-        for i, item in enumerate(_exactly(make_train_stream, epoch, steps_per_epoch)):
-            images, labels = images_and_labels(item)
-            labels = labels.to(device).long()
-            for g in opt.param_groups:
-                g["lr"] = cosine_lr(peak, (epoch * steps_per_epoch + i) / total)
-            feats = _features(backbone, images, device)
-            loss = F.cross_entropy(head(feats), labels, reduction="sum")
-            opt.zero_grad(set_to_none=False)
-            loss.backward()
-            _sync_grads_and_count(head, labels.numel(), device, group)
-            opt.step()
-            loss_sum += torch.stack([loss.detach(), torch.tensor(float(labels.numel()), device=device)])
-        all_reduce_sum_no_grad(loss_sum, group)
-        train_loss = loss_sum[0].item() / max(1.0, loss_sum[1].item())
-        if rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            _atomic_torch_save({"head": head.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
-                                "settings": json.loads(json.dumps(settings))}, state_path)
-            if writer is not None:
-                writer.add_scalar("eval/linear_train_loss", train_loss, epoch + 1)
-        log.info("linear eval: epoch %d/%d train loss %.4f", epoch + 1, epochs, train_loss)
-    val = evaluate_stream(backbone, head, make_val_stream(), device, group)
-    if writer is not None and rank == 0:
+
+    own_stop = stop is None
+    stop = stop or StopCheck(device, group)
+    if own_stop:
+        stop.__enter__()
+    try:
+        status = fit_supervised(run, head, model, opt, train_stream, device, stop, group, writer, modes)
+    finally:
+        if own_stop:
+            stop.__exit__()
+    if status == STOPPED:
+        return {"stopped": True, "reason": stop.reason}
+    backbone.eval()
+    head.eval()
+    bar = ProgressBar(int(val_stream.batches_per_epoch), 0, progress, desc="linear (val)")
+    try:
+        val = evaluate_classifier(model, val_stream.iterate(0), device, group, bar)
+    finally:
+        bar.close()
+    if writer is not None:
         writer.add_scalar("eval/linear_top1", val["top1"], epochs)
         writer.add_scalar("eval/linear_top5", val["top5"], epochs)
-    return {"top1": val["top1"], "top5": val["top5"], "val_loss": val["loss"], "num_val": val["num_val"],
-            "lr": lr, "epochs": epochs, "batch_size": batch_size, "weight_decay": weight_decay,
-            "num_train": num_train_samples, "protocol": "full"}
+    return {**val, "lr": lr, "epochs": epochs, "batch_size": batch_size, "weight_decay": weight_decay,
+            "momentum": momentum, "normalize": normalize,
+            "num_train": int(train_stream.batches_per_epoch) * batch_size, "protocol": "full"}
+
+
+def linear_world_check(batch_size: int, group: ProcessGroup | None = None) -> int:
+    """Per-rank batch of ``batch_size`` (must divide by the world size)."""
+    world = get_world_size(group)
+    if batch_size % world:
+        raise ValueError(f"eval.linear_batch_size={batch_size} is not divisible by the world size {world}; "
+                         f"use a multiple of {world}")
+    return batch_size // world

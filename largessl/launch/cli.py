@@ -78,8 +78,9 @@ def _run_slurm(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(slurm.render_sbatch(plan))
         print(f"# each task runs: largessl {' '.join(plan.pretrain_argv)}")
-        for cmd in plan.stage_commands:
+        for i, cmd in enumerate(plan.stage_commands):
             print(f"# then (afterok): {' '.join(cmd)}")
+            print(slurm.render_stage_sbatch(plan, i))
         print(f"# run directory: {plan.run_dir}")
         return 0
     done = slurm.submit(plan)

@@ -283,6 +283,7 @@ def plan_manifests(req: K8sRequest) -> K8sPlan:
     run_dir = _run_dir(cfg, req)
     cfg.train.run_dir = run_dir
     stage_names = list(cfg.stages)
+    stage_resources = {n: cfg.stage_config(n) for n in stage_names}
     stage_cmds: list[list[str]] = []
     if stage_names:
         from largessl.stages import stage_commands
@@ -336,22 +337,87 @@ def plan_manifests(req: K8sRequest) -> K8sPlan:
     }
     stages = []
     for stage, cmd in zip(stage_names, stage_cmds):
-        gpus = 1 if req.gpus_per_node else 0
-        spec = _pod_spec(req, name, cmd[1:], [{"name": "PYTHONUNBUFFERED", "value": "1"}], gpus, uses_s3)
-        stages.append({
-            "apiVersion": "batch/v1", "kind": "Job",
-            "metadata": {"name": dns_name(f"{name}-{stage}", 63), "namespace": ns, "labels": _labels(name, stage)},
-            "spec": {
-                "backoffLimit": 1,
-                "podFailurePolicy": {"rules": [
-                    {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-                    {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
-                                                          "values": sorted(exit_codes.FAIL_FAST)}},
-                ]},
-                "template": {"metadata": {"labels": _labels(name, stage)}, "spec": spec},
-            },
-        })
+        stages += stage_manifests(req, name, stage, cmd[1:], stage_resources, uses_s3)
     return K8sPlan(name, service, cfg, run_dir, [configmap, svc, job], stages)
+
+
+def _failure_policy() -> dict[str, Any]:
+    # first matching rule wins: disruptions and the requeue exit (75: state saved on a stop request) are
+    # retried without counting against backoffLimit; bug codes fail the Job at once
+    return {"rules": [
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        {"action": "Ignore", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
+                                             "values": [exit_codes.REQUEUE]}},
+        {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
+                                              "values": sorted(exit_codes.FAIL_FAST)}},
+    ]}
+
+
+def stage_manifests(req: K8sRequest, name: str, stage: str, args: list[str], resources: dict[str, Any],
+                    uses_s3: bool) -> list[dict[str, Any]]:
+    """The Job (and, for several nodes, its headless Service) of one stage, sized by ``stages.<stage>``.
+
+    Evaluation stages get ``nodes`` pods x ``gpus_per_node`` GPUs (default: 1 node x the pretraining pods'
+    GPUs), one process per GPU through ``largessl launch node``, and the pretraining Job's restart rules:
+    an Indexed Job whose pods are replaced after a disruption or a requeue exit (75, neither counted against
+    ``backoffLimit``) and resume from the stage's checkpoint on the run volume; bug exit codes fail it at once. ``push`` is one process without GPUs.
+    Kubernetes has no time limit to request: ``stages.<stage>.time`` applies to SLURM only.
+    """
+    from largessl.stages import EVAL_STAGES
+
+    sc = resources.get(stage)
+    job_name = dns_name(f"{name}-{stage}", 56)  # pod hostnames <job>-<index> stay within 63 characters
+    distributed = stage in EVAL_STAGES
+    nodes = sc.nodes if (sc is not None and distributed) else 1
+    if not distributed:
+        gpus, nproc = 0, 1
+    else:
+        gpus = req.gpus_per_node if sc is None or sc.gpus_per_node is None else sc.gpus_per_node
+        nproc = gpus if gpus > 0 else req.procs_per_node
+    if nodes > 1 and req.pvc:
+        log.warning("stage %s: %d pods write its checkpoints under the run directory on PVC %s, which must be "
+                    "ReadWriteMany (NFS, CephFS, EFS, Filestore...)", stage, nodes, req.pvc)
+    env: list[dict[str, Any]] = [{"name": "PYTHONUNBUFFERED", "value": "1"}]
+    out: list[dict[str, Any]] = []
+    if nodes > 1 or nproc > 1:
+        env = [
+            {"name": "JOB_COMPLETION_INDEX",
+             "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{INDEX_ANNOTATION}']"}}},
+            {"name": "LARGESSL_JOB_NAME", "value": job_name},
+            {"name": "LARGESSL_MASTER_SERVICE", "value": job_name},
+            {"name": "LARGESSL_WORLD_SIZE", "value": str(nodes * nproc)},
+            {"name": "MASTER_PORT", "value": str(req.port)},
+            *env,
+        ]
+        if nodes == 1:  # everything on one pod: rendezvous on the loopback, no Service needed
+            env.insert(4, {"name": "MASTER_ADDR", "value": "127.0.0.1"})
+    if nproc > 1:
+        args = ["launch", "node", "--nproc-per-node", str(nproc), "--", *args]
+    spec = _pod_spec(req, name, args, env, gpus, uses_s3)
+    if nodes > 1:
+        spec["subdomain"] = job_name
+        spec["containers"][0]["ports"] = [{"name": "rendezvous", "containerPort": req.port}]
+        out.append({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": job_name, "namespace": req.namespace, "labels": _labels(name, stage)},
+            "spec": {"clusterIP": "None", "publishNotReadyAddresses": True,
+                     "selector": {LABEL: name, "app.kubernetes.io/component": stage},
+                     "ports": [{"name": "rendezvous", "port": req.port, "targetPort": req.port}]},
+        })
+    out.append({
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {"name": job_name, "namespace": req.namespace, "labels": _labels(name, stage)},
+        "spec": {
+            "completionMode": "Indexed",
+            "completions": nodes,
+            "parallelism": nodes,
+            "backoffLimit": req.backoff_limit if distributed else 1,
+            "podReplacementPolicy": "Failed",
+            "podFailurePolicy": _failure_policy(),
+            "template": {"metadata": {"labels": _labels(name, stage)}, "spec": spec},
+        },
+    })
+    return out
 
 
 def to_yaml(manifests: list[dict[str, Any]]) -> str:

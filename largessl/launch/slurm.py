@@ -118,6 +118,9 @@ class SlurmPlan:
     stage_commands: list[list[str]]
     parameters: dict[str, Any]
     """Native SlurmExecutor parameters (sbatch options and script parts)."""
+    stage_names: list[str] = field(default_factory=list)
+    stage_argv: list[list[str]] = field(default_factory=list)
+    """Arguments for ``largessl.cli.main`` of each stage (its command without the executable)."""
 
 
 def _abs_overrides(overrides: list[str], key: str, value: str) -> list[str]:
@@ -135,15 +138,21 @@ def plan_job(request: SlurmRequest) -> SlurmPlan:
     run_dir = Path(cfg.train.run_dir).resolve()
     overrides = _abs_overrides(list(request.overrides), "train.run_dir", str(run_dir))
     stages: list[list[str]] = []
+    stage_argv: list[list[str]] = []
     if request.submit_stages and cfg.stages:
         from largessl.stages import stage_commands
 
         stages = stage_commands(cfg, run_dir)
+        stage_argv = stage_commands(cfg, run_dir, executable=[])
         # the stages become their own dependent jobs; the pretrain job must not also run them in-process
         overrides = _abs_overrides(overrides, "stages", "[]")
     folder = Path(request.log_dir).resolve() if request.log_dir else run_dir / "slurm"
     argv = ["pretrain", *[a for c in config for a in ("--config", c)], *overrides]
-    return SlurmPlan(request, cfg, run_dir, folder, argv, stages, slurm_parameters(request))
+    plan = SlurmPlan(request, cfg, run_dir, folder, argv, stages, slurm_parameters(request),
+                     list(cfg.stages) if stages else [], stage_argv)
+    for name in plan.stage_names:
+        stage_parameters(plan, name, "afterok:0")  # bad stage resources fail before anything is submitted
+    return plan
 
 
 def slurm_parameters(request: SlurmRequest) -> dict[str, Any]:
@@ -171,6 +180,42 @@ def slurm_parameters(request: SlurmRequest) -> dict[str, Any]:
     setup.append(f"export OMP_NUM_THREADS={request.cpus_per_task or 1}")
     params["setup"] = setup
     return params
+
+
+def stage_parameters(plan: SlurmPlan, name: str, dependency: str) -> dict[str, Any]:
+    """SlurmExecutor parameters of stage ``name``'s job: ``stages.<name>`` resources, requeueable, after ``dependency``.
+
+    Evaluation stages default to 1 node x the pretraining job's GPUs per node (one task per GPU) and its
+    time limit; ``push`` is one task without GPUs.
+    """
+    from largessl.stages import EVAL_STAGES
+
+    sc = plan.cfg.stage_config(name)
+    req = plan.request
+    params = dict(plan.parameters, job_name=f"{req.job_name}-{name}", dependency=dependency,
+                  additional_parameters=dict(plan.parameters["additional_parameters"], **{"kill-on-invalid-dep": "yes"}))
+    params.pop("gpus_per_node", None)
+    if name not in EVAL_STAGES:
+        params.update(nodes=1, ntasks_per_node=1)
+        return params
+    gpus = req.gpus_per_node if sc.gpus_per_node is None else sc.gpus_per_node
+    params.update(nodes=sc.nodes, ntasks_per_node=gpus if gpus > 0 else req.tasks_per_node)
+    if gpus:
+        params["gpus_per_node"] = gpus
+    if sc.time:
+        try:
+            params["time"] = parse_time(sc.time)
+        except ValueError as e:
+            raise ValueError(f"stages.{name}.time: {e}") from None
+    return params
+
+
+def render_stage_sbatch(plan: SlurmPlan, index: int, dependency: str = "afterok:<previous job>") -> str:
+    """The sbatch script of the ``index``-th stage's job (what ``--dry-run`` prints)."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    params = stage_parameters(plan, plan.stage_names[index], dependency)
+    return _make_sbatch_string(command=_submit_command(plan.folder), folder=plan.folder / "%j", **params)
 
 
 def _submit_command(folder: Path, python: str | None = None) -> str:
@@ -230,8 +275,17 @@ def requeue_self() -> None:
         log.info("requeued SLURM job %s; it resumes from the last checkpoint", job)
 
 
+class EvalStageJob(PretrainJob):
+    """An evaluation stage (linear, knn, finetune) on every task of its own SLURM job, requeued like pretraining.
+
+    Each task runs ``largessl eval <stage> ...`` in-process with torch.distributed's variables; on a stop
+    signal the stage saves its state and exits 75, global rank 0 requeues the job, and the requeued job
+    resumes the stage (same job id, so the dependent stages keep waiting).
+    """
+
+
 class StageJob:
-    """A downstream stage (eval, push) run as its own SLURM job after pretraining succeeded."""
+    """A single-process downstream stage (push) run as its own SLURM job after the previous one succeeded."""
 
     def __init__(self, command: list[str]) -> None:
         self.command = list(command)
@@ -266,22 +320,20 @@ def _executor(folder: Path, params: dict[str, Any]) -> submitit.AutoExecutor:
 
 
 def submit(plan: SlurmPlan) -> Submitted:
-    """Submit the pretraining job (and its stages as afterok dependents); returns ids and log paths."""
+    """Submit the pretraining job (and its stages as afterok dependents, each sized by ``stages.<name>``)."""
     plan.folder.mkdir(parents=True, exist_ok=True)
     ex = _executor(plan.folder, plan.parameters)
     # submitting from inside another job must not leak that job's SLURM_*/RANK variables into this one
     with submitit.helpers.clean_env():
         job = ex.submit(PretrainJob(plan.pretrain_argv))
+        from largessl.stages import EVAL_STAGES
+
         stage_ids = []
         previous = job.job_id
-        for name, cmd in zip(plan.cfg.stages, plan.stage_commands):
-            params = dict(plan.parameters, nodes=1, ntasks_per_node=1, job_name=f"{plan.request.job_name}-{name}",
-                          dependency=f"afterok:{previous}",
-                          additional_parameters=dict(plan.parameters["additional_parameters"],
-                                                     **{"kill-on-invalid-dep": "yes"}))
-            if plan.request.gpus_per_node:
-                params["gpus_per_node"] = 1
-            stage = _executor(plan.folder, params).submit(StageJob(cmd))
+        for name, cmd, argv in zip(plan.stage_names, plan.stage_commands, plan.stage_argv):
+            params = stage_parameters(plan, name, f"afterok:{previous}")
+            runner = EvalStageJob(argv) if name in EVAL_STAGES else StageJob(cmd)
+            stage = _executor(plan.folder, params).submit(runner)
             stage_ids.append(stage.job_id)
             previous = stage.job_id  # stages run in order: push only after the evaluations passed
     return Submitted(job.job_id, job.paths.stdout, job.paths.stderr, plan.folder, plan.run_dir, stage_ids)

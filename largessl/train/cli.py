@@ -44,16 +44,18 @@ def run(args: argparse.Namespace) -> int:
     # CLI ends the process with the failure's exit code instead (largessl.cli.main).
     trainer = build_trainer(cfg, env)
     result = trainer.fit()
-    if result.exit_code == 0 and cfg.stages:
-        _run_stages(cfg, result.run_dir)
+    code = result.exit_code
+    if code == 0 and cfg.stages:
+        code = _run_stages(cfg, result.run_dir)
     shutdown_distributed()
-    return result.exit_code
+    return code
 
 
-def _run_stages(cfg, run_dir: str) -> None:
+def _run_stages(cfg, run_dir: str) -> int:
     try:
-        from largessl.stages import run_stages
+        from largessl.stages import run_stages, stages_exit_code
     except ImportError:
         raise RuntimeError(f"stages {cfg.stages} were requested but largessl.stages is not available in this "
                            "installation; remove `stages` from the config or update largessl") from None
-    run_stages(cfg, run_dir)
+    # a stage stopped by a signal saved its state: exit 75 so the rerun resumes it
+    return stages_exit_code(run_stages(cfg, run_dir))

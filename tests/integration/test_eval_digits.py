@@ -45,3 +45,38 @@ def test_pretrained_beats_random_init_on_digits(tmp_path):
           f"random init: kNN {knn_rand['top1']}, linear {linear_rand['top1']:.2f}")
     assert knn["top1"]["20"] > knn_rand["top1"]["20"] + 8.0
     assert linear["top1"] > linear_rand["top1"] + 1.0
+
+
+FT_COMMON = ["model.arch=repro_convnet", "model.small_input=false", "data.image_size=16", "data.num_workers=0",
+             "train.device=cpu", "log.progress=false", "log.tensorboard=false", "data.shuffle_buffer=512"]
+FT_RECIPE = ["eval.finetune.percents=[10]", "eval.finetune.epochs=20", "eval.finetune.batch_size=32",
+             "eval.finetune.head_lr=[1.0]", "eval.finetune.backbone_lr=[0.02]"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_finetune_on_10_percent_beats_the_random_init_with_the_same_recipe(tmp_path):
+    """Semi-supervised protocol on digits: 10% of the labels (143 images, class-balanced from seed 0).
+
+    A short Barlow Twins pretraining of the small CNN, then `largessl eval finetune` of it and of the
+    random-init backbone with the same recipe and the same subset (reused from the first run's manifest).
+    """
+    train, val = write_digits_shards(str(tmp_path / "digits"), image_size=16)
+    run_dir = tmp_path / "run"
+    assert main(["pretrain", f"train.run_dir={run_dir}", f"data.train_manifest={train}", f"data.val_manifest={val}",
+                 *FT_COMMON, "method.projector=256-256", "data.augment=small", "optim.base_lr=0.5",
+                 "optim.warmup_epochs=1", "train.global_batch_size=128", "train.num_steps=60",
+                 "checkpoint.every_steps=1000", "checkpoint.at_epoch_end=false", "eval.online_probe=false"]) == 0
+    data = ["--train", train, "--val", val]
+    assert main(["eval", "finetune", "--checkpoint", str(run_dir), *data, *FT_COMMON, *FT_RECIPE]) == 0
+    pretrained = json.loads((run_dir / "eval" / "finetune_10pct.json").read_text())
+    subset = pretrained["subset_manifest"]
+    assert main(["eval", "finetune", "--checkpoint", "random", "--out", str(tmp_path / "random"), *data, *FT_COMMON,
+                 *FT_RECIPE, f"eval.finetune.subset_manifests=[{subset}]"]) == 0
+    random_init = json.loads((tmp_path / "random" / "eval" / "finetune_10pct.json").read_text())
+    assert pretrained["protocol"] == random_init["protocol"] == "finetune"
+    assert pretrained["num_train"] == random_init["num_train"] == 143 and pretrained["num_val"] == 359
+    assert pretrained["subset_id"] == random_init["subset_id"]
+    print(f"fine-tuned on 10% of the labels: pretrained top-1 {pretrained['top1']:.2f}%, "
+          f"random init {random_init['top1']:.2f}%")
+    assert pretrained["top1"] > random_init["top1"] + 5.0

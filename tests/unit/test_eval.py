@@ -1,4 +1,4 @@
-"""Evaluation building blocks: weighted kNN, linear probe, online probe, feature extraction and cache."""
+"""Evaluation building blocks: weighted kNN, linear probe, online probe, feature extraction and the per-rank cache."""
 
 from __future__ import annotations
 
@@ -9,17 +9,25 @@ import torch
 from torch import nn
 
 from largessl.data.batch import Batch
-from largessl.eval.features import extract_features, load_feature_cache, save_feature_cache
+from largessl.eval.features import (
+    FeatureShard,
+    cache_dir,
+    cached_or_extracted,
+    extract_features,
+    extract_shard,
+    load_shard,
+    weights_hash,
+)
 from largessl.eval.knn import knn_accuracy, knn_classify
 from largessl.eval.linear import (
     LinearHead,
     cosine_lr,
     sweep_linear_probe,
     topk_correct,
-    train_linear_full,
     train_linear_probe,
 )
 from largessl.eval.online_probe import OnlineProbe
+from largessl.nn.batchnorm import GlobalBatchNorm1d
 
 
 def _blobs(n_per_class: int, classes: int, dim: int, spread: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,18 +80,28 @@ def test_topk_and_cosine():
     assert cosine_lr(1.0, 0.5) == pytest.approx(0.5)
 
 
+def _shard(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype = torch.float16) -> FeatureShard:
+    return FeatureShard(x.to(dtype), y, [len(y)], 0)
+
+
 def test_linear_probe_on_cached_features_learns_and_is_deterministic():
     tx, ty = _blobs(50, 5, 32, 2.0, 0)
     vx, vy = _blobs(20, 5, 32, 2.0, 1)
     kw = dict(num_classes=5, epochs=20, lr=0.5, batch_size=50, weight_decay=0.0)
-    a = train_linear_probe(tx, ty, vx, vy, **kw)
-    b = train_linear_probe(tx, ty, vx, vy, **kw)
+    a = train_linear_probe(_shard(tx, ty), _shard(vx, vy), **kw)
+    b = train_linear_probe(_shard(tx, ty), _shard(vx, vy), **kw)
     assert a["top1"] > 90.0 and a["top5"] == 100.0 and a == b
-    noise = train_linear_probe(torch.randn_like(tx), ty, torch.randn_like(vx), vy, **kw)
+    noise = train_linear_probe(_shard(torch.randn_like(tx), ty), _shard(torch.randn_like(vx), vy), **kw)
     assert noise["top1"] < 50.0
+    normalized = train_linear_probe(_shard(tx, ty), _shard(vx, vy), normalize=True, **kw)
+    assert normalized["top1"] > 90.0 and normalized["normalize"] is True
     kw.pop("lr")
-    sweep = sweep_linear_probe(tx, ty, vx, vy, lrs=[1e-6, 0.5], **kw)
+    sweep = sweep_linear_probe(_shard(tx, ty), _shard(vx, vy), lrs=[1e-6, 0.5], **kw)
     assert [r["lr"] for r in sweep["sweep"]] == [1e-6, 0.5] and sweep["lr"] == 0.5
+    with pytest.raises(ValueError, match="exceeds the 250 training samples"):
+        train_linear_probe(_shard(tx, ty), _shard(vx, vy), **{**kw, "batch_size": 256})
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 5\)"):
+        train_linear_probe(_shard(tx, ty + 3), _shard(vx, vy), **kw)
 
 
 def test_online_probe_trains_without_touching_the_backbone():
@@ -133,47 +151,50 @@ def test_extract_features_batches_and_cache(tmp_path):
     assert ys.tolist() == labels.tolist()
     pairs = [(images[i:i + 5], labels[i:i + 5]) for i in (0, 5)]  # a plain DataLoader's (x, y) works too
     torch.testing.assert_close(extract_features(net, pairs, "cpu")[0], feats)
-    save_feature_cache(tmp_path / "c.safetensors", feats, ys)
-    f2, y2 = load_feature_cache(tmp_path / "c.safetensors")
-    assert torch.equal(f2, feats) and torch.equal(y2, ys)
+    shard = extract_shard(net, batches, "cpu")  # the stages' path: fp16 rows of this rank, with counts
+    assert shard.features.dtype == torch.float16 and shard.counts == [10] and shard.offset == 0
+    torch.testing.assert_close(shard.features.float(), feats, rtol=1e-3, atol=1e-3)
     with pytest.raises(ValueError, match="no samples"):
         extract_features(net, [], "cpu")
+    with pytest.raises(ValueError, match="beyond fp16's range"):
+        extract_shard(_Huge(), batches, "cpu")
 
 
-def test_full_protocol_resumes_after_each_epoch(tmp_path):
+class _Huge(nn.Module):
+    num_features = 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_full((x.shape[0], 2), 1e6)
+
+
+def test_per_rank_cache_is_keyed_and_reused(tmp_path):
     torch.manual_seed(0)
-    net = _Tiny()
-    x, y = torch.randn(64, 3, 8, 8), torch.arange(64) % 2
-    x[y == 1] += 1.0
-    train = lambda epoch: [(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)]  # noqa: E731
-    val = lambda: [(x, y)]  # noqa: E731
-    kw = dict(num_classes=2, num_train_samples=64, batch_size=16, lr=0.5, weight_decay=0.0)
-    full = train_linear_full(net, train, val, out_dir=tmp_path / "a", epochs=4, **kw)
-    state = torch.load(tmp_path / "a" / "linear_state.pt", weights_only=True)
-    assert state["epoch"] == 4 and full["top1"] > 90.0
-
-    # a run killed after epoch 2: its state file holds epoch 2; rerunning continues to the same result
+    net = _Tiny().eval()
+    images, labels = torch.randn(12, 3, 8, 8), torch.arange(12) % 3
     calls = []
 
-    def killed_after_two(epoch):
-        calls.append(epoch)
-        if epoch == 2:
-            raise KeyboardInterrupt("simulated kill")
-        return train(epoch)
+    def extract():
+        calls.append(1)
+        return extract_shard(net, [(images, labels)], "cpu")
 
-    with pytest.raises(KeyboardInterrupt):
-        train_linear_full(net, killed_after_two, val, out_dir=tmp_path / "b", epochs=4, **kw)
-    assert torch.load(tmp_path / "b" / "linear_state.pt", weights_only=True)["epoch"] == 2
-    calls.clear()
-    resumed = train_linear_full(net, lambda e: calls.append(e) or train(e), val, out_dir=tmp_path / "b",
-                                epochs=4, **kw)
-    assert calls == [2, 3]  # only the remaining epochs ran
-    assert resumed["top1"] == full["top1"] and resumed["val_loss"] == pytest.approx(full["val_loss"], rel=1e-5)
-    with pytest.raises(ValueError, match="different settings"):
-        train_linear_full(net, train, val, out_dir=tmp_path / "b", epochs=5, **kw)
+    key = weights_hash(net)
+    assert key == weights_hash(net) and len(key) == 64
+    folder = cache_dir(tmp_path, "train", "m" * 64, key, 8, "fp16")
+    meta = {"split": "train", "manifest_id": "m" * 64, "weights": key, "image_size": "8", "dtype": "fp16"}
+    first = cached_or_extracted(folder, meta, extract, torch.device("cpu"))
+    second = cached_or_extracted(folder, meta, extract, torch.device("cpu"))
+    assert calls == [1] and torch.equal(first.features, second.features) and second.counts == [12]
+    assert sorted(p.name for p in folder.iterdir()) == ["rank-00000-of-00001.safetensors"]
+    assert torch.equal(load_shard(folder / "rank-00000-of-00001.safetensors", "cpu").labels, labels)
+    # other weights (or image size, dtype, manifest) miss the cache and extract again
+    cached_or_extracted(folder, {**meta, "weights": "other"}, extract, torch.device("cpu"))
+    assert calls == [1, 1]
+    with torch.no_grad():
+        net.conv.weight.add_(1.0)
+    assert weights_hash(net) != key
 
 
-def test_linear_head_normalize_option():
+def test_linear_head_uses_global_batch_norm():
     head = LinearHead(6, 3, normalize=True)
-    assert isinstance(head.norm, nn.BatchNorm1d) and not head.norm.affine
+    assert isinstance(head.norm, GlobalBatchNorm1d) and not head.norm.affine
     assert head(torch.randn(5, 6)).shape == (5, 3)

@@ -38,4 +38,4 @@ def test_stage_commands_follow_the_configured_order(tmp_path):
     cfg.stages = []
     assert stage_commands(cfg, tmp_path) == [] and run_stages(cfg, tmp_path) == {}
     with pytest.raises(ValueError, match="unknown stage"):
-        run_stages(cfg, tmp_path, ["finetune"])
+        run_stages(cfg, tmp_path, ["segmentation"])

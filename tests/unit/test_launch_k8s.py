@@ -79,7 +79,9 @@ def test_job_policy_and_pod_shape(cfg_file: Path, tmp_path: Path) -> None:
     cfg = load_config(tmp_path / "pod.yaml")
     assert cfg.train.run_dir == "/mnt/runs/runs/bt-r50" and cfg.stages == [] and cfg.train.num_steps == 100
     stage = plan.stages[0]["spec"]["template"]["spec"]["containers"][0]
-    assert stage["args"][:2] == ["eval", "knn"] and "/mnt/runs/runs/bt-r50" in stage["args"]
+    # a stage job defaults to 1 node x the pretraining pods' GPUs, one process per GPU
+    assert stage["args"][:6] == ["launch", "node", "--nproc-per-node", "8", "--", "eval"]
+    assert stage["args"][6] == "knn" and "/mnt/runs/runs/bt-r50" in stage["args"]
 
 
 @pytest.mark.parametrize("part", ["pretrain", "stage"])
