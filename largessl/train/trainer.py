@@ -153,6 +153,7 @@ class Trainer:
         self.probe = self._build_probe(backbone)
         self.step = 0
         self._last_loss: torch.Tensor | None = None
+        self._watchdog: StallWatchdog | None = None
         """The last step's loss, a device tensor (read only at save time: no per-step sync)."""
         self.skips = _SkipCounter()  # this process's counts (the stream's per-worker cumulative stats)
         self.skip_base = dict.fromkeys(SKIP_COUNTERS, 0)  # whole-run totals at the checkpoint resumed from
@@ -347,7 +348,7 @@ class Trainer:
             self._write_run_config()
         log.info("run directory: %s", self.run_dir.resolve())
         stop = StopFlag(cfg.train.max_minutes, self.group, self.device).install()
-        watchdog, beat_hook = self._start_watchdog()
+        watchdog = self._start_watchdog()
         result = None
         try:
             self.resume()
@@ -356,8 +357,7 @@ class Trainer:
         finally:
             if watchdog is not None:
                 watchdog.stop()
-                beat_hook.remove()
-                self.ckpt.watchdog = None
+                self._watchdog = self.ckpt.watchdog = None
             # After a stop request the handlers stay: more signals while the process winds down must not
             # turn the requeue exit code into death-by-signal. A completed run restores the old handlers.
             if result is None or result.exit_code == exit_codes.OK:
@@ -365,15 +365,15 @@ class Trainer:
             else:
                 stop.ignore_further()
 
-    def _start_watchdog(self) -> tuple[StallWatchdog | None, Any]:
-        """With several ranks: exit 3 when no step starts for the collective timeout plus a margin (a dead peer
-        where no collective timeout fires). Every forward of the method module is a beat; checkpoint I/O pauses it."""
+    def _start_watchdog(self) -> StallWatchdog | None:
+        """With several ranks: exit 3 when no step completes for the collective timeout plus a margin (a dead
+        peer where no collective timeout fires). Every completed step is a beat, so the first step, which
+        holds torch.compile and cuDNN autotuning and can take minutes, never counts; checkpoint I/O pauses it."""
         if self.world_size < 2:
-            return None, None
-        watchdog = StallWatchdog(stall_timeout_s(self.cfg.dist.timeout_minutes)).start()
-        hook = self.module.register_forward_pre_hook(lambda module, args: watchdog.beat())
-        self.ckpt.watchdog = watchdog
-        return watchdog, hook
+            return None
+        self._watchdog = StallWatchdog(stall_timeout_s(self.cfg.dist.timeout_minutes)).start()
+        self.ckpt.watchdog = self._watchdog
+        return self._watchdog
 
     def _write_run_config(self) -> None:
         """config.yaml of the run (rank 0), after removing temp files of an earlier write that failed."""
@@ -425,6 +425,8 @@ class Trainer:
                     if self.probe is not None and out.features is not None:
                         probe_metrics = self.probe.step(out.features, batch.labels)
                     self.step += 1
+                    if self._watchdog is not None:
+                        self._watchdog.beat()
                     steps_window += 1
                     end_of_epoch = self.step % plan.steps_per_epoch == 0
                     is_log = self.step % cfg.train.log_every == 0 or self.step == plan.num_steps
