@@ -1,9 +1,12 @@
-"""Processes for the hub concurrency tests: pushers and a reader, forked from the test so they start fast.
+"""Processes for the hub concurrency tests: pushers and a reader, spawned fresh and released together.
 
-Each worker waits for a shared ``go`` event (so the pushes overlap), does its work, and writes what
-happened to a JSON file. Forking after the parent imported largessl keeps eight interpreters from
-importing torch at once on a small machine; each child is still a separate process with its own hub
-client, storage connections and locks.
+Spawned, not forked: the test process holds threads (s3fs's event loop, torch's pools), and a fork taken
+while one of them holds a lock leaves the child waiting on it forever (seen here under load: 8 pushers
+stuck in a futex).
+
+Each worker waits at a shared ``go`` barrier (so the pushes overlap), does its work, and writes what
+happened to a JSON file. Each child is a separate process with its own hub client, storage connections
+and locks; the barrier is passed only once all have imported what they need.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ def push(hub_url: str, go: Any, out: str, run_dir: str, refs: list[str]) -> None
     from largessl.hub.export import push_run
 
     results = []
-    go.wait()
+    go.wait()  # every worker has imported what it needs: they all start pushing at once
     for ref in refs:
         name, version = ref.split("@")
         t0 = time.time()
@@ -60,15 +63,15 @@ def read(hub_url: str, go: Any, out: str, stop: Any) -> None:
 
 
 def run_workers(hub_url: str, jobs: list[tuple[str, list[str]]], tmp: Path) -> tuple[list[dict], dict]:
-    """Fork one pusher per (run dir, refs) job plus a reader, start them together, wait, return their reports."""
-    ctx = mp.get_context("fork")
-    go, stop = ctx.Event(), ctx.Event()
+    """Spawn one pusher per (run dir, refs) job plus a reader, start them together, wait, return their reports."""
+    ctx = mp.get_context("spawn")
+    go, stop = ctx.Barrier(len(jobs) + 2), ctx.Event()  # the workers and this process
     pushers = [ctx.Process(target=push, args=(hub_url, go, str(tmp / f"push{i}.json"), run_dir, refs))
                for i, (run_dir, refs) in enumerate(jobs)]
     reader = ctx.Process(target=read, args=(hub_url, go, str(tmp / "read.json"), stop))
     for p in [*pushers, reader]:
         p.start()
-    go.set()
+    go.wait(timeout=300)
     for p in pushers:
         p.join(timeout=600)
         assert p.exitcode == 0, f"pusher exited with {p.exitcode}"

@@ -27,7 +27,6 @@ def run_dirs(tmp_path_factory) -> list[Path]:
     """One tiny run per process (different weights, so a published version names its pusher)."""
     base = tmp_path_factory.mktemp("runs")
     dirs = [make_run_dir(base / f"run{i}", arch="repro_convnet", small_input=False, seed=i) for i in range(N_PROCS)]
-    _backbone_sha(dirs[0], base / "warm")  # imports everything a push needs before the workers fork
     return dirs
 
 
