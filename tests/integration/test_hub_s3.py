@@ -107,7 +107,8 @@ def test_dead_push_claim_blocks_until_its_lease_expires(aws_env, tmp_path):
     run_dir = make_run_dir(tmp_path / "run", arch="repro_convnet", small_input=False)
     hub_url = aws_env.url("hub-claims")
     lease_s = 3.0
-    child = mp.get_context("fork").Process(target=_crash_after_first_file, args=(hub_url, str(run_dir), lease_s))
+    # spawned: a fork of this threaded process (s3fs runs an event loop thread) can deadlock in the child
+    child = mp.get_context("spawn").Process(target=_crash_after_first_file, args=(hub_url, str(run_dir), lease_s))
     child.start()
     child.join(120)
     assert child.exitcode == -9  # killed mid-upload
