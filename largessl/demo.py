@@ -1,8 +1,10 @@
 """``largessl demo``: digits shards → Barlow Twins on a small ResNet → kNN / linear probe vs random init.
 
 Runs on a fresh machine with no data and no network: scikit-learn's bundled 8×8 digits (real labelled
-images) are upscaled into JPEG WebDataset shards, a ResNet-18 (CIFAR stem, 32 px) is pretrained for a few
-minutes on CPU, and its frozen features are compared with those of a randomly initialised twin.
+images) are upscaled into 32 px JPEG WebDataset shards, a ResNet-18 is pretrained for a few minutes on CPU,
+and its frozen features are compared with two random-init baselines of the same architecture: the encoder
+exactly as pretraining starts from it (same seed, same zero-init residual branches; what
+``largessl eval --checkpoint random`` measures) and torchvision's default initialisation (same seed).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from largessl.config import load_config
+from largessl.config import Config, load_config
 from largessl.dist.env import DistEnv, setup_logging
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="extra dotted config overrides")
 
 
+def initial_backbone(cfg: Config, zero_init_residual: bool | None = None) -> torch.nn.Module:
+    """The backbone exactly as pretraining with ``cfg`` starts from it: ``train.seed``, then ``model.*``.
+
+    The trainer seeds with ``train.seed`` and builds the backbone before anything else draws random numbers,
+    so this is its step-0 backbone (tests/integration/test_demo.py compares them). ``zero_init_residual``
+    overrides ``model.zero_init_residual`` (False = torchvision's default init, same seed).
+    """
+    from largessl.models import build_backbone
+
+    model_cfg = dataclasses.replace(cfg.model, sync_bn=False)  # same weights; plain BN evaluates on CPU
+    if zero_init_residual is not None:
+        model_cfg = dataclasses.replace(model_cfg, zero_init_residual=zero_init_residual)
+    torch.manual_seed(cfg.train.seed)
+    return build_backbone(model_cfg)
+
+
+def demo_config(out: str | Path, steps: int, linear_epochs: int = 100, overrides: list[str] | None = None,
+                train_url: str = "", val_url: str = "") -> Config:
+    """The demo's resolved config: the embedded recipe, the shard manifests, the run directory, the lengths."""
+    run_dir = Path(out).resolve() / "run"
+    return load_config(None, [*DEMO_OVERRIDES, f"data.train_manifest={train_url}", f"data.val_manifest={val_url}",
+                              f"train.run_dir={run_dir}", f"train.num_steps={steps}",
+                              f"eval.linear_epochs={linear_epochs}", *(overrides or [])])
+
+
 def evaluate_encoder(cfg, backbone: torch.nn.Module, description: dict, out_dir: Path) -> dict:
     """kNN and linear-probe top-1 (%) of a frozen backbone on the digits val split, via the eval stages.
 
@@ -66,34 +93,26 @@ def run_demo(out: str, steps: int, threads: int = 2, linear_epochs: int = 100,
     """Build shards, pretrain, evaluate both encoders, push to a local hub; returns the results (also printed)."""
     from largessl.data.digits import write_digits_shards
     from largessl.hub.export import load_backbone_from_checkpoint, push_run
-    from largessl.models import build_backbone
     from largessl.train.trainer import build_trainer
 
     torch.set_num_threads(threads)
     out_p = Path(out).resolve()
     t0 = time.perf_counter()
     train_url, val_url = write_digits_shards(str(out_p / "data"), image_size=32)
-    run_dir = out_p / "run"
-    cfg = load_config(None, [*DEMO_OVERRIDES, f"data.train_manifest={train_url}", f"data.val_manifest={val_url}",
-                             f"train.run_dir={run_dir}", f"train.num_steps={steps}",
-                             f"eval.linear_epochs={linear_epochs}", *(overrides or [])])
+    cfg = demo_config(out_p, steps, linear_epochs, overrides, train_url, val_url)
+    run_dir = Path(cfg.train.run_dir)
     result = build_trainer(cfg, DistEnv()).fit()
     t_train = time.perf_counter() - t0
     if result.exit_code != 0:
         raise RuntimeError(f"demo pretraining stopped early ({result.reason}); rerun `largessl demo` to continue")
 
     trained, _, meta = load_backbone_from_checkpoint(run_dir)
-    # Two random baselines: the encoder as pretraining starts from it (the same model config, whose
-    # zero-init residual branches make it nearly a linear map) and torchvision's default init.
-    torch.manual_seed(cfg.train.seed + 1)
-    at_start = build_backbone(cfg.model)
-    torch.manual_seed(cfg.train.seed + 1)
-    default_init = build_backbone(dataclasses.replace(cfg.model, zero_init_residual=False))
-    rows = {"random init (as trained)": evaluate_encoder(cfg, at_start, {"random_init": cfg.train.seed + 1},
-                                                         out_p / "random-init"),
-            "random init (torchvision)": evaluate_encoder(cfg, default_init, {"random_init": cfg.train.seed + 1,
-                                                                              "zero_init_residual": False},
-                                                          out_p / "random-init-torchvision"),
+    seed = cfg.train.seed
+    rows = {"random init (as trained)": evaluate_encoder(cfg, initial_backbone(cfg), {
+                "random_init": True, "seed": seed, "zero_init_residual": cfg.model.zero_init_residual},
+                out_p / "random-init"),
+            "random init (torchvision)": evaluate_encoder(cfg, initial_backbone(cfg, zero_init_residual=False), {
+                "random_init": True, "seed": seed, "zero_init_residual": False}, out_p / "random-init-torchvision"),
             "Barlow Twins": evaluate_encoder(cfg, trained, {"checkpoint": str(meta.get("path", run_dir))}, run_dir)}
     k = cfg.eval.knn_k[0]
     lines = [f"{'encoder (resnet18, 32 px)':<28}{f'kNN top-1 (k={k})':>18}{'linear top-1':>15}"]
@@ -102,8 +121,9 @@ def run_demo(out: str, steps: int, threads: int = 2, linear_epochs: int = 100,
     gain = rows["Barlow Twins"]["knn_top1"] - rows["random init (as trained)"]["knn_top1"]
     gain_tv = rows["Barlow Twins"]["knn_top1"] - rows["random init (torchvision)"]["knn_top1"]
     text = ["", *lines, "",
-            f"kNN gain over random init: {gain:+.1f} points over the encoder as trained from, {gain_tv:+.1f} over "
-            "torchvision's default init (8x8 digits are easy for random conv features)",
+            f"kNN gain: {gain:+.1f} points over the encoder pretraining started from (zero-init residual "
+            f"branches), {gain_tv:+.1f} over torchvision's default init of the same seed (8x8 digits are easy "
+            "for random conv features)",
             f"pretraining: {steps} steps, "
             f"{t_train / 60:.1f} min incl. shards; total {(time.perf_counter() - t0) / 60:.1f} min",
             f"run directory: {run_dir}",

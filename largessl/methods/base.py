@@ -84,6 +84,20 @@ def check_pair(z_a: torch.Tensor, z_b: torch.Tensor, what: str) -> None:
         )
 
 
+def check_weights(weights: dict[str, float | None]) -> None:
+    """Raise ``ValueError`` when a loss-term weight is negative or every weight is 0 (nothing would train).
+
+    ``weights`` maps each term's config key (``method.<key>``) to its weight; None means "derived" and counts
+    as positive.
+    """
+    for key, w in weights.items():
+        if w is not None and w < 0:
+            raise ValueError(f"method.{key} must be >= 0 (got {w}); 0 removes its term from the loss")
+    if all(w is not None and w == 0 for w in weights.values()):
+        keys = ", ".join(f"method.{k}" for k in weights)
+        raise ValueError(f"every loss-term weight is 0 ({keys}); set at least one to a positive value")
+
+
 def as_loss_dtype(z: torch.Tensor) -> torch.Tensor:
     """fp16/bf16 → fp32 (losses sum over the global batch); fp32 and fp64 pass through."""
     return z.float() if z.dtype in (torch.float16, torch.bfloat16) else z

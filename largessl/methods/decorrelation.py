@@ -3,7 +3,8 @@
 Paper → code (seed 000):
 - Def. 1 concise framework: encoder f = backbone + projector, loss ℓ(f(x1), f(x2)), no predictor,
   no stop-gradient, no negatives                               → :class:`Decorrelation`
-- ℓ = ||z1 − z2||² (default, §3.4.1) or a cosine loss          → ``loss`` (``kind="mse" | "cosine"``)
+- ℓ = ||z1 − z2||² (default, §3.4.1) or a cosine loss          → ``loss`` (``kind="mse" | "cosine"``);
+  the framework's only loss term, weighted by ``inv_weight`` (1; no regulariser: BN/DBN prevent collapse)
 - projector head (§3.2–3.3): nothing (vanilla; collapses completely), BN without affine and eps=0
   (Def. 2; collapses dimensionally), DBN (Def. 3–4), Shuffled-DBN (Def. 5)  → ``head``
 - projector (§4.1): 3-layer MLP, hidden = 2× input, output = input, BN+ReLU on hidden layers
@@ -34,6 +35,7 @@ from largessl.methods.base import (
     backbone_features,
     backbone_width,
     check_pair,
+    check_weights,
     full_precision,
     method_output,
     require_views,
@@ -74,6 +76,8 @@ class DecorrelationConfig(MethodConfig):
     """Newton–Schulz iterations when whitening=newton_schulz."""
     loss: Literal["mse", "cosine"] = "mse"
     """ℓ: squared error ||z1 − z2||² (default) or cosine (2 − 2 cos, i.e. squared error of unit vectors)."""
+    inv_weight: float = 1.0
+    """Weight of ℓ, the concise framework's only loss term (Def. 1); must be > 0 (0 would leave nothing to train)."""
     seed: int = 0
     """Base seed of Shuffled-DBN's per-step permutation (drawn from (seed, step))."""
 
@@ -81,6 +85,7 @@ class DecorrelationConfig(MethodConfig):
         """Check values that do not depend on the batch size."""
         if self.projector != "auto":
             parse_dims(self.projector)
+        check_weights({"inv_weight": self.inv_weight})
         if self.bn_eps < 0 or self.dbn_eps < 0:
             raise ValueError("method.bn_eps and method.dbn_eps must be >= 0")
         if self.group_size < 0:
@@ -103,10 +108,14 @@ class DecorrelationConfig(MethodConfig):
             )
 
 
-def loss(z_a: torch.Tensor, z_b: torch.Tensor, kind: str = "mse",
-         group: ProcessGroup | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """ℓ(z_a, z_b) averaged over the global batch: ||z_a − z_b||² (mse) or 2 − 2cos(z_a, z_b) (cosine)."""
+def loss(z_a: torch.Tensor, z_b: torch.Tensor, kind: str = "mse", group: ProcessGroup | None = None,
+         inv_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """inv_weight · ℓ(z_a, z_b) averaged over the global batch: ℓ = ||z_a − z_b||² (mse) or 2 − 2cos (cosine).
+
+    The reported term is ℓ itself (unweighted).
+    """
     check_pair(z_a, z_b, "the decorrelation loss")
+    check_weights({"inv_weight": inv_weight})
     with full_precision(z_a):
         z_a, z_b = as_loss_dtype(z_a), as_loss_dtype(z_b)
         if kind == "mse":
@@ -117,8 +126,8 @@ def loss(z_a: torch.Tensor, z_b: torch.Tensor, kind: str = "mse",
             raise ValueError(f"unknown decorrelation loss {kind!r}; valid losses: mse, cosine")
         count = z_a.new_full((1,), float(z_a.shape[0]))
         packed = all_reduce_sum(torch.cat([per_sample.sum().reshape(1), count]), group)
-        total = packed[0] / packed[1]
-    return total, {kind: total.detach()}
+        term = packed[0] / packed[1]
+    return inv_weight * term, {kind: term.detach()}
 
 
 def build_head(cfg: DecorrelationConfig, dim: int, group: ProcessGroup | None) -> nn.Module:
@@ -174,5 +183,5 @@ class Decorrelation(nn.Module):
                     f"view(s) [{i}] hold NaN/Inf before the {self.cfg.head} head: {e}"
                 ) from None
         (f_a, z_a), (_, z_b) = out
-        total, terms = loss(z_a, z_b, self.cfg.loss, self.group)
+        total, terms = loss(z_a, z_b, self.cfg.loss, self.group, self.cfg.inv_weight)
         return method_output("decorrelation", total, terms, step, [z_a, z_b], f_a)

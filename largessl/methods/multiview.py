@@ -4,11 +4,14 @@ multiple views for efficient vision pretraining", 2024).
 Paper → code (seed 001, Eq. 10 as implemented by the authors):
 - M ≥ 2 views z_1..z_M of a batch, mean embedding z̄ = (1/M) Σ_m z_m                    → ``loss``
 - invariance of each view against the mean, O(M) (no M² pair loop):
-  BT style      (1/M) Σ_m Σ_i (1 − C(z_m, z̄)_ii)²   (C: cross-correlation of standardised z)
-  VICReg style  (1/M) Σ_m mse(z_m, z̄) · sim_coeff
+  BT style      on_diag_weight · (1/M) Σ_m Σ_i (1 − C(z_m, z̄)_ii)²   (C: cross-correlation of standardised z)
+  VICReg style  sim_coeff · (1/M) Σ_m mse(z_m, z̄)
 - regulariser on z̄: BT style λ Σ_{i≠j} C(z̄, z̄)_ij²; VICReg style std_coeff·v(z̄) + cov_coeff·c(z̄)
-- low-dimensional projector (256 by default) with a stronger off-diagonal weight, λ ≈ 1/pdim
-  (``lambd=None`` → 1/pdim).
+- low-dimensional projector (in → 256 → 256, App. D.1's parameter counts) with a stronger off-diagonal
+  weight, λ ≈ 1/pdim (``lambd=None`` → 1/pdim).
+
+A weight of 0 removes its term and skips its computation (the M per-view diagonals, or the D×D matrix of
+z̄). docs/methods.md lists where the authors' code (kumarkrishna/fastssl) differs.
 
 Distributed: standardisation, diagonals and covariances are over the global batch; only C(z̄, z̄)
 and Cov(z̄) are D×D (``collective`` picks all-gather or sum-reduce), the per-view diagonals cost O(N·D).
@@ -32,6 +35,7 @@ from largessl.methods.base import (
     MethodOutput,
     as_loss_dtype,
     backbone_width,
+    check_weights,
     encode_views,
     full_precision,
     method_output,
@@ -47,14 +51,17 @@ class MultiViewConfig(MethodConfig):
     """Method name."""
     num_views: int = 4
     """M, the number of views per image (must equal data.num_views)."""
-    projector: str = "2048-2048-256"
-    """Projector widths; seed 001 recommends a low-dimensional output (e.g. 256)."""
+    projector: str = "256-256"
+    """Projector widths; seed 001: one hidden layer as wide as the low-dimensional output (256: 589k parameters
+    on a ResNet-50, App. D.1)."""
     regularizer: Literal["barlow_twins", "vicreg"] = "barlow_twins"
     """Style of the invariance and redundancy terms: Barlow Twins (cross-correlation) or VICReg."""
+    on_diag_weight: float = 1.0
+    """BT style: weight of the invariance term (each view's on-diagonal term against the mean view)."""
     lambd: float | None = None
     """BT style: off-diagonal weight λ; None = 1/pdim (seed 001's best setting for small projectors)."""
-    eps: float = 0.0
-    """BT style: added to the variance before standardising (0 = Barlow Twins Algorithm 1)."""
+    eps: float = 1e-5
+    """BT style: added to the variance before standardising (as ``barlow_twins``: finite on a dead dimension)."""
     sim_coeff: float = 25.0
     """VICReg style: invariance weight."""
     std_coeff: float = 25.0
@@ -69,11 +76,12 @@ class MultiViewConfig(MethodConfig):
         if self.num_views < 2:
             raise ValueError(f"method.num_views must be >= 2 (got {self.num_views})")
         parse_dims(self.projector)
-        if self.lambd is not None and self.lambd < 0:
-            raise ValueError(f"method.lambd must be >= 0 (got {self.lambd})")
-        for key in ("eps", "sim_coeff", "std_coeff", "cov_coeff"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"method.{key} must be >= 0 (got {getattr(self, key)})")
+        if self.regularizer == "barlow_twins":
+            check_weights({"on_diag_weight": self.on_diag_weight, "lambd": self.lambd})
+        else:
+            check_weights({"sim_coeff": self.sim_coeff, "std_coeff": self.std_coeff, "cov_coeff": self.cov_coeff})
+        if self.eps < 0:
+            raise ValueError(f"method.eps must be >= 0 (got {self.eps})")
 
 
 def _check_views(zs: list[torch.Tensor]) -> None:
@@ -85,31 +93,57 @@ def _check_views(zs: list[torch.Tensor]) -> None:
 
 
 def loss(zs: list[torch.Tensor], regularizer: str = "barlow_twins", lambd: float | None = None,
-         group: ProcessGroup | None = None, eps: float = 0.0, sim_coeff: float = 25.0, std_coeff: float = 25.0,
-         cov_coeff: float = 1.0, collective: str = "auto") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Multi-view loss of M views against their mean, over the global batch; returns (loss, terms)."""
+         group: ProcessGroup | None = None, eps: float = 1e-5, sim_coeff: float = 25.0, std_coeff: float = 25.0,
+         cov_coeff: float = 1.0, collective: str = "auto",
+         on_diag_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Multi-view loss of M views against their mean, over the global batch; returns (loss, terms).
+
+    A term whose weight is 0 is neither computed nor reported.
+    """
     _check_views(zs)
     d = zs[0].shape[1]
+    parts: list[torch.Tensor] = []
+    terms: dict[str, torch.Tensor] = {}
     with full_precision(zs[0]):
         zs = [as_loss_dtype(z) for z in zs]
         z_bar = torch.stack(zs).mean(0)
         if regularizer == "barlow_twins":
             lam = 1.0 / d if lambd is None else lambd
+            check_weights({"on_diag_weight": on_diag_weight, "lambd": lam})
             bar_n, n = standardise(z_bar, group, eps)
-            # Diagonal of C(z_m, z̄) for every view at once: O(M·N·D), one all-reduce of M·D floats.
-            diags = torch.stack([(standardise(z, group, eps)[0] * bar_n).sum(0) for z in zs])
-            diags = all_reduce_sum(diags, group) / n
-            inv = (1 - diags).pow(2).sum(1).mean()
-            c = global_gram(bar_n, None, group, collective) / n
-            reg = c.pow(2).sum() - torch.diagonal(c).pow(2).sum()
-            total = inv + lam * reg
-            return total, {"invariance": inv.detach(), "off_diag": reg.detach()}
-        if regularizer == "vicreg":
-            inv = torch.stack([vicreg.invariance(z, z_bar, group) for z in zs]).mean()
-            v, c = vicreg.variance_covariance(z_bar, 1.0, 1e-4, group, collective)
-            total = sim_coeff * inv + std_coeff * v + cov_coeff * c
-            return total, {"invariance": inv.detach(), "variance": v.detach(), "covariance": c.detach()}
-    raise ValueError(f"unknown multi-view regularizer {regularizer!r}; valid: barlow_twins, vicreg")
+            if on_diag_weight:
+                # Diagonal of C(z_m, z̄) for every view at once: O(M·N·D), one all-reduce of M·D floats.
+                diags = torch.stack([(standardise(z, group, eps)[0] * bar_n).sum(0) for z in zs])
+                diags = all_reduce_sum(diags, group) / n
+                inv = (1 - diags).pow(2).sum(1).mean()
+                parts.append(on_diag_weight * inv)
+                terms["invariance"] = inv.detach()
+            if lam:
+                c = global_gram(bar_n, None, group, collective) / n
+                reg = c.pow(2).sum() - torch.diagonal(c).pow(2).sum()
+                parts.append(lam * reg)
+                terms["off_diag"] = reg.detach()
+        elif regularizer == "vicreg":
+            check_weights({"sim_coeff": sim_coeff, "std_coeff": std_coeff, "cov_coeff": cov_coeff})
+            if sim_coeff:
+                inv = torch.stack([vicreg.invariance(z, z_bar, group) for z in zs]).mean()
+                parts.append(sim_coeff * inv)
+                terms["invariance"] = inv.detach()
+            if std_coeff or cov_coeff:
+                v, c = vicreg.variance_covariance(z_bar, 1.0, 1e-4, group, collective, bool(std_coeff),
+                                                  bool(cov_coeff))
+                if v is not None:
+                    parts.append(std_coeff * v)
+                    terms["variance"] = v.detach()
+                if c is not None:
+                    parts.append(cov_coeff * c)
+                    terms["covariance"] = c.detach()
+        else:
+            raise ValueError(f"unknown multi-view regularizer {regularizer!r}; valid: barlow_twins, vicreg")
+        total = parts[0]
+        for p in parts[1:]:
+            total = total + p
+    return total, terms
 
 
 @METHODS.register("multiview", config=MultiViewConfig)
@@ -132,5 +166,5 @@ class MultiView(nn.Module):
         feats, z = encode_views(self.backbone, self.projector, views)
         c = self.cfg
         total, terms = loss(z, c.regularizer, c.lambd, self.group, c.eps, c.sim_coeff, c.std_coeff, c.cov_coeff,
-                            c.collective)
+                            c.collective, c.on_diag_weight)
         return method_output("multiview", total, terms, step, z, feats[0])

@@ -1,9 +1,10 @@
-"""``largessl repro NAME [--minutes M] [--steps N] [--out DIR] [key=value ...]`` and ``largessl repro --list``.
+"""``largessl repro NAME [--seeds K] [--minutes M] [--steps N] [--out DIR] [key=value ...]`` and
+``largessl repro --list``.
 
-Runs the variants of one seed-paper table with the real trainer on CPU (digits shards, no download), prints
-the paper's numbers beside ours with a verdict per row, and writes ``DIR/NAME/results.json`` and
-``DIR/NAME/NAME.png``. Rerunning with the same ``--out`` reuses finished variants and continues ones the
-time budget stopped.
+Runs the variants of one seed-paper table with the real trainer on CPU (digits shards, no download), each on
+K seeds, prints the paper's numbers beside ours (mean ± std) with a verdict per row, and writes
+``DIR/NAME/results.json`` and ``DIR/NAME/NAME.png``. Rerunning with the same ``--out`` reuses finished runs
+and continues ones the time budget stopped.
 """
 
 from __future__ import annotations
@@ -20,10 +21,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``largessl repro``."""
     p.add_argument("name", nargs="?", help=f"table to reproduce: {', '.join(TABLES)}, or 'all'")
     p.add_argument("--list", action="store_true", help="name the available tables and exit")
+    p.add_argument("--seeds", type=int, default=3,
+                   help="run every variant with train.seed 0..K-1 and print mean ± std (default 3); orderings "
+                        "need at least 2 seeds, else they print 'inconclusive'")
     p.add_argument("--minutes", type=float, default=None,
-                   help="training budget of the whole table in minutes, split over its variants (default: the "
-                        "table's, see --list)")
-    p.add_argument("--steps", type=int, default=None, help="training steps per variant (default: the table's)")
+                   help="training budget of the whole command in minutes, split over variants and seeds "
+                        "(default: the table's per-seed budget x --seeds, see --list)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per run (default: the table's)")
     p.add_argument("--out", default="runs/repro", help="output directory (default: runs/repro)")
     p.add_argument("overrides", nargs="*", default=[],
                    help="config overrides for every variant, after the table's own (e.g. train.seed=1)")
@@ -47,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
     tables = [get_table(n) for n in names]  # unknown names fail before any training
     for t in tables:
         try:
-            result = run_table(t, args.out, minutes=args.minutes, num_steps=args.steps, overrides=args.overrides)
+            result = run_table(t, args.out, minutes=args.minutes, num_steps=args.steps, overrides=args.overrides,
+                               seeds=args.seeds)
         except Interrupted as e:
             log.error("%s", e)
             return exit_codes.REQUEUE

@@ -1,5 +1,5 @@
-"""The PNG of a repro table: one panel per training curve (a line per variant), plus the 2-D projection
-space of every variant when the table has one (seed 000 Figure 2)."""
+"""The PNG of a repro table: one panel per training curve (a line per variant and seed, one colour per
+variant), plus the 2-D projection space of every variant (seed 0) when the table has one (seed 000 Figure 2)."""
 
 from __future__ import annotations
 
@@ -32,11 +32,14 @@ def plot_table(result: dict[str, Any], path: str | os.PathLike[str]) -> str:
     ncols = max(len(curves), len(scatter), 1)
     nrows = 2 if scatter else 1
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.6 * nrows), squeeze=False)
+    colours = plt.get_cmap("tab10")
     for ax, key in zip(axes[0], curves):
-        for r in rows:
-            pts = r["curves"].get(key, [])
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=r["name"])
+        for i, r in enumerate(rows):
+            for s, seed_curves in enumerate(r.get("seed_curves") or [r["curves"]]):  # one line per seed
+                pts = seed_curves.get(key, [])
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], color=colours(i % 10), alpha=0.8 if s == 0 else 0.4,
+                            label=r["name"] if s == 0 else None)
         ax.set_title(CURVE_TITLES.get(key, key), fontsize=10)
         ax.set_xlabel("step")
         if key in ("loss", "collapse/std") and any(p[1] > 0 for r in rows for p in r["curves"].get(key, [])):
@@ -46,11 +49,10 @@ def plot_table(result: dict[str, Any], path: str | os.PathLike[str]) -> str:
     for ax in axes[0][len(curves):]:
         ax.axis("off")
     if scatter:
-        cmap = plt.get_cmap("tab10")
         for ax, r in zip(axes[1], scatter):
             xs, ys = [p[0] for p in r["points"]], [p[1] for p in r["points"]]
-            ax.scatter(xs, ys, c=[cmap(y % 10) for y in r["labels"]], s=6, alpha=0.7)
-            ax.set_title(f"{r['name']}: held-out 2-D projections", fontsize=10)
+            ax.scatter(xs, ys, c=[colours(y % 10) for y in r["labels"]], s=6, alpha=0.7)
+            ax.set_title(f"{r['name']}: held-out 2-D projections (seed 0)", fontsize=10)
             ax.set_aspect("equal", adjustable="datalim")
         for ax in axes[1][len(scatter):]:
             ax.axis("off")

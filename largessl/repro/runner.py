@@ -1,11 +1,12 @@
 """Run the variants of one repro table with the real trainer, then measure what the paper measured.
 
-Per variant: a config built with :func:`largessl.config.load_config` (the table's overrides on top of the
-shared small-scale recipe) → :func:`largessl.train.trainer.build_trainer` on the digits shards → ``fit()``
-(one run directory per variant under ``out/NAME/``; rerunning resumes a variant stopped by its time budget
-and reuses a finished one) → on the held-out digits: weighted kNN top-1 of the backbone features
-(:mod:`largessl.eval.knn`) and collapse indicators of the held-out projections
-(:mod:`largessl.metrics.collapse`) → training curves read back from ``metrics.jsonl``.
+Per variant and seed: a config built with :func:`largessl.config.load_config` (the table's overrides on top
+of the shared small-scale recipe, ``train.seed`` = the seed) → :func:`largessl.train.trainer.build_trainer` on
+the digits shards → ``fit()`` (one run directory per seed and variant under ``out/NAME/seed-S/``; rerunning
+resumes a run stopped by its time budget and reuses a finished one) → on the held-out digits: weighted kNN
+top-1 of the backbone features (:mod:`largessl.eval.knn`) and collapse indicators of the held-out
+projections (:mod:`largessl.metrics.collapse`) → training curves read back from ``metrics.jsonl``. The
+table's verdicts then see every seed's numbers (:mod:`largessl.repro.tables`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from largessl.eval.features import extract_features
 from largessl.eval.knn import knn_accuracy
 from largessl.metrics.collapse import collapse_metrics
 from largessl.models.convnet import ARCH
-from largessl.repro.tables import THRESHOLDS, Table, Variant
+from largessl.repro.tables import THRESHOLDS, Table, Variant, mean_std
 
 log = logging.getLogger(__name__)
 
@@ -82,13 +83,18 @@ def prepare_digits(out_dir: str | Path) -> tuple[str, str]:
 
 
 def variant_config(table: Table, variant: Variant, train_url: str, val_url: str, run_dir: str | Path,
-                   num_steps: int, max_minutes: float, extra: Sequence[str] = ()) -> Config:
-    """The resolved config of one variant: shared recipe < table base < variant < ``extra`` < length and paths."""
+                   num_steps: int, max_minutes: float, extra: Sequence[str] = (), seed: int = 0) -> Config:
+    """The resolved config of one variant and seed: shared recipe < table base < variant < ``extra`` < seed,
+    length and paths. The seed sets ``train.seed`` (initial weights, data order, augmentation) and, for a
+    method with its own ``method.seed`` (Shuffled-DBN's permutations), that too."""
     overrides = [*COMMON, *table.base, *variant.overrides, *extra,
                  f"data.train_manifest={train_url}", f"data.val_manifest={val_url}", f"train.run_dir={run_dir}",
                  f"train.num_steps={num_steps}", f"train.max_minutes={max_minutes}",
-                 f"train.collapse_every={max(5, num_steps // 40)}"]
-    return load_config(None, overrides)
+                 f"train.collapse_every={max(5, num_steps // 40)}", f"train.seed={seed}"]
+    cfg = load_config(None, overrides)
+    if hasattr(cfg.method, "seed"):
+        cfg = load_config(None, [*overrides, f"method.seed={seed}"])
+    return cfg
 
 
 def _comparable(cfg_dict: dict[str, Any]) -> dict[str, Any]:
@@ -174,19 +180,21 @@ def evaluate(module: nn.Module, cfg: Config, train_m: Manifest, val_m: Manifest)
 
 
 def run_variant(table: Table, variant: Variant, out_dir: Path, train_url: str, val_url: str, num_steps: int,
-                max_minutes: float, extra: Sequence[str] = ()) -> VariantResult:
-    """Train (or resume / reuse) one variant and evaluate it."""
+                max_minutes: float, extra: Sequence[str] = (), seed: int = 0) -> VariantResult:
+    """Train (or resume / reuse) one variant on one seed and evaluate it."""
     from largessl.train.trainer import build_trainer
 
     t0 = time.perf_counter()
-    run_dir = out_dir / table.name / variant.key
-    cfg = variant_config(table, variant, train_url, val_url, run_dir, num_steps, max_minutes, extra)
+    run_dir = out_dir / table.name / f"seed-{seed}" / variant.key
+    cfg = variant_config(table, variant, train_url, val_url, run_dir, num_steps, max_minutes, extra, seed)
     _check_reusable(run_dir, cfg)
-    log.info("repro %s: variant %s (%d steps, at most %.1f min)", table.name, variant.key, num_steps, max_minutes)
+    log.info("repro %s: variant %s, seed %d (%d steps, at most %.1f min)", table.name, variant.key, seed,
+             num_steps, max_minutes)
     trainer = build_trainer(cfg, DistEnv())
     result = trainer.fit()
     if result.step < num_steps and "max_minutes" not in result.reason:
-        raise Interrupted(f"{table.name}/{variant.key}: {result.reason}; rerun the same command to continue")
+        raise Interrupted(f"{table.name}/seed-{seed}/{variant.key}: {result.reason}; rerun the same command to "
+                          "continue")
     train_m, val_m = read_manifest(train_url), read_manifest(val_url)
     metrics, z, labels = evaluate(trainer.module, cfg, train_m, val_m)
     curves = read_curves(run_dir)
@@ -201,18 +209,24 @@ def run_variant(table: Table, variant: Variant, out_dir: Path, train_url: str, v
     return res
 
 
-def run_table(table: Table, out_dir: str | Path, minutes: float | None = None,
-              num_steps: int | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Train and evaluate every variant of ``table``; writes ``out/NAME/results.json`` and ``out/NAME/NAME.png``.
+def run_table(table: Table, out_dir: str | Path, minutes: float | None = None, num_steps: int | None = None,
+              overrides: Sequence[str] = (), seeds: int = 3) -> dict[str, Any]:
+    """Train and evaluate every variant of ``table`` on ``seeds`` seeds (0..seeds−1); writes
+    ``out/NAME/results.json`` and ``out/NAME/NAME.png``.
 
-    ``minutes`` (default: the table's) is the training budget of the whole table, split evenly over the
-    variants as ``train.max_minutes``; ``num_steps`` (default: the table's) is each variant's length;
-    ``overrides`` (``key=value``) apply to every variant after the table's own.
+    ``minutes`` (default: the table's × ``seeds``) is the training budget of the whole command, split evenly
+    over the variants and seeds as ``train.max_minutes``; ``num_steps`` (default: the table's) is each run's
+    length; ``overrides`` (``key=value``) apply to every variant after the table's own.
     """
     from largessl.eval.linear import write_json_atomic
     from largessl.repro.plots import plot_table
 
-    minutes = table.minutes if minutes is None else minutes
+    if seeds < 1:
+        raise ValueError(f"--seeds must be >= 1 (got {seeds})")
+    if any(o.split("=", 1)[0].strip() in ("train.seed", "method.seed") for o in overrides):
+        raise ValueError("largessl repro sets train.seed itself (seeds 0..K-1 of --seeds K); drop the "
+                         "train.seed / method.seed override")
+    minutes = table.minutes * seeds if minutes is None else minutes
     num_steps = table.num_steps if num_steps is None else num_steps
     if minutes <= 0:
         raise ValueError(f"--minutes must be > 0 (got {minutes})")
@@ -221,26 +235,36 @@ def run_table(table: Table, out_dir: str | Path, minutes: float | None = None,
     out = Path(out_dir)
     t0 = time.perf_counter()
     train_url, val_url = prepare_digits(out)
-    per_variant = minutes / len(table.variants)
-    results = [run_variant(table, v, out, train_url, val_url, num_steps, per_variant, overrides)
-               for v in table.variants]
-    measured = {v.key: r.metrics for v, r in zip(table.variants, results)}
-    verdicts = table.verdict(measured)
+    per_run = minutes / (len(table.variants) * seeds)
+    runs: dict[str, list[VariantResult]] = {v.key: [] for v in table.variants}
+    for seed in range(seeds):  # seed by seed, so that an interrupted command has whole tables of the first seeds
+        for v in table.variants:
+            runs[v.key].append(run_variant(table, v, out, train_url, val_url, num_steps, per_run, overrides, seed))
+    verdicts = table.verdict({k: [r.metrics for r in rs] for k, rs in runs.items()})
     rows = []
-    for v, r in zip(table.variants, results):
-        verdict = verdicts[v.key]
-        rows.append({"key": v.key, "name": v.name, "overrides": list(v.overrides), "paper": dict(v.paper),
-                     "metrics": r.metrics, "verdict": {"claim": verdict.claim, "reproduced": verdict.reproduced,
-                                                       "evidence": verdict.explain()},
-                     "steps_done": r.steps_done, "steps_planned": r.steps_planned, "stopped_early": r.stopped_early,
-                     "minutes": r.minutes, "run_dir": r.run_dir, "curves": r.curves, "points": r.points,
-                     "labels": r.labels})
+    for v in table.variants:
+        rs, verdict = runs[v.key], verdicts[v.key]
+        keys = rs[0].metrics.keys()
+        stats = {k: mean_std([r.metrics[k] for r in rs]) for k in keys}
+        rows.append({
+            "key": v.key, "name": v.name, "overrides": list(v.overrides), "paper": dict(v.paper),
+            "metrics": {k: m for k, (m, _) in stats.items()}, "metrics_std": {k: sd for k, (_, sd) in stats.items()},
+            "seeds": [{"seed": i, "metrics": r.metrics, "steps_done": r.steps_done, "minutes": r.minutes,
+                       "run_dir": r.run_dir, "stopped_early": r.stopped_early} for i, r in enumerate(rs)],
+            "verdict": {"claim": verdict.claim, "state": verdict.state, "reproduced": verdict.reproduced,
+                        "evidence": verdict.explain()},
+            "steps_done": min(r.steps_done for r in rs), "steps_planned": num_steps,
+            "stopped_early": any(r.stopped_early for r in rs), "minutes": sum(r.minutes for r in rs),
+            "curves": rs[0].curves, "seed_curves": [r.curves for r in rs], "points": rs[0].points,
+            "labels": rs[0].labels})
     result: dict[str, Any] = {
         "name": table.name, "title": table.title, "source": table.source, "notes": table.notes,
         "base_overrides": list(table.base), "common_overrides": list(COMMON), "thresholds": dict(THRESHOLDS),
         "columns": [list(c) for c in table.columns], "paper_columns": [list(c) for c in table.paper_columns],
-        "curves": list(table.curves), "rows": rows, "overrides": list(overrides), "minutes_budget": minutes, "num_steps": num_steps,
-        "minutes": (time.perf_counter() - t0) / 60, "reproduced": sum(r["verdict"]["reproduced"] for r in rows),
+        "curves": list(table.curves), "rows": rows, "overrides": list(overrides), "minutes_budget": minutes,
+        "num_steps": num_steps, "seeds": seeds, "minutes": (time.perf_counter() - t0) / 60,
+        "reproduced": sum(r["verdict"]["state"] == "reproduced" for r in rows),
+        "inconclusive": sum(r["verdict"]["state"] == "inconclusive" for r in rows),
     }
     table_dir = out / table.name
     result["json"] = str(table_dir / "results.json")

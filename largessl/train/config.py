@@ -19,7 +19,10 @@ class OptimConfig:
     scale_lr: bool = True
     """Scale learning rates linearly with global_batch_size / 256."""
     weight_decay: float = 1.5e-6
-    """Weight decay (not applied to biases and normalisation parameters)."""
+    """Weight decay of the weights (and of biases and norms when exclude_bias_norm_from_wd is false)."""
+    exclude_bias_norm_from_wd: bool = True
+    """No weight decay on biases and normalisation parameters (ndim <= 1), as the Barlow Twins and VICReg
+    recipes; false decays every parameter, as SimSiam's reference code does."""
     momentum: float = 0.9
     """Momentum for LARS and SGD."""
     eta: float = 1e-3

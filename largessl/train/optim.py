@@ -2,8 +2,9 @@
 
 Groups (each carries ``name``, ``peak_lr`` and ``schedule`` for :mod:`largessl.train.schedules`):
 - ``weights``: matrices and conv kernels; weight decay and, with LARS, trust-ratio adaptation.
-- ``bias_norm``: biases and normalisation parameters (ndim ≤ 1); no weight decay, no LARS adaptation and
-  their own lr (Barlow Twins: 0.0048 × batch/256 vs 0.2 × batch/256 for the weights).
+- ``bias_norm``: biases and normalisation parameters (ndim ≤ 1); no LARS adaptation, their own lr (Barlow
+  Twins: 0.0048 × batch/256 vs 0.2 × batch/256 for the weights) and no weight decay unless
+  ``optim.exclude_bias_norm_from_wd`` is false (SimSiam's reference decays every parameter).
 - ``predictor`` / ``predictor_bias_norm``: a method's predictor (``param_groups_hint()["predictor"]``) kept at
   a constant lr when ``optim.fixed_predictor_lr`` is set (SimSiam).
 
@@ -211,11 +212,13 @@ def param_groups(module: nn.Module, cfg: OptimConfig, lr: float, bias_norm_lr: f
             buckets["predictor"].append(p)
         else:
             buckets["weights"].append(p)
+    bias_norm_wd = 0.0 if cfg.exclude_bias_norm_from_wd else cfg.weight_decay
     spec = {
         "weights": dict(peak_lr=lr, weight_decay=cfg.weight_decay, lars_adapt=True, schedule="cosine"),
-        "bias_norm": dict(peak_lr=bias_norm_lr, weight_decay=0.0, lars_adapt=False, schedule="cosine"),
+        "bias_norm": dict(peak_lr=bias_norm_lr, weight_decay=bias_norm_wd, lars_adapt=False, schedule="cosine"),
         "predictor": dict(peak_lr=lr, weight_decay=cfg.weight_decay, lars_adapt=True, schedule="constant"),
-        "predictor_bias_norm": dict(peak_lr=bias_norm_lr, weight_decay=0.0, lars_adapt=False, schedule="constant"),
+        "predictor_bias_norm": dict(peak_lr=bias_norm_lr, weight_decay=bias_norm_wd, lars_adapt=False,
+                                    schedule="constant"),
     }
     groups = []
     for name, params in buckets.items():

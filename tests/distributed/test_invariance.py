@@ -29,6 +29,8 @@ METHOD_CASES: list[tuple[str, str, dict]] = [
     ("bt_reduce", "barlow_twins", {"projector": "16-12", "collective": "all_reduce"}),
     ("vicreg_gather", "vicreg", {"projector": "16-12", "collective": "all_gather"}),
     ("vicreg_reduce", "vicreg", {"projector": "16-12", "collective": "all_reduce"}),
+    ("bt_diag_only", "barlow_twins", {"projector": "16-12", "lambd": 0.0, "on_diag_weight": 2.0}),  # no C, diag only
+    ("vicreg_ref_std_no_cov", "vicreg", {"projector": "16-12", "std_term": "reference", "cov_coeff": 0.0}),
     ("decor_none", "decorrelation", {"head": "none", "projector": "16-12"}),
     ("decor_bn", "decorrelation", {"head": "bn", "projector": "16-12"}),
     ("decor_bn_affine_eps", "decorrelation", {"head": "bn", "bn_affine": True, "bn_eps": 0.1, "projector": "16-12"}),
@@ -45,6 +47,7 @@ METHOD_CASES: list[tuple[str, str, dict]] = [
     ("multiview_bt", "multiview", {"projector": "16-12", "num_views": 3, "collective": "all_gather"}),
     ("multiview_vicreg", "multiview", {"projector": "16-12", "num_views": 3, "regularizer": "vicreg",
                                        "collective": "all_reduce"}),
+    ("multiview_bt_no_inv", "multiview", {"projector": "16-12", "num_views": 3, "on_diag_weight": 0.0}),
 ]
 LAYER_CASES = ["bn", "bn_eps0", "dbn", "dbn_tail", "shuffled_dbn"]
 

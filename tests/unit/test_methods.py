@@ -87,9 +87,13 @@ def test_barlow_twins_equals_algorithm_1():
     c_diff = (c - torch.eye(d, dtype=DT)).pow(2)
     _off_diagonal(c_diff).mul_(lambd)
     ref = c_diff.sum()
-    ours, terms = barlow_twins.loss(z_a, z_b, lambd)
+    ours, terms = barlow_twins.loss(z_a, z_b, lambd, eps=0.0)  # eps 0: Algorithm 1 exactly
     torch.testing.assert_close(ours, ref, rtol=1e-8, atol=1e-8)
     torch.testing.assert_close(terms["on_diag"] + lambd * terms["off_diag"], ref, rtol=1e-8, atol=1e-8)
+    # the default eps (1e-5 under the square root) moves unit-scale embeddings by ~1e-5 relative
+    default, _ = barlow_twins.loss(z_a, z_b, lambd)
+    torch.testing.assert_close(default, ref, rtol=1e-4, atol=0)
+    assert default != ref
 
 
 def test_vicreg_equals_appendix_a():
@@ -111,6 +115,187 @@ def test_vicreg_equals_appendix_a():
     torch.testing.assert_close(ours, ref, rtol=1e-8, atol=1e-8)
     torch.testing.assert_close(terms["variance"], std_loss, rtol=1e-8, atol=1e-8)
     assert terms["variance"] > 0
+
+
+# --- every loss term's weight: 0 removes the term (computed independently here) ----------------------------
+
+
+def _std(z: torch.Tensor) -> torch.Tensor:
+    return (z - z.mean(0)) / z.std(0)  # Algorithm 1's standardisation (the tests below pass eps=0)
+
+
+def _bt_terms(z_a: torch.Tensor, z_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    c = _std(z_a).T @ _std(z_b) / z_a.shape[0]
+    return ((1 - torch.diagonal(c)) ** 2).sum(), (_off_diagonal(c.clone()) ** 2).sum()
+
+
+def _vicreg_terms(z_a: torch.Tensor, z_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def v(z: torch.Tensor) -> torch.Tensor:
+        return F.relu(1 - torch.sqrt(z.var(0) + 1e-4)).mean()
+
+    def c(z: torch.Tensor) -> torch.Tensor:
+        zc = z - z.mean(0)
+        return (_off_diagonal((zc.T @ zc / (z.shape[0] - 1)).clone()) ** 2).sum() / z.shape[1]
+
+    return F.mse_loss(z_a, z_b), v(z_a) + v(z_b), c(z_a) + c(z_b)
+
+
+def _forbid(monkeypatch, module, name: str = "global_gram") -> None:
+    """Make ``module.name`` raise: a term whose weight is 0 must not form its D×D matrix."""
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"{module.__name__}.{name} called although its term has weight 0")
+
+    monkeypatch.setattr(module, name, refuse)
+
+
+def test_barlow_twins_term_weights(monkeypatch):
+    z_a, z_b = _views(2, n=24, in_dim=7, seed=11)
+    on, off = _bt_terms(z_a, z_b)
+    got, terms = barlow_twins.loss(z_a, z_b, 0.02, eps=0.0, on_diag_weight=0.0)  # seed 002 Table 5 "only off-diag"
+    torch.testing.assert_close(got, 0.02 * off, rtol=1e-10, atol=1e-12)
+    weighted, _ = barlow_twins.loss(z_a, z_b, 0.02, eps=0.0, on_diag_weight=3.0)
+    torch.testing.assert_close(weighted, 3.0 * on + 0.02 * off, rtol=1e-10, atol=1e-12)
+    _forbid(monkeypatch, barlow_twins)  # λ = 0: only diag(C), never the D×D matrix
+    got, terms = barlow_twins.loss(z_a, z_b, 0.0, eps=0.0)
+    torch.testing.assert_close(got, on, rtol=1e-10, atol=1e-12)
+    assert set(terms) == {"on_diag"}
+    with pytest.raises(ValueError, match="every loss-term weight is 0"):
+        barlow_twins.loss(z_a, z_b, 0.0, on_diag_weight=0.0)
+    with pytest.raises(ValueError, match="method.on_diag_weight must be >= 0"):
+        load_config(None, ["method.on_diag_weight=-1"])
+
+
+@pytest.mark.parametrize("zero", ["sim_coeff", "std_coeff", "cov_coeff"])
+def test_vicreg_term_weights(zero, monkeypatch):
+    z_a, z_b = (0.3 * z for z in _views(2, n=24, in_dim=7, seed=12))  # hinge active on some dims
+    sim, var, cov = _vicreg_terms(z_a, z_b)
+    coeffs = {"sim_coeff": 2.0, "std_coeff": 3.0, "cov_coeff": 5.0, zero: 0.0}
+    expected = {"sim_coeff": sim, "std_coeff": var, "cov_coeff": cov}
+    ref = sum(coeffs[k] * expected[k] for k in coeffs if k != zero)
+    if zero == "cov_coeff":
+        _forbid(monkeypatch, vicreg)
+    got, terms = vicreg.loss(z_a, z_b, **coeffs)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    skipped = {"sim_coeff": "invariance", "std_coeff": "variance", "cov_coeff": "covariance"}[zero]
+    assert skipped not in terms and len(terms) == 2
+
+
+def test_vicreg_std_term_reference_halves_the_variance_term():
+    z_a, z_b = (0.3 * z for z in _views(2, n=32, in_dim=10, seed=13))
+    # the reference implementation (facebookresearch/vicreg, VICReg.forward), restated: each view's hinge / 2
+    x, y = z_a - z_a.mean(0), z_b - z_b.mean(0)
+    std_x, std_y = torch.sqrt(x.var(dim=0) + 1e-4), torch.sqrt(y.var(dim=0) + 1e-4)
+    std_loss = F.relu(1 - std_x).mean() / 2 + F.relu(1 - std_y).mean() / 2
+    cov_x, cov_y = x.T @ x / (32 - 1), y.T @ y / (32 - 1)
+    cov_loss = (_off_diagonal(cov_x.clone()) ** 2).sum() / 10 + (_off_diagonal(cov_y.clone()) ** 2).sum() / 10
+    ref = 25.0 * F.mse_loss(z_a, z_b) + 25.0 * std_loss + 1.0 * cov_loss
+    got, terms = vicreg.loss(z_a, z_b, std_term="reference")
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    paper, paper_terms = vicreg.loss(z_a, z_b)
+    torch.testing.assert_close(paper_terms["variance"], 2 * terms["variance"])
+    assert paper > got
+    _, model = _build("vicreg", std_term="reference")
+    views = _views(2)
+    z = [model.projector(model.backbone(v)) for v in views]
+    torch.testing.assert_close(model(views, step=0).loss, vicreg.loss(*z, std_term="reference")[0])
+    with pytest.raises(ValueError, match="method.std_term.*allowed: paper, reference"):
+        load_config(None, ["method.name=vicreg", "method.std_term=code"])
+
+
+@pytest.mark.parametrize("zero", ["on_diag_weight", "lambd"])
+def test_multiview_bt_term_weights(zero, monkeypatch):
+    zs = _views(3, n=20, in_dim=6, seed=14)
+    z_bar = sum(zs) / 3
+    inv = sum(((1 - (_std(z) * _std(z_bar)).sum(0) / 20) ** 2).sum() for z in zs) / 3
+    reg = (_off_diagonal((_std(z_bar).T @ _std(z_bar) / 20).clone()) ** 2).sum()
+    if zero == "lambd":
+        _forbid(monkeypatch, multiview)
+        got, terms = multiview.loss(zs, "barlow_twins", 0.0, eps=0.0)
+        torch.testing.assert_close(got, inv, rtol=1e-10, atol=1e-12)
+        assert set(terms) == {"invariance"}
+    else:
+        calls = []  # count standardisations: only z̄'s is needed without the invariance term
+        monkeypatch.setattr(multiview, "standardise",
+                            lambda z, g, e: calls.append(1) or barlow_twins.standardise(z, g, e))
+        got, terms = multiview.loss(zs, "barlow_twins", 0.1, eps=0.0, on_diag_weight=0.0)
+        torch.testing.assert_close(got, 0.1 * reg, rtol=1e-10, atol=1e-12)
+        assert set(terms) == {"off_diag"} and len(calls) == 1  # the M per-view standardisations are skipped
+    with pytest.raises(ValueError, match="every loss-term weight is 0"):
+        multiview.loss(zs, "barlow_twins", 0.0, on_diag_weight=0.0)
+
+
+@pytest.mark.parametrize("zero", ["sim_coeff", "std_coeff", "cov_coeff"])
+def test_multiview_vicreg_term_weights(zero):
+    zs = [0.3 * z for z in _views(3, n=20, in_dim=6, seed=15)]
+    z_bar = sum(zs) / 3
+    zc = z_bar - z_bar.mean(0)
+    parts = {"sim_coeff": sum(F.mse_loss(z, z_bar) for z in zs) / 3,
+             "std_coeff": F.relu(1 - torch.sqrt(z_bar.var(0) + 1e-4)).mean(),
+             "cov_coeff": (_off_diagonal((zc.T @ zc / 19).clone()) ** 2).sum() / 6}
+    coeffs = {"sim_coeff": 2.0, "std_coeff": 3.0, "cov_coeff": 4.0, zero: 0.0}
+    got, terms = multiview.loss(zs, "vicreg", **coeffs)
+    torch.testing.assert_close(got, sum(coeffs[k] * parts[k] for k in parts if k != zero), rtol=1e-10, atol=1e-12)
+    assert len(terms) == 2
+
+
+def test_decorrelation_inv_weight():
+    z_a, z_b = _views(2, n=8, in_dim=5, seed=16)
+    got, terms = decorrelation.loss(z_a, z_b, "mse", inv_weight=0.5)
+    torch.testing.assert_close(got, 0.5 * ((z_a - z_b) ** 2).sum(1).mean())
+    torch.testing.assert_close(terms["mse"], ((z_a - z_b) ** 2).sum(1).mean())  # the term is reported unweighted
+    with pytest.raises(ValueError, match="every loss-term weight is 0.*method.inv_weight"):
+        load_config(None, ["method.name=decorrelation", "method.inv_weight=0"])
+
+
+@pytest.mark.parametrize("name,weights", [
+    ("barlow_twins", {"on_diag_weight": 0.0, "lambd": 0.3}),
+    ("vicreg", {"sim_coeff": 0.0, "std_coeff": 2.0, "cov_coeff": 0.5}),
+    ("multiview", {"on_diag_weight": 2.0, "lambd": 0.0}),
+    ("decorrelation", {"inv_weight": 3.0}),
+])
+def test_weights_reach_the_module_loss(name, weights):
+    cfg, model = _build(name, **weights)
+    m = getattr(cfg, "num_views", 2)
+    views = _views(m)
+    out = model(views, step=0)
+    _, ref_model = _build(name)  # same seed, same parameters; paper weights
+    if name == "decorrelation":
+        ref = 3.0 * ref_model(views, step=0).loss
+    else:
+        with torch.no_grad():
+            z = [ref_model.projector(ref_model.backbone(v)) for v in views]
+        fn = {"barlow_twins": lambda: barlow_twins.loss(*z, 0.3, on_diag_weight=0.0),
+              "vicreg": lambda: vicreg.loss(*z, 0.0, 2.0, 0.5),
+              "multiview": lambda: multiview.loss(z, lambd=0.0, on_diag_weight=2.0)}[name]
+        ref = fn()[0]
+    torch.testing.assert_close(out.loss.detach(), ref.detach(), rtol=1e-10, atol=1e-12)
+    out.loss.backward()
+
+
+# --- Barlow Twins' eps: a dead dimension stays finite ------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [0.0, 0.7])
+def test_barlow_twins_dead_dimension_is_finite_at_the_default_eps(value):
+    z_a, z_b = (z.float() for z in _views(2, n=32, in_dim=10, seed=17))
+    z_a[:, 3] = value  # a dead projector output: constant over the batch in one view
+    z_a, z_b = z_a.requires_grad_(), z_b.requires_grad_()
+    total, terms = barlow_twins.loss(z_a, z_b)  # the default eps
+    total.backward()
+    assert torch.isfinite(total) and torch.isfinite(z_a.grad).all() and torch.isfinite(z_b.grad).all()
+    assert terms["on_diag"] >= 0.99  # the dead dimension's C_ii is ~0: a full unit of invariance loss
+    if value == 0.0:  # Algorithm 1 (eps 0) on an exactly-zero dimension: 0 · rsqrt(0) = NaN
+        nan, _ = barlow_twins.loss(z_a.detach(), z_b.detach(), eps=0.0)
+        assert torch.isnan(nan)
+    # the same through the module: a projector whose last layer has a zero row
+    cfg, model = _build("barlow_twins")
+    with torch.no_grad():
+        model.projector[-1].weight[5].zero_()
+    out = model(_views(2), step=0)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert cfg.eps == 1e-5 and METHODS.extra("multiview", "config")().eps == 1e-5
 
 
 def test_decorrelation_losses():
@@ -158,9 +343,9 @@ def test_multiview_equals_explicit_formulas():
     inv = sum(((1 - (std(z) * std(z_bar)).sum(0) / 20) ** 2).sum() for z in zs) / 4
     c = std(z_bar).T @ std(z_bar) / 20
     ref = inv + lam * (_off_diagonal(c) ** 2).sum()
-    ours, terms = multiview.loss(zs, "barlow_twins", lam)
+    ours, terms = multiview.loss(zs, "barlow_twins", lam, eps=0.0)
     torch.testing.assert_close(ours, ref, rtol=1e-8, atol=1e-8)
-    default_lambda, _ = multiview.loss(zs, "barlow_twins", None)  # λ = 1/pdim
+    default_lambda, _ = multiview.loss(zs, "barlow_twins", None, eps=0.0)  # λ = 1/pdim
     torch.testing.assert_close(default_lambda, inv + (_off_diagonal(c) ** 2).sum() / 6, rtol=1e-8, atol=1e-8)
     # VICReg style: invariance to the mean + VICReg regulariser of the mean embedding only.
     inv_v = sum(F.mse_loss(z, z_bar) for z in zs) / 4

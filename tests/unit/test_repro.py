@@ -16,8 +16,18 @@ from largessl.models.config import ModelConfig
 from largessl.models.convnet import ARCH, small_convnet
 from largessl.repro.plots import plot_table
 from largessl.repro.report import format_list, format_table
-from largessl.repro.runner import _check_reusable, variant_config
-from largessl.repro.tables import TABLES, THRESHOLDS, get_table, siam_collapse, siam_collapsed
+from largessl.repro.runner import _check_reusable, run_table, variant_config
+from largessl.repro.tables import (
+    INCONCLUSIVE,
+    NOT_REPRODUCED,
+    REPRODUCED,
+    TABLES,
+    THRESHOLDS,
+    get_table,
+    ordering,
+    siam_collapse,
+    siam_collapsed,
+)
 
 DIGITS_TRAIN = 1437  # samples in the digits train split (80% of 1797)
 
@@ -27,14 +37,25 @@ COLLAPSED = {**HEALTHY, "knn": 40.0, "std": 0.001, "std_l2": 0.001, "corr": 0.9,
              "m_r": 0.01, "loss": 0.0}
 
 
+def seeds(*runs: dict[str, float]) -> list[dict[str, float]]:
+    """Per-seed metrics of one variant."""
+    return list(runs)
+
+
+def knn(*values: float, base: dict[str, float] = HEALTHY) -> list[dict[str, float]]:
+    """One variant's runs that differ only in kNN accuracy."""
+    return [{**base, "knn": v} for v in values]
+
+
 @pytest.mark.parametrize("name", list(TABLES))
 def test_every_variant_config_is_valid_and_fits_the_digits(name, tmp_path):
     table = get_table(name)
     assert len({v.key for v in table.variants}) == len(table.variants) >= 2
     for v in table.variants:
         cfg = variant_config(table, v, "file:///x/train/manifest.json", "file:///x/val/manifest.json",
-                             tmp_path / v.key, table.num_steps, 1.0)
-        assert cfg.model.arch == ARCH and cfg.train.num_steps == table.num_steps
+                             tmp_path / v.key, table.num_steps, 1.0, seed=2)
+        assert cfg.model.arch == ARCH and cfg.train.num_steps == table.num_steps and cfg.train.seed == 2
+        assert getattr(cfg.method, "seed", 2) == 2  # Shuffled-DBN's permutations follow the seed too
         plan = plan_run(cfg, 1, DIGITS_TRAIN)  # raises when DBN's rank bound B - 1 >= G fails
         assert plan.global_batch_size <= DIGITS_TRAIN
         for o in v.overrides:  # the variant's own overrides win over the table's base
@@ -45,13 +66,46 @@ def test_every_variant_config_is_valid_and_fits_the_digits(name, tmp_path):
 
 def test_table1_verdicts_follow_the_numbers():
     t = get_table("000-table1")
-    ok = t.verdict({"vanilla": COLLAPSED, "bn": {**HEALTHY, "corr": 0.95, "knn": 80.0}, "dbn": HEALTHY})
-    assert all(v.reproduced for v in ok.values())
+    bn = knn(80.0, 81.0, 79.0, base={**HEALTHY, "corr": 0.95})
+    ok = t.verdict({"vanilla": [COLLAPSED] * 3, "bn": bn, "dbn": knn(90.0, 91.0, 89.0)})
+    assert all(v.state == REPRODUCED for v in ok.values()), {k: v.explain() for k, v in ok.items()}
     # DBN with strong correlation and BN without: both rows fail, and the evidence says why
-    bad = t.verdict({"vanilla": {**HEALTHY, "std": 0.3}, "bn": HEALTHY, "dbn": {**HEALTHY, "corr": 0.5}})
-    assert not any(v.reproduced for v in bad.values())
-    assert "FAILS" in bad["dbn"].explain() and "corr 0.50 < 0.1" in bad["dbn"].explain()
-    assert "std 0.300 < 0.05" in bad["vanilla"].explain()
+    bad = t.verdict({"vanilla": [{**HEALTHY, "std": 0.3}] * 3, "bn": [HEALTHY] * 3, "dbn": [{**HEALTHY, "corr": 0.5}] * 3})
+    assert not any(v.reproduced for v in bad.values()) and bad["dbn"].state == NOT_REPRODUCED
+    assert "FAILS" in bad["dbn"].explain() and "corr 0.50/0.50/0.50 < 0.1 (every seed" in bad["dbn"].explain()
+    assert "std 0.30/0.30/0.30 < 0.05" in bad["vanilla"].explain()
+
+
+def test_collapse_verdicts_must_hold_on_every_seed():
+    t = get_table("000-table1")
+    # vanilla collapses on two seeds of three: not reproduced, and the seed that did not is named
+    v = t.verdict({"vanilla": [COLLAPSED, {**HEALTHY, "std": 0.2}, COLLAPSED], "bn": [{**HEALTHY, "corr": 0.95}] * 3,
+                   "dbn": [HEALTHY] * 3})["vanilla"]
+    assert v.state == NOT_REPRODUCED and "not on seed(s) [1]" in v.explain()
+    t2 = get_table("004-table2").verdict({"simsiam": [HEALTHY, COLLAPSED], "mirror": [COLLAPSED] * 2,
+                                          "naive": [COLLAPSED, HEALTHY], "symmetric": [COLLAPSED] * 2})
+    assert [t2[k].state for k in ("simsiam", "mirror", "naive", "symmetric")] == [
+        NOT_REPRODUCED, REPRODUCED, NOT_REPRODUCED, REPRODUCED]
+
+
+def test_orderings_within_two_standard_errors_print_inconclusive(capsys):
+    # overlapping seeds: DBN 91.0 ± 3.6 vs BN 89.7 ± 2.2, gap 1.3 < 2 SE 4.9 — the CPU-dependent case of issue 17
+    rows = {"vanilla": [COLLAPSED] * 3, "bn": knn(92.2, 88.0, 89.0, base={**HEALTHY, "corr": 0.95}),
+            "dbn": knn(86.9, 93.6, 92.5)}
+    t = get_table("000-table1")
+    verdicts = t.verdict(rows)
+    assert verdicts["dbn"].state == INCONCLUSIVE and verdicts["vanilla"].state == REPRODUCED
+    assert "kNN DBN 91.0 ± 3.6 > BN 89.7 ± 2.2" in verdicts["dbn"].explain()
+    text = format_table(t, _fake_result("000-table1", rows))
+    dbn_line = next(line for line in text.splitlines() if line.startswith("DBN "))
+    assert "DBN: INCONCLUSIVE" in text and dbn_line.endswith("inconclusive") and "91.00 ± 3.59" in dbn_line
+    assert "2 reproduced, 1 inconclusive, 0 NOT reproduced of 3 rows (3 seed(s) each)" in text
+    # the same means with tight seeds are judged; the opposite ordering beyond 2 SE fails
+    assert ordering(knn(93.5, 93.6, 93.7), knn(91.0, 91.1, 91.2), "knn", "a", "b").state == "ok"
+    assert ordering(knn(86.8, 86.9, 87.0), knn(92.1, 92.2, 92.3), "knn", "a", "b").state == "FAILS"
+    # one seed has no standard error: never judged
+    one = ordering(knn(99.0), knn(10.0), "knn", "a", "b")
+    assert one.state == INCONCLUSIVE and "one seed" in one.text
 
 
 def test_seed004_collapse_rule_and_table5_ordering():
@@ -63,43 +117,59 @@ def test_seed004_collapse_rule_and_table5_ordering():
     assert siam_collapse(few_dirs) == "dimensional" and siam_collapse(COLLAPSED) == "complete"
     assert siam_collapse({**HEALTHY, "rankme": 2 * THRESHOLDS["rankme_collapsed"] * 128}) == "no"
     assert "dimensional collapse" in get_table("004-table2").verdict(
-        {"simsiam": HEALTHY, "mirror": few_dirs, "naive": few_dirs, "symmetric": few_dirs})["naive"].explain()
-    t2 = get_table("004-table2").verdict({"simsiam": HEALTHY, "mirror": COLLAPSED, "naive": COLLAPSED,
-                                          "symmetric": HEALTHY})
+        {"simsiam": [HEALTHY], "mirror": [few_dirs], "naive": [few_dirs], "symmetric": [few_dirs]})["naive"].explain()
+    t2 = get_table("004-table2").verdict({"simsiam": [HEALTHY], "mirror": [COLLAPSED], "naive": [COLLAPSED],
+                                          "symmetric": [HEALTHY]})
     assert [t2[k].reproduced for k in ("simsiam", "mirror", "naive", "symmetric")] == [True, True, True, False]
-    rows = {k: {**HEALTHY, "knn": acc} for k, acc in (("mlp", 90), ("fc_fc_bias", 89), ("tanh_fc", 88), ("bias", 95))}
+    rows = {k: knn(acc, acc + 0.5, acc - 0.5) for k, acc in (("mlp", 90), ("fc_fc_bias", 89), ("tanh_fc", 88),
+                                                             ("bias", 95))}
     t5 = get_table("004-table5").verdict(rows)
-    assert t5["mlp"].reproduced and not t5["bias"].reproduced  # bias-only must be the worst predictor
+    assert t5["mlp"].reproduced and t5["bias"].state == NOT_REPRODUCED  # bias-only must be the worst predictor
+    rows["bias"] = knn(80, 80.5, 79.5)
+    assert get_table("004-table5").verdict(rows)["bias"].state == REPRODUCED
 
 
-def _fake_result(name: str, rows_metrics: dict[str, dict[str, float]]) -> dict:
+def _fake_result(name: str, rows_metrics: dict[str, list[dict[str, float]]]) -> dict:
+    """A results.json as run_table writes it, from per-seed metrics."""
+    from largessl.repro.tables import mean_std
+
     t = get_table(name)
     verdicts = t.verdict(rows_metrics)
     rows = []
     for v in t.variants:
+        runs = rows_metrics[v.key]
+        stats = {k: mean_std([r[k] for r in runs]) for k in runs[0]}
         pts = [[float(i % 7), float(i % 5)] for i in range(20)] if name == "000-fig2" else []
-        rows.append({"key": v.key, "name": v.name, "paper": dict(v.paper), "metrics": rows_metrics[v.key],
-                     "verdict": {"claim": verdicts[v.key].claim, "reproduced": verdicts[v.key].reproduced,
-                                 "evidence": verdicts[v.key].explain()},
+        curves = {c: [[5, 1.0], [10, 0.5]] for c in t.curves}
+        rows.append({"key": v.key, "name": v.name, "paper": dict(v.paper),
+                     "metrics": {k: m for k, (m, _) in stats.items()},
+                     "metrics_std": {k: sd for k, (_, sd) in stats.items()},
+                     "seeds": [{"seed": i, "metrics": r} for i, r in enumerate(runs)],
+                     "verdict": {"claim": verdicts[v.key].claim, "state": verdicts[v.key].state,
+                                 "reproduced": verdicts[v.key].reproduced, "evidence": verdicts[v.key].explain()},
                      "steps_done": 7, "steps_planned": 10, "stopped_early": True, "minutes": 0.1, "run_dir": "x",
-                     "curves": {c: [[5, 1.0], [10, 0.5]] for c in t.curves}, "points": pts,
+                     "curves": curves, "seed_curves": [curves] * len(runs), "points": pts,
                      "labels": [i % 10 for i in range(len(pts))]})
-    return {"name": name, "title": t.title, "rows": rows, "curves": list(t.curves), "minutes": 0.3}
+    return {"name": name, "title": t.title, "rows": rows, "curves": list(t.curves), "minutes": 0.3,
+            "seeds": len(next(iter(rows_metrics.values()))), "num_steps": 10}
 
 
 def test_report_prints_paper_beside_ours_and_never_hides_a_failed_row():
-    rows = {"vanilla": {**HEALTHY, "std": 0.3, "knn": 50.0}, "bn": {**HEALTHY, "corr": 0.95, "knn": 80.0}, "dbn": HEALTHY}
+    rows = {"vanilla": knn(50.0, 51.0, base={**HEALTHY, "std": 0.3}),
+            "bn": knn(80.0, 81.0, base={**HEALTHY, "corr": 0.95}), "dbn": knn(90.0, 90.5)}
     text = format_table(get_table("000-table1"), _fake_result("000-table1", rows))
     assert "paper acc%" in text and "kNN%" in text and "84.41" in text and "35.44" in text
     assert "vanilla: NOT REPRODUCED" in text and "BN: REPRODUCED" in text and "NOT reproduced" in text
+    assert "50.50 ± 0.71" in text and "seeds: 2 (train.seed 0-1)" in text  # mean ± sample std
     assert "7/10*" in text and "rerun the same command" in text  # a time-stopped variant is marked
-    assert "2/3 rows reproduced" in text and "std_collapsed=0.05" in text
+    assert "2 reproduced, 0 inconclusive, 1 NOT reproduced of 3 rows" in text and "std_collapsed=0.05" in text
+    assert "2 standard errors" in text
     listing = format_list(TABLES)
     assert all(n in listing for n in ("000-table1", "000-table2", "000-fig4", "004-table2", "004-table5"))
 
 
 def test_plot_writes_a_png_with_scatter_panels(tmp_path):
-    rows = {"vanilla": COLLAPSED, "bn": HEALTHY, "dbn": HEALTHY}
+    rows = {"vanilla": [COLLAPSED] * 2, "bn": [HEALTHY] * 2, "dbn": [HEALTHY] * 2}
     path = plot_table(_fake_result("000-fig2", rows), tmp_path / "fig2.png")
     assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
@@ -136,18 +206,27 @@ def test_cli_overrides_may_follow_options(monkeypatch, tmp_path):
 
     seen = {}
 
-    def fake_run_table(table, out, minutes=None, num_steps=None, overrides=()):
-        seen.update(name=table.name, out=str(out), steps=num_steps, overrides=list(overrides))
+    def fake_run_table(table, out, minutes=None, num_steps=None, overrides=(), seeds=3):
+        seen.update(name=table.name, out=str(out), steps=num_steps, overrides=list(overrides), seeds=seeds)
         raise ValueError("stop here")
 
     monkeypatch.setattr(runner, "run_table", fake_run_table)
-    argv = ["repro", "000-table1", "train.seed=3", "--out", str(tmp_path), "optim.base_lr=0.02", "--steps", "7"]
+    argv = ["repro", "000-table1", "optim.momentum=0.8", "--out", str(tmp_path), "optim.base_lr=0.02", "--steps", "7"]
     assert main(argv) == exit_codes.BAD_INPUT
     assert seen == {"name": "000-table1", "out": str(tmp_path), "steps": 7,
-                    "overrides": ["train.seed=3", "optim.base_lr=0.02"]}
+                    "overrides": ["optim.momentum=0.8", "optim.base_lr=0.02"], "seeds": 3}
+    assert main([*argv, "--seeds", "2"]) == exit_codes.BAD_INPUT and seen["seeds"] == 2
     with pytest.raises(SystemExit) as e:  # a stray option is still an argparse error, not an override
         main(["repro", "000-table1", "--out", str(tmp_path), "--bogus"])
     assert e.value.code == 2
+
+
+def test_seeds_and_seed_overrides_are_checked(tmp_path):
+    monkeypatch_free = get_table("000-table2")
+    with pytest.raises(ValueError, match="--seeds must be >= 1"):
+        run_table(monkeypatch_free, tmp_path, seeds=0)
+    with pytest.raises(ValueError, match="sets train.seed itself"):
+        run_table(monkeypatch_free, tmp_path, overrides=["train.seed=3"])
 
 
 def test_json_thresholds_are_plain_numbers():
