@@ -136,6 +136,7 @@ def test_push_refuses_pickles_and_a_bad_full_checkpoint(tmp_path):
 
         m = json.loads((ckpt / MARKER).read_text())
         m["files"]["training.pt"] = _sha256_file(ckpt / "training.pt")
+        m["sizes"]["training.pt"] = (ckpt / "training.pt").stat().st_size
         (ckpt / MARKER).write_text(json.dumps(m))
         push_run(run, str(hub_dir), name="m", version="v1", include_full_checkpoint=True)
     assert not marker.exists()
