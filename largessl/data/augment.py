@@ -8,6 +8,8 @@ Recipes (``data.augment``):
 - ``decorrelation`` (Shuffled-DBN §4.1) and ``simsiam``: scale (0.2, 1), ColorJitter(0.4, 0.4, 0.4, 0.1)
   p=0.8, grayscale p=0.2, blur p=0.5, no solarize.
 - ``small``: 32/64-px CIFAR-style: scale (0.2, 1), ColorJitter(0.4, 0.4, 0.4, 0.1) p=0.8, grayscale 0.2, no blur.
+- ``digits``: ``small`` without the horizontal flip, for glyphs (digits, characters), whose mirror images are
+  other classes or no class; the demo's recipe (a flip-invariant encoder scores below random init there).
 - ``multicrop``: two global views (BYOL's asymmetric pair, scale (0.14, 1)) plus ``num_views - 2`` local
   views at 96/224 of the size, scale (0.05, 0.14), blur p=0.5.
 - ``none``: center crop only, every view identical (for collapse experiments and sanity checks).
@@ -57,7 +59,7 @@ __all__ = ["DecodeError", "ViewParams", "ViewSpec", "ViewTransform", "build_eval
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-RECIPES = ("barlow_twins", "vicreg", "decorrelation", "simsiam", "small", "multicrop", "none")
+RECIPES = ("barlow_twins", "vicreg", "decorrelation", "simsiam", "small", "digits", "multicrop", "none")
 EVAL_KINDS = ("eval", "train_linear")
 
 BACKENDS = ("auto", "opencv", "pil")
@@ -110,6 +112,8 @@ def recipe_specs(recipe: str, image_size: int, num_views: int, min_scale: float 
         base = [simsiam]
     elif recipe == "small":
         base = [ViewSpec(s, scale=(0.2, 1.0), saturation=0.4)]
+    elif recipe == "digits":
+        base = [ViewSpec(s, scale=(0.2, 1.0), saturation=0.4, flip_p=0.0)]
     elif recipe == "none":
         base = [ViewSpec(s, crop="center", center_fraction=1.0 if s <= 64 else 0.875, flip_p=0.0, jitter_p=0.0,
                          gray_p=0.0)]

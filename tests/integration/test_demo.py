@@ -15,21 +15,28 @@ from largessl.hub import load_backbone
 from largessl.models import build_backbone
 from largessl.train.trainer import build_trainer
 
-# Margins measured with this test's settings (60 steps, 30 linear epochs, 2 threads) on the project's shared
-# 2-core machine over train.seed 0-3 (see docs/... README "The demo"): kNN gain over torchvision's init
-# MIN_GAIN_TV_MEASURED points at the least. The test asserts a fraction of it so that another CPU's
-# round-off and thread count do not flip it, while a recipe that stops learning still fails.
-KNN_GAIN_OVER_AS_TRAINED = 8.0
-"""Points of kNN top-1 over the encoder the run starts from (measured: 60+ points; zero-init residual branches
-make that encoder nearly a linear map, so any training beats it by far)."""
+# Margins measured with this test's settings (the demo's 150 steps, 30 linear epochs instead of 100, 2 threads)
+# on the project's 2-core machine, train.seed 0 (the default) and, for the spread, 1 and 2 (README "The demo"):
+#   kNN top-1 over the encoder the run starts from: +76.0 / +77.2 / +79.4 points;
+#   kNN top-1 over torchvision's init of the same seed: +1.4 / +5.0 / +4.7 points (96.4 vs 95.0 for seed 0).
+# The val split has 359 images, so one image is 0.28 points and seed 0's margin is 5 images. The test asks for
+# less than the margin: a strict gain over torchvision's init (at least one image), because another CPU's
+# round-off moves small-scale accuracies by a point or more (docs/repro.md saw 93.6 vs 86.9 for one row).
+# A recipe that stops learning, or one that learns flip invariance (the old "small" augmentation: 93.9%),
+# fails it.
+KNN_GAIN_OVER_AS_TRAINED = 30.0
+"""Points of kNN top-1 over the encoder the run starts from (measured: 76+ points; zero-init residual branches
+make that encoder nearly a linear map of the pixels, 20% kNN)."""
 KNN_GAIN_OVER_TORCHVISION = 0.0
-"""Points of kNN top-1 over torchvision's default init of the same seed (placeholder, set from measurements)."""
+"""Points of kNN top-1 over torchvision's default init of the same seed: strictly more (measured: +1.4)."""
+DEMO_STEPS = 150
+"""The demo's own length (``largessl demo --steps`` default), so the test checks the recipe users run."""
 
 
 def test_demo_pretraining_beats_both_random_inits(tmp_path, capsys):
     torch.set_num_threads(2)
-    res = run_demo(str(tmp_path / "demo"), steps=60, threads=2, linear_epochs=30,
-                   overrides=["train.log_every=5", "checkpoint.every_steps=30"])
+    res = run_demo(str(tmp_path / "demo"), steps=DEMO_STEPS, threads=2, linear_epochs=30,
+                   overrides=["train.log_every=5", "checkpoint.every_steps=50"])
     rows = res["rows"]
     bt, start, tv = rows["Barlow Twins"], rows["random init (as trained)"], rows["random init (torchvision)"]
     assert bt["knn_top1"] > start["knn_top1"] + KNN_GAIN_OVER_AS_TRAINED, rows
@@ -40,7 +47,7 @@ def test_demo_pretraining_beats_both_random_inits(tmp_path, capsys):
     assert "kNN top-1" in printed and "run directory:" in printed and "tensorboard --logdir" in printed
     run = tmp_path / "demo" / "run"
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert steps[-1] == 60 and (run / "tb").is_dir() and (run / "config.yaml").is_file()
+    assert steps[-1] == DEMO_STEPS and (run / "tb").is_dir() and (run / "config.yaml").is_file()
     # the demo publishes its backbone to a local hub; the printed load line works
     hub = tmp_path / "demo" / "hub"
     assert "load_backbone" in printed and (hub / "index.html").is_file()

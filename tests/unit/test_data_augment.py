@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -86,6 +87,9 @@ def test_recipe_parameters() -> None:
     assert vic[0] == vic[1] and vic[0].blur_p == 0.5 and vic[0].solarize_p == 0.1
     assert recipe_specs("decorrelation", 224, 2)[0].scale == (0.2, 1.0)
     assert all(v.blur_p == 0 for v in recipe_specs("small", 32, 2))
+    # digits = small without the flip (the demo's recipe): a mirrored glyph is another glyph
+    assert [replace(v, flip_p=0.5) for v in recipe_specs("digits", 32, 2)] == recipe_specs("small", 32, 2)
+    assert all(v.flip_p == 0.0 for v in recipe_specs("digits", 32, 2, min_scale=0.6))
     assert [v.blur_p for v in recipe_specs("barlow_twins", 64, 5)] == [1.0, 0.1, 1.0, 0.1, 1.0]  # M views
     assert recipe_specs("simsiam", 224, 2, min_scale=0.3)[0].scale == (0.3, 1.0)
     with pytest.raises(ValueError, match="allowed: barlow_twins"):
