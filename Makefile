@@ -7,7 +7,7 @@ STAMP := $(VENV)/.largessl-installed
 EXTRAS ?= test,s3,deepspeed,fast
 PYTEST_ARGS ?= tests
 
-.PHONY: demo test gpu-test lint unit distributed integration install mutation-check clean
+.PHONY: demo test test-slow test-all gpu-test lint unit distributed integration install mutation-check clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,7 +25,16 @@ lint: $(STAMP)
 
 # Tests that cannot run here (no root for apt, no CUDA, a missing extra) skip and the summary says why;
 # CI (.ci/run) fails on any skip outside tests/gpu/. See docs/testing.md.
+# `make test`: every test but those marked `slow` (each over ~20 s on 2 cores; about 9 min in all).
+# `make test-slow`: only those (about 9 min). CI runs both; `make test-all` runs everything in one session.
+# Exit 5 (nothing collected) is fine for one tier when PYTEST_ARGS narrows the run to the other.
 test: lint
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS) || [ $$? -eq 5 ]
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -m slow $(PYTEST_ARGS) || [ $$? -eq 5 ]
+
+test-all: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The GPU tier (tests/gpu/): needs one CUDA device; under 8 minutes on an H100/H200 (docs/benchmarks.md).

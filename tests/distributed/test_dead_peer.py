@@ -30,7 +30,7 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> str:
     return train
 
 
-@pytest.mark.parametrize("how", ["sigkill-rank1", "sigstop-rank0"])
+@pytest.mark.parametrize("how", ["sigkill-rank1", pytest.param("sigstop-rank0", marks=pytest.mark.slow)])  # 23 s: CI only
 def test_survivor_exits_3_within_the_bound_then_a_rerun_resumes(tmp_path: Path, digits: str, how: str) -> None:
     run = tmp_path / "run"
     logs = tmp_path / "logs"

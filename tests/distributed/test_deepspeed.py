@@ -74,6 +74,7 @@ def test_lars_under_zero_equals_ddp_step(stage):
         assert max(naive) > 1e-4, naive
 
 
+@pytest.mark.slow  # > 20 s on 2 cores: CI runs it (make test-slow), make test does not
 def test_zero2_pretraining_smoke_and_resume(tmp_path):
     logs = tmp_path / "logs"
     logs.mkdir()

@@ -55,6 +55,7 @@ def digits(tmp_path_factory) -> str:
     return train
 
 
+@pytest.mark.slow  # > 20 s on 2 cores: CI runs it (make test-slow), make test does not
 def test_resume_2_to_4_to_2_ranks_then_2_workers_to_1_sees_each_sample_once(digits: str, tmp_path: Path) -> None:
     from largessl.data.manifest import read_manifest
     from largessl.train.checkpoint import load_training_checkpoint
@@ -119,6 +120,7 @@ def test_resume_2_to_4_to_2_ranks_then_2_workers_to_1_sees_each_sample_once(digi
             assert saved["step"] == step and len(saved["optimizer"]["state"]) > 0
 
 
+@pytest.mark.slow  # > 20 s on 2 cores: CI runs it (make test-slow), make test does not
 def test_deepspeed_refuses_a_world_size_change_before_any_step(tmp_path: Path) -> None:
     pytest.importorskip("deepspeed", reason="DeepSpeed is an optional extra (pip install 'largessl[deepspeed]')")
     from train_procs import TINY

@@ -84,7 +84,7 @@ def _mismatches(got: dict, ref: dict) -> list[str]:
     return bad
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])  # 4 ranks: 21 s, CI only (make test-slow)
 def test_sync_bn_resnet_is_world_size_invariant(world, reference, two_ranks):
     results = two_ranks if world == 2 else run_distributed(_run, world, False)
     for rank, res in enumerate(results):

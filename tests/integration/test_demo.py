@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from largessl.data.digits import write_digits_shards
@@ -33,6 +34,7 @@ DEMO_STEPS = 150
 """The demo's own length (``largessl demo --steps`` default), so the test checks the recipe users run."""
 
 
+@pytest.mark.slow  # > 20 s on 2 cores: CI runs it (make test-slow), make test does not
 def test_demo_pretraining_beats_both_random_inits(tmp_path, capsys):
     torch.set_num_threads(2)
     res = run_demo(str(tmp_path / "demo"), steps=DEMO_STEPS, threads=2, linear_epochs=30,

@@ -79,6 +79,7 @@ def _check(hub_url: str, run_dirs: list[Path], pushes: list[dict], reads: dict, 
     return hub
 
 
+@pytest.mark.slow  # > 20 s on 2 cores: CI runs it (make test-slow), make test does not
 def test_concurrent_pushes_on_s3(s3_server, run_dirs, tmp_path, monkeypatch):
     hub_url = s3_server.url("hub-concurrency")
     for k, v in s3_server.env().items():

@@ -23,6 +23,9 @@ SEEDS = 1
 """One seed keeps the CI cost of the single-seed tests this replaced; the asserted verdicts held on train.seed 0-3."""
 
 
+pytestmark = pytest.mark.slow  # 150 s on 2 cores: CI runs it (make test-slow), make test does not
+
+
 @pytest.fixture(scope="module")
 def out_dir(tmp_path_factory):
     torch.set_num_threads(1)
