@@ -60,7 +60,7 @@ from largessl.data.batch import Batch
 from largessl.data.config import DataConfig
 from largessl.data.device_batch import BatchEncoder, DeviceStage, EncodedBatch
 from largessl.data.manifest import Manifest
-from largessl.data.shard_index import ShardIndex, parse_index
+from largessl.data.shard_index import ShardIndex, parse_index, split_member
 
 log = logging.getLogger(__name__)
 
@@ -381,10 +381,9 @@ class Sample:
 
 
 def _split_key(name: str) -> tuple[str, str]:
-    """webdataset convention: the key is the path up to the first dot of the basename."""
-    head, _, base = name.rpartition("/")
-    stem, _, ext = base.partition(".")
-    return (f"{head}/{stem}" if head else stem), ext.lower()
+    """(key, lower-case extension) of a tar member, by the webdataset convention (:func:`split_member`)."""
+    key, ext = split_member(name)
+    return key, ext.lower()
 
 
 def iter_tar_samples(f: IO[bytes], keep: Callable[[int], bool],

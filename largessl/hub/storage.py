@@ -48,12 +48,19 @@ class Storage:
         raise NotImplementedError
 
     def read_versioned(self, rel: str) -> tuple[bytes | None, str | None]:
-        """(bytes, token) of ``rel`` read together, or (None, None) when absent; the token names that content."""
-        raise NotImplementedError
+        """(bytes, token) of ``rel`` read together, or (None, None) when absent; the token names that content.
+
+        Default: the token is the sha256 of the bytes (stores with ETags override this and :meth:`token`).
+        """
+        try:
+            data = self.read(rel)
+        except FileNotFoundError:
+            return None, None
+        return data, _sha256(data)
 
     def token(self, rel: str) -> str | None:
-        """The current token of ``rel`` (None when absent), without reading the bytes."""
-        raise NotImplementedError
+        """The current token of ``rel`` (None when absent); the default reads the bytes to hash them."""
+        return self.read_versioned(rel)[1]
 
     def write(self, rel: str, data: bytes) -> None:
         """Replace ``rel`` as a whole (readers see the old or the new bytes, never a mix)."""
@@ -106,18 +113,6 @@ class LocalStorage(Storage):
     def read(self, rel: str) -> bytes:
         """Bytes of ``rel``."""
         return self._p(rel).read_bytes()
-
-    def read_versioned(self, rel: str) -> tuple[bytes | None, str | None]:
-        """(bytes, sha256 of the bytes)."""
-        try:
-            data = self._p(rel).read_bytes()
-        except FileNotFoundError:
-            return None, None
-        return data, _sha256(data)
-
-    def token(self, rel: str) -> str | None:
-        """sha256 of the current bytes."""
-        return self.read_versioned(rel)[1]
 
     def write(self, rel: str, data: bytes) -> None:
         """Temp file + fsync + rename, so readers never see half a file."""
@@ -228,18 +223,6 @@ class PlainStorage(Storage):
     def read(self, rel: str) -> bytes:
         """Bytes of ``rel``."""
         return self.fs.cat_file(self._p(rel))
-
-    def read_versioned(self, rel: str) -> tuple[bytes | None, str | None]:
-        """(bytes, sha256)."""
-        try:
-            data = self.read(rel)
-        except FileNotFoundError:
-            return None, None
-        return data, _sha256(data)
-
-    def token(self, rel: str) -> str | None:
-        """sha256 of the current bytes."""
-        return self.read_versioned(rel)[1]
 
     def write(self, rel: str, data: bytes) -> None:
         """One PUT."""
