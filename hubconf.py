@@ -15,8 +15,8 @@ dependencies = ["torch", "torchvision", "safetensors"]
 
 def _build(arch: str, checkpoint: str | None, hub: str | None, small_input: bool):
     from largessl.hub.api import load_backbone
-    from largessl.hub.export import build_backbone_from_config, load_backbone_from_checkpoint
-    from largessl.hub.store import CARD
+    from largessl.hub.records import CARD
+    from largessl.hub.weights import build_backbone_from_config, load_backbone_from_checkpoint
 
     if checkpoint is None:
         return build_backbone_from_config({"arch": arch, "small_input": small_input})

@@ -17,8 +17,9 @@ import logging
 import os
 import sys
 
-from largessl import __version__, exit_codes
-from largessl.dist.env import DistEnv, setup_logging
+from largessl import __version__
+from largessl.distributed.env import DistEnv, setup_logging
+from largessl.run import exit_codes
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("largessl.train.cli", "pretrain a backbone with an SSL method (resumes automatically)"),

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import yaml
 
 from largessl.data.config import DataConfig
-from largessl.dist.config import DistConfig
+from largessl.distributed.config import DistConfig
 from largessl.eval.config import EvalConfig
 from largessl.hub.config import HubConfig
 from largessl.methods.base import METHODS, MethodConfig

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from largessl.config import Config, load_config
-from largessl.dist.env import DistEnv, setup_logging
+from largessl.distributed.env import DistEnv, setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,8 @@ def evaluate_encoder(cfg, backbone: torch.nn.Module, description: dict, out_dir:
 
     Results land in ``out_dir/eval/{knn,linear}.json`` (for the trained run they go into the model card).
     """
-    from largessl.eval.runner import EvalSource, evaluate_knn, evaluate_linear
+    from largessl.eval.runner import evaluate_knn, evaluate_linear
+    from largessl.eval.source import EvalSource
 
     source = EvalSource(backbone.eval(), description)
     device = torch.device("cpu")
@@ -92,7 +93,8 @@ def run_demo(out: str, steps: int, threads: int = 2, linear_epochs: int = 100,
              overrides: list[str] | None = None, push: bool = True) -> dict:
     """Build shards, pretrain, evaluate both encoders, push to a local hub; returns the results (also printed)."""
     from largessl.data.digits import write_digits_shards
-    from largessl.hub.export import load_backbone_from_checkpoint, push_run
+    from largessl.hub.export import push_run
+    from largessl.hub.weights import load_backbone_from_checkpoint
     from largessl.train.trainer import build_trainer
 
     torch.set_num_threads(threads)

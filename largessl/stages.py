@@ -21,9 +21,9 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from largessl import exit_codes
 from largessl.config import STAGES, Config
-from largessl.dist.collectives import barrier, broadcast_object, get_rank
+from largessl.distributed.collectives import barrier, broadcast_object, get_rank
+from largessl.run import exit_codes
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +113,9 @@ def run_stages(cfg: Config, run_dir: str | os.PathLike[str], stages: list[str] |
     re-raised after being recorded; the checkpoint is never modified. A stage stopped by a signal is
     recorded as ``interrupted`` and ends the chain; :func:`stages_exit_code` then gives 75.
     """
-    from largessl.eval.cli import load_source
     from largessl.eval.runner import evaluate_finetune, evaluate_knn, evaluate_linear
-    from largessl.train.precision import resolve_device
+    from largessl.eval.source import load_source
+    from largessl.run.precision import resolve_device
 
     stages = list(cfg.stages if stages is None else stages)
     bad = [s for s in stages if s not in STAGES]

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from largessl.dist.env import free_port
+from largessl.distributed.env import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from largessl.dist.env import free_port
+from largessl.distributed.env import free_port
 
 
 def _worker(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple, queue: Any, done: Any) -> None:

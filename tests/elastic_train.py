@@ -35,7 +35,7 @@ def main(argv: list[str]) -> int:
     import logging
 
     from largessl.config import load_config
-    from largessl.dist.env import detect_env, init_distributed, setup_logging, shutdown_distributed
+    from largessl.distributed.env import detect_env, init_distributed, setup_logging, shutdown_distributed
     from largessl.train.trainer import build_trainer
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -9,7 +9,7 @@ import torch
 
 from largessl.config import config_to_dict, load_config, save_config
 from largessl.models import ModelConfig, build_backbone
-from largessl.train.checkpoint import CheckpointManager, SavePayload
+from largessl.run.checkpoint import CheckpointManager, SavePayload
 
 
 def make_run_dir(run_dir: Path, backbone: torch.nn.Module | None = None, overrides: list[str] | None = None,
@@ -54,9 +54,9 @@ import torch
 import torch.distributed as dist
 from largessl.config import config_to_dict, load_config, save_config
 from largessl.models import ModelConfig, build_backbone
-from largessl.train.checkpoint import CheckpointManager, SavePayload
+from largessl.run.checkpoint import CheckpointManager, SavePayload
 from largessl.train.deepspeed_engine import build_engine, save_engine
-from largessl.train.precision import PrecisionPolicy
+from largessl.run.precision import PrecisionPolicy
 
 run = Path(sys.argv[1])
 dist.init_process_group("gloo", rank=0, world_size=1)

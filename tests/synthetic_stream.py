@@ -58,7 +58,7 @@ def main(argv: list[str]) -> int:
     probes = run_probes.install()
 
     from largessl.config import load_config
-    from largessl.dist.env import detect_env, init_distributed, setup_logging, shutdown_distributed
+    from largessl.distributed.env import detect_env, init_distributed, setup_logging, shutdown_distributed
     from largessl.train.trainer import Trainer
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")

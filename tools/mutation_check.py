@@ -55,7 +55,7 @@ MUTATIONS = (
         "all_reduce_sum_without_autograd",
         "all_reduce_sum uses the non-autograd dist.all_reduce: the value is the sum, the gradient only the "
         "local term (backward no longer sums over ranks)",
-        "largessl/dist/collectives.py",
+        "largessl/distributed/collectives.py",
         "    return _AllReduceSum.apply(x, group)\n",
         "    total = x.detach().clone()\n"
         "    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)\n"
@@ -92,7 +92,7 @@ MUTATIONS = (
     Mutation(
         "stop_without_agreement",
         "StopFlag.agreed() stops only the rank that got the signal (no all-reduce of the flags)",
-        "largessl/train/signals.py",
+        "largessl/run/signals.py",
         "        all_reduce_sum_no_grad(flags, self.group)\n",
         "        pass  # no agreement across ranks\n",
         ("tests/distributed/test_signals.py",),

@@ -45,8 +45,8 @@ from largessl.bench.step import (
 )
 from largessl.config import Config, load_config
 from largessl.data.batch import Batch
-from largessl.dist.collectives import get_world_size
-from largessl.dist.env import DistEnv, detect_env
+from largessl.distributed.collectives import get_world_size
+from largessl.distributed.env import DistEnv, detect_env
 from largessl.train.schedules import apply_lr
 from largessl.train.step import train_step
 

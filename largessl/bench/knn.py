@@ -137,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the benchmark and print a table (and JSON with ``--out``)."""
     import torch.multiprocessing as mp
 
-    from largessl.dist.env import free_port
+    from largessl.distributed.env import free_port
 
     if not 0 < args.fraction <= 1 or args.ranks < 1:
         raise ValueError("--fraction must be in (0, 1] and --ranks >= 1")

@@ -49,12 +49,12 @@ from torch.optim import Optimizer
 
 from largessl.config import Config, load_config
 from largessl.data.batch import Batch
-from largessl.dist.collectives import all_reduce_sum_no_grad, get_rank, get_world_size
-from largessl.dist.env import DistEnv, detect_env
+from largessl.distributed.collectives import all_reduce_sum_no_grad, get_rank, get_world_size
+from largessl.distributed.env import DistEnv, detect_env
 from largessl.methods.base import backbone_features
 from largessl.methods.heads import parse_dims
 from largessl.models import build_backbone
-from largessl.train.precision import PrecisionPolicy, resolve_device, resolve_precision
+from largessl.run.precision import PrecisionPolicy, resolve_device, resolve_precision
 from largessl.train.schedules import apply_lr
 from largessl.train.step import train_step
 
@@ -636,7 +636,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 @contextlib.contextmanager
 def bench_process_group(cfg: Config) -> Iterator[DistEnv]:
     """Join the job's process group for a benchmark (torchrun/SLURM env, or one process) and leave it after."""
-    from largessl.dist.env import init_distributed, resolve_backend, setup_logging, shutdown_distributed
+    from largessl.distributed.env import (
+        init_distributed,
+        resolve_backend,
+        setup_logging,
+        shutdown_distributed,
+    )
 
     env = detect_env()
     setup_logging(env, cfg.log.level)

@@ -14,22 +14,13 @@ run directory. Exit code 75 means a stop signal was handled and state saved: rer
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import logging
-import tempfile
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from largessl.config import Config, load_config
+from largessl.config import load_config
 
 log = logging.getLogger(__name__)
-
-HUB_PREFIX = "hub:"
-RANDOM = "random"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``largessl eval``."""
@@ -50,64 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="fine-tune the whole network on 1%%/10%% of the labels (eval.finetune.*)")
 
 
-def load_source(checkpoint: str, base_cfg: Config | None = None, hub_url: str | None = None,
-                endpoint_url: str = "") -> tuple[Any, dict[str, Any], Path | None]:
-    """(EvalSource, the model's config dict, its run dir or None) for a ``--checkpoint`` argument."""
-    from largessl.eval.runner import EvalSource
-    from largessl.hub.api import load_backbone
-    from largessl.hub.card import METRICS_FILE
-    from largessl.hub.export import load_backbone_from_checkpoint
-    from largessl.hub.store import CARD
-
-    if checkpoint == RANDOM:
-        if base_cfg is None:
-            raise ValueError("--checkpoint random needs a config for the architecture (model.* overrides)")
-        from largessl.config import config_to_dict
-
-        cfg_dict = config_to_dict(base_cfg)
-        import torch
-
-        from largessl.models import build_backbone
-
-        # The encoder exactly as pretraining starts from it (same model.* config, zero_init_residual
-        # included), so "pretrained vs random" measures what training added.
-        torch.manual_seed(base_cfg.train.seed)
-        net = build_backbone(dataclasses.replace(base_cfg.model, sync_bn=False))
-        return EvalSource(net, {"random_init": True, "seed": base_cfg.train.seed,
-                                "zero_init_residual": base_cfg.model.zero_init_residual}), cfg_dict, None
-    if checkpoint.startswith(HUB_PREFIX):
-        ref = checkpoint[len(HUB_PREFIX):]
-        url = hub_url or (base_cfg.hub.url if base_cfg else "hub")
-        net, card = load_backbone(ref, hub=url, endpoint_url=endpoint_url, with_card=True)
-        desc = {"hub": url, "model": f"{card['name']}@{card['version']}"}
-        return EvalSource(net, desc), card.get("config", {}), None
-    path = Path(checkpoint)
-    if (path / CARD).is_file():
-        net, card = load_backbone(path, with_card=True)
-        return EvalSource(net, {"pulled": str(path.resolve()), "model": f"{card['name']}@{card['version']}"}), \
-            card.get("config", {}), None
-    net, cfg_dict, meta = load_backbone_from_checkpoint(checkpoint)
-    desc = {"checkpoint": str(meta.get("path", checkpoint)), "step": meta.get("step")}
-    run_dir = None
-    for cand in (path, Path(str(meta.get("path", ""))).parent.parent):
-        if (cand / METRICS_FILE).is_file() or (cand / "config.yaml").is_file():
-            run_dir = cand
-            break
-    return EvalSource(net, desc), cfg_dict, run_dir
-
-
-def resolve_config(model_cfg: dict[str, Any], files: list[str], overrides: list[str]) -> Config:
-    """The model's config as the base, then ``files``, then ``overrides`` (checked like any config)."""
-    with tempfile.TemporaryDirectory(prefix="largessl-eval-") as tmp:
-        base = Path(tmp) / "model_config.yaml"
-        base.write_text(yaml.safe_dump(json.loads(json.dumps(model_cfg)), sort_keys=False))
-        return load_config([base, *files], overrides)
-
-
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``largessl eval``."""
-    from largessl import exit_codes
-    from largessl.dist.env import (
+    from largessl.distributed.env import (
         detect_env,
         init_distributed,
         resolve_backend,
@@ -115,7 +51,9 @@ def run(args: argparse.Namespace) -> int:
         shutdown_distributed,
     )
     from largessl.eval.runner import evaluate_finetune, evaluate_knn, evaluate_linear
-    from largessl.train.precision import resolve_device
+    from largessl.eval.source import load_source, resolve_config
+    from largessl.run import exit_codes
+    from largessl.run.precision import resolve_device
 
     overrides = list(args.overrides)
     if args.train:

@@ -29,7 +29,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from largessl.data.batch import Batch
-from largessl.dist.collectives import (
+from largessl.distributed.collectives import (
     all_gather_counts,
     all_gather_variable,
     all_reduce_sum_no_grad,

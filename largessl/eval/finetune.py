@@ -25,7 +25,15 @@ from torch.distributed import ProcessGroup
 
 from largessl.config import Config
 from largessl.data import io
-from largessl.dist.collectives import barrier, broadcast_object, get_rank, get_world_size
+from largessl.distributed.collectives import barrier, broadcast_object, get_rank, get_world_size
+from largessl.eval.inputs import (
+    eval_batches,
+    labelled_manifests,
+    read_labelled,
+    show_progress,
+    tb_writer,
+    train_stream,
+)
 from largessl.eval.linear import scaled_lr, write_json_atomic
 from largessl.eval.supervised import (
     STOPPED,
@@ -35,8 +43,8 @@ from largessl.eval.supervised import (
     fit_supervised,
     wrap_ddp,
 )
-from largessl.hub.card import EVAL_DIR
-from largessl.train.sinks import ProgressBar
+from largessl.run.layout import EVAL_DIR
+from largessl.run.progress import ProgressBar
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +78,6 @@ class Classifier(nn.Module):
 
 
 def _check_prebuilt(cfg: Config, url: str, train: Any, percent: float) -> str:
-    from largessl.eval.runner import read_labelled
 
     sub = read_labelled(cfg, url)
     info = sub.extra.get("subset")
@@ -109,9 +116,8 @@ def subset_for(cfg: Config, index: int, train: Any, out_dir: Path, group: Proces
     if found:
         log.info("%g%% labels: reusing subset %s", percent, found)
         return str(found)
-    from largessl.eval.runner import _progress
 
-    return build_subset_distributed(train, dest, request, group, progress=_progress(cfg, group),
+    return build_subset_distributed(train, dest, request, group, progress=show_progress(cfg, group),
                                     endpoint_url=cfg.data.endpoint_url)
 
 
@@ -176,7 +182,6 @@ def build_subset_distributed(train: Any, dest: str, request: Any, group: Process
 def finetune_one(cfg: Config, source: Any, index: int, subset_url: str, val: Any, out_dir: Path,
                  device: torch.device, stop: StopCheck, group: ProcessGroup | None = None) -> dict[str, Any]:
     """Fine-tune a copy of the backbone on one label subset and evaluate it on ``val``."""
-    from largessl.eval.runner import _progress, _writer, eval_batches, read_labelled, train_stream
 
     ft = cfg.eval.finetune
     percent = ft.percents[index]
@@ -208,15 +213,15 @@ def finetune_one(cfg: Config, source: Any, index: int, subset_url: str, val: Any
                 "image_size": cfg.data.image_size, "min_scale": cfg.eval.linear_min_scale,
                 "world_size": get_world_size(group)}
     run = SupervisedRun(f"finetune {percent:g}%", str(out_dir / EVAL_DIR / name), settings, ft.epochs, lrs,
-                        _progress(cfg, group))
-    writer = _writer(cfg, out_dir, group)
+                        show_progress(cfg, group))
+    writer = tb_writer(cfg, out_dir, group)
     try:
         status = fit_supervised(run, model, ddp, opt, stream, device, stop, group, writer, model.train)
         if status == STOPPED:
             return {"stopped": True, "reason": stop.reason}
         model.eval()
         val_stream = eval_batches(cfg, val, cfg.eval.feature_batch_size, group)
-        bar = ProgressBar(val_stream.batches_per_epoch, 0, _progress(cfg, group), desc=f"{run.name} (val)")
+        bar = ProgressBar(val_stream.batches_per_epoch, 0, show_progress(cfg, group), desc=f"{run.name} (val)")
         try:
             metrics = evaluate_classifier(model, val_stream.iterate(0), device, group, bar)
         finally:
@@ -237,9 +242,8 @@ def finetune_one(cfg: Config, source: Any, index: int, subset_url: str, val: Any
 def finetune_all(cfg: Config, source: Any, out_dir: Path, device: torch.device,
                  group: ProcessGroup | None = None) -> dict[str, Any]:
     """Every configured label fraction in turn; ``{"finetune_<p>pct": result}`` or ``{"stopped": True, ...}``."""
-    from largessl.eval.runner import _manifests
 
-    train, val = _manifests(cfg)
+    train, val = labelled_manifests(cfg)
     results: dict[str, Any] = {}
     with StopCheck(device, group) as stop:
         for i, percent in enumerate(cfg.eval.finetune.percents):

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch.distributed import ProcessGroup
 
-from largessl.dist.collectives import (
+from largessl.distributed.collectives import (
     all_gather_counts,
     all_gather_no_grad,
     broadcast_tensor,

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed import ProcessGroup
 
-from largessl.dist.collectives import all_reduce_sum_no_grad, get_world_size
+from largessl.distributed.collectives import all_reduce_sum_no_grad, get_world_size
 from largessl.eval.features import FeatureShard
 from largessl.eval.supervised import (
     COMPLETED,
@@ -46,7 +46,7 @@ from largessl.eval.supervised import (
     wrap_ddp,
 )
 from largessl.nn.batchnorm import GlobalBatchNorm1d
-from largessl.train.sinks import ProgressBar
+from largessl.run.progress import ProgressBar
 
 log = logging.getLogger(__name__)
 

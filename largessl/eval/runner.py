@@ -10,24 +10,23 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from torch.distributed import ProcessGroup
 
 from largessl.config import Config
-from largessl.dist.collectives import all_reduce_sum_no_grad, barrier, get_rank, get_world_size
+from largessl.distributed.collectives import all_reduce_sum_no_grad, barrier, get_rank, get_world_size
 from largessl.eval.features import (
     DTYPES,
     FeatureShard,
     cache_dir,
     cached_or_extracted,
     extract_shard,
-    weights_hash,
 )
+from largessl.eval.finetune import finetune_all
+from largessl.eval.inputs import eval_batches, labelled_manifests, show_progress, tb_writer, train_stream
 from largessl.eval.knn import KnnShard, chunk_working_set_bytes, knn_predict, knn_rounds, prepare_features
 from largessl.eval.linear import (
     linear_world_check,
@@ -35,9 +34,10 @@ from largessl.eval.linear import (
     train_linear_full,
     write_json_atomic,
 )
+from largessl.eval.source import EvalSource
 from largessl.eval.supervised import StopCheck
-from largessl.hub.card import EVAL_DIR, KNN_JSON, LINEAR_JSON
-from largessl.train.sinks import ProgressBar
+from largessl.run.layout import EVAL_DIR, KNN_JSON, LINEAR_JSON
+from largessl.run.progress import ProgressBar
 
 log = logging.getLogger(__name__)
 
@@ -45,88 +45,6 @@ FEATURES_DIR = "features"
 LINEAR_STATE_DIR = "linear"
 PREPARE_ROWS = 65536
 """Rows normalised per step when features are prepared for the kNN (bounds the float64 temporaries)."""
-
-
-@dataclass
-class EvalSource:
-    """The backbone under evaluation and where it came from (recorded in the results)."""
-
-    backbone: nn.Module
-    description: dict[str, Any] = field(default_factory=dict)
-    """E.g. {"checkpoint": ".../step-00000100", "step": 100} or {"hub": "s3://...", "model": "bt@v1"}."""
-    _weights: str = ""
-
-    @property
-    def weights(self) -> str:
-        """sha256 of the backbone's weights (the feature cache and resumable stages are keyed by it)."""
-        if not self._weights:
-            self._weights = weights_hash(self.backbone)
-        return self._weights
-
-    @property
-    def cache_key(self) -> str:
-        """Short form of :attr:`weights` for file names."""
-        return self.weights[:16]
-
-
-def _per_rank(global_batch: int, world: int, what: str) -> int:
-    if global_batch % world:
-        raise ValueError(f"{what}={global_batch} is not divisible by the world size {world}; use a multiple of {world}")
-    return global_batch // world
-
-
-def read_labelled(cfg: Config, url: str) -> Any:
-    """A manifest read with ``data.endpoint_url`` (S3-compatible stores)."""
-    from largessl.data.io import storage_options_for
-    from largessl.data.manifest import read_manifest
-
-    return read_manifest(url, storage_options_for(url, cfg.data.endpoint_url))
-
-
-def _manifests(cfg: Config) -> tuple[Any, Any]:
-    if not cfg.data.train_manifest or not cfg.data.val_manifest:
-        raise ValueError("evaluation needs labelled train and val manifests: pass --train and --val "
-                         "(or set data.train_manifest and data.val_manifest)")
-    train = read_labelled(cfg, cfg.data.train_manifest)
-    val = read_labelled(cfg, cfg.data.val_manifest)
-    if train.num_classes < 2:
-        raise ValueError(f"{cfg.data.train_manifest} has {train.num_classes} classes; evaluation needs labels")
-    if val.class_names != train.class_names:
-        raise ValueError(f"train and val manifests disagree on the class names "
-                         f"({train.num_classes} vs {val.num_classes} classes); use splits of the same dataset")
-    return train, val
-
-
-def eval_batches(cfg: Config, manifest: Any, global_batch: int, group: ProcessGroup | None = None) -> Any:
-    """This rank's share of ``manifest`` with the eval transform (each sample on exactly one rank)."""
-    from largessl.data.stream import build_eval_stream
-
-    rank, world = get_rank(group), get_world_size(group)
-    per_rank = _per_rank(global_batch, world, "eval.feature_batch_size")
-    return build_eval_stream(cfg.data, manifest, per_rank, rank, world, transform="eval", seed=cfg.eval.seed)
-
-
-def train_transform(cfg: Config) -> Any:
-    """RandomResizedCrop + flip of the linear and fine-tuning protocols (``eval.linear_min_scale``)."""
-    from largessl.data.augment import ViewSpec, ViewTransform, build_eval_transform
-
-    if cfg.eval.linear_min_scale > 0:
-        return ViewTransform([ViewSpec(cfg.data.image_size, scale=(cfg.eval.linear_min_scale, 1.0), jitter_p=0.0,
-                                       gray_p=0.0)])
-    return build_eval_transform("train_linear", cfg.data.image_size)
-
-
-def train_stream(cfg: Config, manifest: Any, global_batch: int, seed: int, group: ProcessGroup | None = None) -> Any:
-    """This rank's augmented training batches (equal counts on every rank, exactly resumable)."""
-    from largessl.data.stream import build_train_stream
-
-    rank, world = get_rank(group), get_world_size(group)
-    per_rank = _per_rank(global_batch, world, "the global batch size")
-    return build_train_stream(cfg.data, manifest, per_rank, rank, world, seed, transform=train_transform(cfg))
-
-
-def _progress(cfg: Config, group: ProcessGroup | None) -> bool:
-    return bool(cfg.log.progress) and get_rank(group) == 0
 
 
 def features(cfg: Config, source: EvalSource, manifest: Any, split: str, out_dir: Path, device: torch.device,
@@ -137,7 +55,7 @@ def features(cfg: Config, source: EvalSource, manifest: Any, split: str, out_dir
     stream = eval_batches(cfg, manifest, e.feature_batch_size, group)
 
     def extract() -> FeatureShard:
-        bar = ProgressBar(stream.batches_per_epoch, 0, _progress(cfg, group), desc=f"features ({split})")
+        bar = ProgressBar(stream.batches_per_epoch, 0, show_progress(cfg, group), desc=f"features ({split})")
         try:
             return extract_shard(source.backbone, stream.iterate(0), device, group, dtype, bar)
         finally:
@@ -150,14 +68,6 @@ def features(cfg: Config, source: EvalSource, manifest: Any, split: str, out_dir
     meta = {"split": split, "manifest_id": manifest.id, "weights": source.weights,
             "image_size": str(cfg.data.image_size), "dtype": e.feature_dtype}
     return cached_or_extracted(folder, meta, extract, device, group)
-
-
-def _writer(cfg: Config, out_dir: Path, group: ProcessGroup | None = None) -> Any:
-    if not cfg.log.tensorboard or get_rank(group) != 0:
-        return None
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(str(out_dir / "tb"))
 
 
 def _stopped(stop: StopCheck, what: str) -> dict[str, Any]:
@@ -217,7 +127,7 @@ def evaluate_knn(cfg: Config, source: EvalSource, out_dir: str | os.PathLike[str
                  device: torch.device, group: ProcessGroup | None = None) -> dict[str, Any]:
     """Weighted kNN top-1 for each ``eval.knn_k``; writes ``out_dir/eval/knn.json`` (rank 0)."""
     out = Path(out_dir)
-    train_m, val_m = _manifests(cfg)
+    train_m, val_m = labelled_manifests(cfg)
     e = cfg.eval
     with StopCheck(device, group) as stop:
         train = features(cfg, source, train_m, "train", out, device, group)
@@ -229,14 +139,14 @@ def evaluate_knn(cfg: Config, source: EvalSource, out_dir: str | os.PathLike[str
         if stop.agreed():
             return _stopped(stop, "kNN")
         res = knn_on_shards(shard, sharded, val, list(e.knn_k), e.knn_temperature, train_m.num_classes, group,
-                            e.knn_chunk_size, e.knn_train_block, _progress(cfg, group))
+                            e.knn_chunk_size, e.knn_train_block, show_progress(cfg, group))
     result = {**res, "k": list(e.knn_k), "temperature": e.knn_temperature, "num_train": shard.total,
               "num_val": val.total, "feature_dtype": e.feature_dtype, "world_size": get_world_size(group),
               "protocol": "knn", "train_manifest": train_m.url, "val_manifest": val_m.url,
               "source": source.description}
     if get_rank(group) == 0:
         write_json_atomic(out / EVAL_DIR / KNN_JSON, result)
-        writer = _writer(cfg, out, group)
+        writer = tb_writer(cfg, out, group)
         if writer is not None:
             for k, v in res["top1"].items():
                 writer.add_scalar(f"eval/knn_top1_k{k}", v, 0)
@@ -254,9 +164,9 @@ def evaluate_linear(cfg: Config, source: EvalSource, out_dir: str | os.PathLike[
                     device: torch.device, group: ProcessGroup | None = None) -> dict[str, Any]:
     """Linear probe per ``cfg.eval`` (cached features or the full augmented protocol); writes ``eval/linear.json``."""
     out = Path(out_dir)
-    train_m, val_m = _manifests(cfg)
+    train_m, val_m = labelled_manifests(cfg)
     e = cfg.eval
-    writer = _writer(cfg, out, group)
+    writer = tb_writer(cfg, out, group)
     try:
         with StopCheck(device, group) as stop:
             if e.cache_features:
@@ -270,7 +180,7 @@ def evaluate_linear(cfg: Config, source: EvalSource, out_dir: str | os.PathLike[
                                             num_classes=train_m.num_classes, epochs=e.linear_epochs,
                                             batch_size=e.linear_batch_size, weight_decay=e.linear_weight_decay,
                                             momentum=e.linear_momentum, normalize=e.linear_normalize, seed=e.seed,
-                                            device=device, group=group, progress=_progress(cfg, group))
+                                            device=device, group=group, progress=show_progress(cfg, group))
                 if writer is not None:
                     writer.add_scalar("eval/linear_top1", result["top1"], e.linear_epochs)
                     writer.add_scalar("eval/linear_top5", result["top5"], e.linear_epochs)
@@ -286,7 +196,7 @@ def evaluate_linear(cfg: Config, source: EvalSource, out_dir: str | os.PathLike[
                     checkpoint_dir=out / EVAL_DIR / LINEAR_STATE_DIR, epochs=e.linear_epochs, lr=e.linear_lr,
                     batch_size=e.linear_batch_size, weight_decay=e.linear_weight_decay, momentum=e.linear_momentum,
                     normalize=e.linear_normalize, seed=e.seed, device=device, group=group, fingerprint=fingerprint,
-                    writer=writer, stop=stop, progress=_progress(cfg, group))
+                    writer=writer, stop=stop, progress=show_progress(cfg, group))
                 if result.get("stopped"):
                     return result
     finally:
@@ -304,6 +214,5 @@ def evaluate_linear(cfg: Config, source: EvalSource, out_dir: str | os.PathLike[
 def evaluate_finetune(cfg: Config, source: EvalSource, out_dir: str | os.PathLike[str],
                       device: torch.device, group: ProcessGroup | None = None) -> dict[str, Any]:
     """Fine-tune on each ``eval.finetune.percents`` label subset; writes ``eval/finetune_<p>pct.json``."""
-    from largessl.eval.finetune import finetune_all
 
     return finetune_all(cfg, source, Path(out_dir), device, group)

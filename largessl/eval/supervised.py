@@ -4,7 +4,7 @@ One step: this rank's batch of the :class:`~largessl.data.stream.TrainStream` (e
 every rank, exact resume at any batch) → forward → cross-entropy → backward through DDP (gradients
 averaged over equal per-rank batches = the global-batch gradient) → SGD with a per-step cosine lr.
 
-Checkpoints go through :class:`~largessl.train.checkpoint.CheckpointManager` (``step-N/`` folders, atomic,
+Checkpoints go through :class:`~largessl.run.checkpoint.CheckpointManager` (``step-N/`` folders, atomic,
 hash-verified, newest two kept): after every epoch and when a stop is agreed. A stop request (SIGTERM,
 SIGUSR1/2 from SLURM, a pod eviction) is recorded by the signal handler, agreed on by every rank at a
 step boundary, saved, and reported as :data:`STOPPED`; the CLI turns it into exit code 75 and the rerun of
@@ -25,20 +25,19 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed import ProcessGroup
 
-from largessl.dist.collectives import all_reduce_sum_no_grad, get_rank, get_world_size
+from largessl.distributed.collectives import all_reduce_sum_no_grad, get_rank, get_world_size
 from largessl.eval.features import images_and_labels
-from largessl.train.checkpoint import (
+from largessl.run.checkpoint import (
     CheckpointManager,
     SavePayload,
-    capture_rng_state,
     git_revision,
     load_rank_state,
     load_training_checkpoint,
-    restore_rng_state,
 )
-from largessl.train.checkpoint import load_model_state as _load_model_state
-from largessl.train.signals import StopFlag
-from largessl.train.sinks import ProgressBar
+from largessl.run.checkpoint import load_model_state as _load_model_state
+from largessl.run.progress import ProgressBar
+from largessl.run.rng import capture_rng_state, restore_rng_state
+from largessl.run.signals import StopFlag
 
 log = logging.getLogger(__name__)
 

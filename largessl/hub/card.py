@@ -17,12 +17,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from largessl.run.layout import EVAL_DIR, METRICS_FILE
+
 log = logging.getLogger(__name__)
 
 CARD_FORMAT = "largessl-model-card/1"
-EVAL_DIR = "eval"
-LINEAR_JSON = "linear.json"
-KNN_JSON = "knn.json"
 SKIP_KEYS = ("skipped_samples", "skipped_shards")
 PAPER_URLS = {
     "barlow_twins": "https://arxiv.org/abs/2103.03230",
@@ -39,7 +38,6 @@ _SPLIT_NAMES = {"train", "training", "val", "valid", "validation", "test", "eval
 _PROTOCOLS = {"linear": "linear probe on frozen features", "knn": "weighted kNN on frozen features",
               "finetune_1pct": "fine-tuning with 1% of the labels",
               "finetune_10pct": "fine-tuning with 10% of the labels"}
-METRICS_FILE = "metrics.jsonl"
 _COLLAPSE_KEYS = ("std", "corr", "rank", "rankme", "m_o", "m_r", "alignment", "uniformity")
 
 

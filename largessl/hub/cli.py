@@ -20,7 +20,7 @@ import logging
 import os
 import sys
 
-from largessl.hub.api import DEFAULT_HUB_ENV
+from largessl.hub.weights import DEFAULT_HUB_ENV
 
 log = logging.getLogger(__name__)
 

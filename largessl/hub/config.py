@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from largessl.hub.records import check_name
+
 
 @dataclass
 class HubConfig:
@@ -24,8 +26,6 @@ class HubConfig:
 
     def validate(self) -> None:
         """Check values that do not depend on other sections."""
-        from largessl.hub.store import check_name
-
         if not self.url:
             raise ValueError("hub.url must be a directory or fsspec URL (default: hub)")
         if self.name:

@@ -15,58 +15,17 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors.torch import save_file
 
-from largessl.hub.card import METRICS_FILE, build_card, dataset_info
-from largessl.hub.store import BACKBONE, Hub, check_name, utc_now
+from largessl.hub.card import build_card, dataset_info
+from largessl.hub.records import BACKBONE, check_name
+from largessl.hub.store import Hub, utc_now
+from largessl.hub.weights import load_backbone_from_checkpoint
+from largessl.run.layout import run_dir_of
 
 log = logging.getLogger(__name__)
 
-BACKBONE_PREFIX = "backbone."
 CHECKPOINT_DIR = "checkpoint"
-
-
-def backbone_state(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The ``backbone.*`` entries of a method-module state_dict, prefix removed (torchvision key names)."""
-    out = {k[len(BACKBONE_PREFIX):]: v for k, v in model_state.items() if k.startswith(BACKBONE_PREFIX)}
-    # a checkpoint of a torch.compile'd backbone would carry _orig_mod.; strip it so keys stay torchvision's
-    out = {k.replace("_orig_mod.", ""): v for k, v in out.items()}
-    if not out:
-        raise ValueError(f"the checkpoint has no '{BACKBONE_PREFIX}*' weights (keys start with "
-                         f"{sorted({k.split('.')[0] for k in model_state})}); is it a largessl pretraining checkpoint?")
-    return out
-
-
-def build_backbone_from_config(model_cfg: dict[str, Any]) -> torch.nn.Module:
-    """A fresh torchvision ResNet (fc=Identity) for a checkpoint's ``model`` config section, on CPU."""
-    from largessl.models import ModelConfig, build_backbone
-
-    # export/inference need plain BatchNorm2d: SyncBatchNorm has the same state_dict keys
-    cfg = ModelConfig(arch=model_cfg.get("arch", "resnet50"), small_input=bool(model_cfg.get("small_input", False)),
-                      sync_bn=False, zero_init_residual=False)
-    return build_backbone(cfg)
-
-
-def load_backbone_from_checkpoint(path_or_run_dir: str | Path) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]:
-    """(backbone with the checkpoint's weights, resolved config dict, meta) from a run dir or step folder."""
-    from largessl.train.checkpoint import load_model_state
-
-    state, config, meta = load_model_state(str(path_or_run_dir))
-    net = build_backbone_from_config(config.get("model", {}))
-    net.load_state_dict(backbone_state(state), strict=True)
-    return net, config, meta
-
-
-def _run_dir_of(path: str | Path, meta: dict[str, Any]) -> Path | None:
-    """The run directory holding metrics.jsonl and eval/: ``path`` itself or the checkpoint's grandparent."""
-    p = Path(str(path))
-    if "://" in str(path):
-        return None
-    for cand in (p, Path(str(meta.get("path", ""))).parent.parent):
-        if (cand / METRICS_FILE).is_file() or (cand / "config.yaml").is_file():
-            return cand
-    return None
 
 
 def default_name(config: dict[str, Any]) -> str:
@@ -100,7 +59,7 @@ def export_run(path_or_run_dir: str | Path, out_dir: str | Path, include_full_ch
     license = license or str(config.get("hub", {}).get("license", "") or "")
     if not license:
         log.warning("no license given for this model (--license or hub.license); the card says 'unspecified'")
-    card, summary = build_card(config, meta, _run_dir_of(path_or_run_dir, meta), int(net.num_features),
+    card, summary = build_card(config, meta, run_dir_of(path_or_run_dir, str(meta.get("path", ""))), int(net.num_features),
                                dataset_info(config), license=license)
     return files, card, summary
 
@@ -126,7 +85,7 @@ def make_pickle_free(folder: Path) -> dict[str, Any]:
     """
     from largessl.hub.pickle_free import FORMAT, PickleRefused, convert_pt_file, is_pickle_file
     from largessl.hub.store import sha256_file
-    from largessl.train.checkpoint import MARKER
+    from largessl.run.checkpoint import MARKER
 
     converted: dict[str, list[str]] = {}
     omitted: dict[str, str] = {}

@@ -35,6 +35,8 @@ import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save_file
 
+from largessl.hub.weights import default_hub, read_backbone
+
 FORMATS = ("torchvision", "timm", "hf", "detectron2")
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -257,19 +259,6 @@ def readme(card: dict[str, Any], fmt: str, hub_url: str) -> str:
 # The export itself
 
 
-def _source(ref: str | os.PathLike[str], hub: str | None, endpoint_url: str,
-            allow_yanked: bool) -> tuple[dict[str, Any], bytes]:
-    from largessl.hub.api import DEFAULT_HUB_ENV, _verified_local
-    from largessl.hub.store import BACKBONE, CARD, Hub
-
-    folder = Path(os.fspath(ref))
-    if (folder / CARD).is_file():
-        return _verified_local(folder)
-    store = Hub(hub or os.environ.get(DEFAULT_HUB_ENV, "hub"), endpoint_url)
-    card, files = store.read_verified(str(ref), [BACKBONE], allow_yanked=allow_yanked)
-    return card, files[BACKBONE]
-
-
 def export_model(ref: str | os.PathLike[str], out_dir: str | os.PathLike[str], fmt: str, hub: str | None = None,
                  endpoint_url: str = "", allow_yanked: bool = False) -> Path:
     """Write ``fmt`` files for a hub version (``NAME[@VERSION]``) or a pulled folder into the new folder ``out_dir``."""
@@ -277,13 +266,13 @@ def export_model(ref: str | os.PathLike[str], out_dir: str | os.PathLike[str], f
     out = Path(out_dir).resolve()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"export destination {out} exists and is not an empty directory; choose a new path")
-    card, weights = _source(ref, hub, endpoint_url, allow_yanked)
+    card, weights = read_backbone(ref, hub, endpoint_url, allow_yanked)
     arch = card["architecture"]
     reason = unsupported_reason(fmt, arch["arch"], bool(arch.get("small_input")))
     if reason:
         raise ValueError(f"cannot export {card.get('name')}@{card.get('version')} as {fmt}: {reason}")
     state = load_safetensors_bytes(weights)
-    hub_url = hub or os.environ.get("LARGESSL_HUB", "hub")
+    hub_url = default_hub(hub)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.export-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()

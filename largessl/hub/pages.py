@@ -14,7 +14,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from largessl.hub.store import PAGES_DIR, latest_version, version_order
+from largessl.hub.records import PAGES_DIR, latest_version, version_order
 
 _CSS = """
 *{box-sizing:border-box}

@@ -29,7 +29,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from largessl.durable import fsync_dir, fsync_file
+from largessl.run.durable import fsync_dir, fsync_file
 
 log = logging.getLogger(__name__)
 

@@ -36,70 +36,41 @@ import json
 import logging
 import os
 import random
-import re
 import shutil
 import socket
 import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from largessl.data.io import filesystem, protocol_of, storage_options_for, strip_protocol
+from largessl.hub.pages import model_page_name, render_index_html, render_model_page
 from largessl.hub.pickle_free import is_pickle_bytes, is_pickle_file
+from largessl.hub.records import (
+    CARD,
+    CLAIMS_DIR,
+    INDEX,
+    INDEX_FORMAT,
+    INDEX_HTML,
+    LATEST,
+    PAGES_DIR,
+    READABLE_INDEX_FORMATS,
+    ModelRef,
+    check_name,
+    latest_version,
+    version_order,
+)
 from largessl.hub.storage import LocalStorage, PlainStorage, S3Storage, Storage
 
 log = logging.getLogger(__name__)
 
-INDEX = "index.json"
-INDEX_HTML = "index.html"
-PAGES_DIR = "pages"
-CLAIMS_DIR = "claims"
-CARD = "model_card.json"
-BACKBONE = "backbone.safetensors"
-LATEST = "latest"
-INDEX_FORMAT = "largessl-hub-index/2"
-READABLE_INDEX_FORMATS = ("largessl-hub-index/1", INDEX_FORMAT)
 DEFAULT_LEASE_S = 600.0
 """How long a push's claim on a version lasts without renewal (renewed every third of it while uploading)."""
 _COMMIT_ATTEMPTS = 64
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
-
 class IntegrityError(RuntimeError):
     """A hub file is missing, truncated or does not match its recorded sha256."""
-
-
-def check_name(value: str, what: str = "name") -> str:
-    """Model names and versions: letters, digits, '.', '_' and '-', not starting with a separator."""
-    if not _NAME_RE.match(value or "") or value == LATEST or ".." in value:
-        raise ValueError(
-            f"{what} {value!r} is not allowed: use letters, digits, '.', '_' and '-' (e.g. bt-r50-in1k, v1); "
-            f"'{LATEST}' is reserved for the newest version"
-        )
-    return value
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """``NAME`` or ``NAME@VERSION`` (``NAME`` and ``NAME@latest`` mean the newest version that is not yanked)."""
-
-    name: str
-    version: str = LATEST
-
-    @classmethod
-    def parse(cls, text: str) -> ModelRef:
-        """Parse ``bt-r50-in1k@v1``; the version defaults to ``latest``."""
-        name, _, version = text.partition("@")
-        check_name(name, "model name")
-        if version and version != LATEST:
-            check_name(version, "version")
-        return cls(name, version or LATEST)
-
-    def __str__(self) -> str:
-        return f"{self.name}@{self.version}"
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -131,17 +102,6 @@ def _who() -> str:
     except (KeyError, OSError):
         user = "?"
     return f"{user}@{socket.gethostname()} pid {os.getpid()}"
-
-
-def version_order(entry: Mapping[str, Any]) -> tuple[int, str]:
-    """Sort key of a version entry: commit sequence (format 2), then created time."""
-    return int(entry.get("seq", 0) or 0), str(entry.get("created", ""))
-
-
-def latest_version(model: Mapping[str, Any]) -> str | None:
-    """The newest version of a model's index entry that is not yanked (None if every one is)."""
-    live = [(version_order(e), v) for v, e in model.get("versions", {}).items() if not e.get("yanked")]
-    return max(live)[1] if live else None
 
 
 class _Lease:
@@ -601,8 +561,6 @@ class Hub:
         Pages are plain PUTs, so a push rendering an older index could land last; each writer therefore
         re-checks the index after writing and renders again if it changed. The last writer saw the last index.
         """
-        from largessl.hub.pages import model_page_name, render_index_html, render_model_page
-
         with self.storage.lock():
             for _ in range(attempts):
                 raw, token = self.storage.read_versioned(INDEX)

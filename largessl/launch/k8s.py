@@ -8,7 +8,7 @@ Pod ``i`` of the Indexed Job is node ``i`` (``JOB_COMPLETION_INDEX``); node 0 ho
 * ``LARGESSL_JOB_NAME``, ``LARGESSL_MASTER_SERVICE`` — master address ``<job>-0.<service>``;
 * ``LARGESSL_WORLD_SIZE`` — total processes (nodes x processes per node); ``MASTER_PORT``.
 
-With one process per pod the container runs ``largessl pretrain`` and ``largessl.dist.env.detect_env``
+With one process per pod the container runs ``largessl pretrain`` and ``largessl.distributed.env.detect_env``
 reads this contract directly. With several GPUs per pod it runs ``largessl launch node``, which starts one
 process per GPU with torchrun's variables (see :mod:`largessl.launch.node`; torchrun itself would turn
 every worker exit code into 1 and give workers only 30 s after SIGTERM, defeating the podFailurePolicy
@@ -39,8 +39,8 @@ from typing import Any
 
 import yaml
 
-from largessl import exit_codes
 from largessl.config import Config, config_to_dict, config_to_yaml, load_config
+from largessl.run import exit_codes
 
 log = logging.getLogger(__name__)
 

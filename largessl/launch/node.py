@@ -22,8 +22,8 @@ import time
 from collections.abc import Mapping
 from types import FrameType
 
-from largessl import exit_codes
-from largessl.dist.env import DEFAULT_PORT
+from largessl.distributed.env import DEFAULT_PORT
+from largessl.run import exit_codes
 
 log = logging.getLogger(__name__)
 

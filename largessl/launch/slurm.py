@@ -32,8 +32,8 @@ from typing import Any
 import submitit
 from submitit.core.utils import DelayedSubmission
 
-from largessl import exit_codes
 from largessl.config import Config, load_config
+from largessl.run import exit_codes
 
 log = logging.getLogger(__name__)
 

@@ -26,24 +26,19 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch import nn
 from torch.distributed import ProcessGroup
 
-from largessl.dist.collectives import all_reduce_sum, get_world_size, global_gram
+from largessl.distributed.collectives import all_reduce_sum, get_world_size, global_gram
 from largessl.methods.base import (
     METHODS,
     MethodConfig,
-    MethodOutput,
+    SSLMethod,
     as_loss_dtype,
-    backbone_width,
     check_pair,
     check_weights,
-    encode_views,
     full_precision,
-    method_output,
-    require_views,
 )
-from largessl.methods.heads import mlp, parse_dims
+from largessl.methods.heads import parse_dims
 from largessl.nn.batchnorm import global_mean_var
 
 
@@ -123,21 +118,12 @@ def loss(z_a: torch.Tensor, z_b: torch.Tensor, lambd: float = 5e-3, group: Proce
 
 
 @METHODS.register("barlow_twins", config=BarlowTwinsConfig)
-class BarlowTwins(nn.Module):
+class BarlowTwins(SSLMethod):
     """Backbone → projector → Barlow Twins loss on two views."""
 
-    def __init__(self, cfg: BarlowTwinsConfig, backbone: nn.Module, group: ProcessGroup | None = None) -> None:
-        super().__init__()
-        cfg.validate()
-        self.cfg = cfg
-        self.group = group
-        self.backbone = backbone
-        self.projector = mlp(backbone_width(backbone), parse_dims(cfg.projector), group=group)
+    cfg: BarlowTwinsConfig
 
-    def forward(self, views: list[torch.Tensor], step: int | None = None) -> MethodOutput:
-        """Loss of the two views (the recipe makes exactly two)."""
-        require_views("barlow_twins", views, 2)
-        feats, z = encode_views(self.backbone, self.projector, views)
+    def objective(self, z: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Eq. 1 on the two views' projections."""
         c = self.cfg
-        total, terms = loss(z[0], z[1], c.lambd, self.group, c.collective, c.eps, c.on_diag_weight)
-        return method_output("barlow_twins", total, terms, step, z, feats[0])
+        return loss(z[0], z[1], c.lambd, self.group, c.collective, c.eps, c.on_diag_weight)

@@ -1,14 +1,22 @@
-"""What every SSL method provides: a config dataclass, a module returning :class:`MethodOutput`, a registry."""
+"""What every SSL method provides: a config dataclass, a module returning :class:`MethodOutput`, a registry.
+
+A method's module subclasses :class:`SSLMethod`, which owns the shared skeleton (validate the config, keep
+the backbone, build the projector, encode every view, pack the output); the method file itself holds the
+paper's loss, its config and, where the paper says so, its own heads (:meth:`SSLMethod.build_heads`).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed import ProcessGroup
 
+from largessl.methods.heads import mlp, parse_dims
 from largessl.registry import Registry
 
 METHODS: Registry[type[nn.Module]] = Registry("method")
@@ -151,3 +159,39 @@ def method_output(method: str, total: torch.Tensor, terms: dict[str, torch.Tenso
         check_loss(method, total, terms, step, z)
     return MethodOutput(loss=total, metrics=terms, embeddings=[t.detach() for t in z],
                         features=first_features.detach())
+
+
+class SSLMethod(nn.Module):
+    """Backbone → projector → the method's loss on the views of one batch.
+
+    Subclasses implement :meth:`objective` (the paper's loss of the projector outputs) and override
+    :meth:`build_heads` or :meth:`check_views` where the paper differs from one projector on two views.
+    ``cfg.name`` names the method in errors and checks.
+    """
+
+    def __init__(self, cfg: Any, backbone: nn.Module, group: ProcessGroup | None = None) -> None:
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.group = group
+        self.backbone = backbone
+        self.build_heads(backbone_width(backbone))
+
+    def build_heads(self, width: int) -> None:
+        """The heads on ``width`` backbone features: by default the MLP projector ``cfg.projector``."""
+        self.projector = mlp(width, parse_dims(self.cfg.projector), group=self.group)
+
+    def check_views(self, views: Sequence[torch.Tensor]) -> None:
+        """Raise ``ValueError`` unless the batch has the views the method needs (two by default)."""
+        require_views(self.cfg.name, views, 2)
+
+    def objective(self, z: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss, detached loss terms) of the projector outputs of every view."""
+        raise NotImplementedError
+
+    def forward(self, views: list[torch.Tensor], step: int | None = None) -> MethodOutput:
+        """Loss of the views of one batch."""
+        self.check_views(views)
+        feats, z = encode_views(self.backbone, self.projector, views)
+        total, terms = self.objective(z)
+        return method_output(self.cfg.name, total, terms, step, z, feats[0])

@@ -26,14 +26,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed import ProcessGroup
 
-from largessl.dist.collectives import all_reduce_sum
+from largessl.distributed.collectives import all_reduce_sum
 from largessl.methods.base import (
     METHODS,
     MethodConfig,
     MethodOutput,
+    SSLMethod,
     as_loss_dtype,
     backbone_features,
-    backbone_width,
     check_pair,
     check_weights,
     full_precision,
@@ -145,19 +145,17 @@ def build_head(cfg: DecorrelationConfig, dim: int, group: ProcessGroup | None) -
 
 
 @METHODS.register("decorrelation", config=DecorrelationConfig)
-class Decorrelation(nn.Module):
+class Decorrelation(SSLMethod):
     """Backbone → projector → BN/DBN/Shuffled-DBN head → squared error between the two views."""
 
-    def __init__(self, cfg: DecorrelationConfig, backbone: nn.Module, group: ProcessGroup | None = None) -> None:
-        super().__init__()
-        cfg.validate()
-        self.cfg = cfg
-        self.group = group
-        self.backbone = backbone
-        width = backbone_width(backbone)
+    cfg: DecorrelationConfig
+
+    def build_heads(self, width: int) -> None:
+        """Projector (seed 000's 2F-2F-F by default), then the normalisation head."""
+        cfg = self.cfg
         dims = [2 * width, 2 * width, width] if cfg.projector == "auto" else parse_dims(cfg.projector)
-        self.projector = mlp(width, dims, group=group)
-        self.head = build_head(cfg, dims[-1], group)
+        self.projector = mlp(width, dims, group=self.group)
+        self.head = build_head(cfg, dims[-1], self.group)
 
     def embed(self, x: torch.Tensor, step: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(backbone features, normalised projection) of one view."""

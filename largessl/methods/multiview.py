@@ -19,28 +19,25 @@ and Cov(z̄) are D×D (``collective`` picks all-gather or sum-reduce), the per-v
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch import nn
 from torch.distributed import ProcessGroup
 
-from largessl.dist.collectives import all_reduce_sum, global_gram
+from largessl.distributed.collectives import all_reduce_sum, global_gram
 from largessl.methods import vicreg
 from largessl.methods.barlow_twins import standardise
 from largessl.methods.base import (
     METHODS,
     MethodConfig,
-    MethodOutput,
+    SSLMethod,
     as_loss_dtype,
-    backbone_width,
     check_weights,
-    encode_views,
     full_precision,
-    method_output,
 )
-from largessl.methods.heads import mlp, parse_dims
+from largessl.methods.heads import parse_dims
 
 
 @dataclass
@@ -147,24 +144,19 @@ def loss(zs: list[torch.Tensor], regularizer: str = "barlow_twins", lambd: float
 
 
 @METHODS.register("multiview", config=MultiViewConfig)
-class MultiView(nn.Module):
+class MultiView(SSLMethod):
     """Backbone → small projector on M views → invariance to the mean view + regulariser on the mean."""
 
-    def __init__(self, cfg: MultiViewConfig, backbone: nn.Module, group: ProcessGroup | None = None) -> None:
-        super().__init__()
-        cfg.validate()
-        self.cfg = cfg
-        self.group = group
-        self.backbone = backbone
-        self.projector = mlp(backbone_width(backbone), parse_dims(cfg.projector), group=group)
+    cfg: MultiViewConfig
 
-    def forward(self, views: list[torch.Tensor], step: int | None = None) -> MethodOutput:
-        """Loss of the M views."""
+    def check_views(self, views: Sequence[torch.Tensor]) -> None:
+        """M views, as many as ``method.num_views``."""
         if len(views) != self.cfg.num_views:
             raise ValueError(f"multiview expects method.num_views={self.cfg.num_views} views, got {len(views)}; "
                              "set data.num_views and method.num_views to the same M")
-        feats, z = encode_views(self.backbone, self.projector, views)
+
+    def objective(self, z: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Invariance of every view to the mean view plus the regulariser on the mean."""
         c = self.cfg
-        total, terms = loss(z, c.regularizer, c.lambd, self.group, c.eps, c.sim_coeff, c.std_coeff, c.cov_coeff,
-                            c.collective, c.on_diag_weight)
-        return method_output("multiview", total, terms, step, z, feats[0])
+        return loss(z, c.regularizer, c.lambd, self.group, c.eps, c.sim_coeff, c.std_coeff, c.cov_coeff,
+                    c.collective, c.on_diag_weight)

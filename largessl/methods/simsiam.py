@@ -25,14 +25,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed import ProcessGroup
 
-from largessl.dist.collectives import all_reduce_sum
+from largessl.distributed.collectives import all_reduce_sum
 from largessl.methods.base import (
     METHODS,
     MethodConfig,
     MethodOutput,
+    SSLMethod,
     as_loss_dtype,
     backbone_features,
-    backbone_width,
     check_pair,
     encode_views,
     full_precision,
@@ -108,20 +108,19 @@ def loss(p_a: torch.Tensor | None, p_b: torch.Tensor | None, z_a: torch.Tensor, 
 
 
 @METHODS.register("simsiam", config=SimSiamConfig)
-class SimSiam(nn.Module):
+class SimSiam(SSLMethod):
     """Backbone → projector (→ predictor) → negative cosine with stop-gradient, per ``variant``."""
 
-    def __init__(self, cfg: SimSiamConfig, backbone: nn.Module, group: ProcessGroup | None = None) -> None:
-        super().__init__()
-        cfg.validate()
-        self.cfg = cfg
-        self.group = group
-        self.backbone = backbone
+    cfg: SimSiamConfig
+
+    def build_heads(self, width: int) -> None:
+        """Projector with a BN on its output, then the variant's predictor."""
+        cfg = self.cfg
         dims = parse_dims(cfg.projector)
-        self.projector = mlp(backbone_width(backbone), dims, group=group, last_bn=True)
+        self.projector = mlp(width, dims, group=self.group, last_bn=True)
         # Naive Siamese has no predictor at all (an unused one would break DDP's gradient reduction).
         self.predictor = None if cfg.variant == "naive" else predictor(cfg.predictor, dims[-1],
-                                                                      cfg.predictor_hidden, group)
+                                                                      cfg.predictor_hidden, self.group)
 
     def param_groups_hint(self) -> dict[str, list[nn.Parameter]]:
         """The predictor's parameters, which SimSiam trains with a constant learning rate."""

@@ -22,24 +22,19 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch import nn
 from torch.distributed import ProcessGroup
 
-from largessl.dist.collectives import all_reduce_sum, get_world_size, global_gram
+from largessl.distributed.collectives import all_reduce_sum, get_world_size, global_gram
 from largessl.methods.base import (
     METHODS,
     MethodConfig,
-    MethodOutput,
+    SSLMethod,
     as_loss_dtype,
-    backbone_width,
     check_pair,
     check_weights,
-    encode_views,
     full_precision,
-    method_output,
-    require_views,
 )
-from largessl.methods.heads import mlp, parse_dims
+from largessl.methods.heads import parse_dims
 from largessl.nn.batchnorm import global_mean_var
 
 STD_TERMS = ("paper", "reference")
@@ -146,22 +141,13 @@ def loss(z_a: torch.Tensor, z_b: torch.Tensor, sim_coeff: float = 25.0, std_coef
 
 
 @METHODS.register("vicreg", config=VICRegConfig)
-class VICReg(nn.Module):
+class VICReg(SSLMethod):
     """Backbone → expander → VICReg loss on two views."""
 
-    def __init__(self, cfg: VICRegConfig, backbone: nn.Module, group: ProcessGroup | None = None) -> None:
-        super().__init__()
-        cfg.validate()
-        self.cfg = cfg
-        self.group = group
-        self.backbone = backbone
-        self.projector = mlp(backbone_width(backbone), parse_dims(cfg.projector), group=group)
+    cfg: VICRegConfig
 
-    def forward(self, views: list[torch.Tensor], step: int | None = None) -> MethodOutput:
-        """Loss of the two views."""
-        require_views("vicreg", views, 2)
-        feats, z = encode_views(self.backbone, self.projector, views)
+    def objective(self, z: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Eq. 6 on the two views' embeddings."""
         c = self.cfg
-        total, terms = loss(z[0], z[1], c.sim_coeff, c.std_coeff, c.cov_coeff, self.group, c.gamma, c.eps,
-                            c.collective, c.std_term)
-        return method_output("vicreg", total, terms, step, z, feats[0])
+        return loss(z[0], z[1], c.sim_coeff, c.std_coeff, c.cov_coeff, self.group, c.gamma, c.eps, c.collective,
+                    c.std_term)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.distributed import ProcessGroup
 
-from largessl.dist.collectives import all_gather_no_grad
+from largessl.distributed.collectives import all_gather_no_grad
 
 RANKME_EPS = 1e-7
 """Added to the normalised singular values before the entropy (RankMe's ε)."""

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.distributed import ProcessGroup
 
-from largessl.dist.collectives import all_reduce_sum, get_world_size
+from largessl.distributed.collectives import all_reduce_sum, get_world_size
 
 
 def global_mean_var(x: torch.Tensor, group: ProcessGroup | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -99,7 +99,7 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
       count, fused backward). It is not a subclass of ``nn.SyncBatchNorm`` on purpose: DDP refuses to wrap
       any module holding one on CPU, and this layer must also run there.
     - CPU (where torch's SyncBatchNorm refuses to run): two autograd-correct all-reduces (sums and count,
-      then centred squares) through :func:`largessl.dist.collectives.all_reduce_sum`. Statistics are fp32
+      then centred squares) through :func:`largessl.distributed.collectives.all_reduce_sum`. Statistics are fp32
       whatever the autocast dtype; the output has the input's dtype, as cuDNN's BN does.
     - One rank, or eval mode: plain ``F.batch_norm``, exactly ``nn.BatchNorm2d``.
 

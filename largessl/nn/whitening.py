@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.distributed import ProcessGroup
 
-from largessl.dist.collectives import all_reduce_sum, get_world_size
+from largessl.distributed.collectives import all_reduce_sum, get_world_size
 
 log = logging.getLogger(__name__)
 

@@ -44,9 +44,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"name a table to reproduce ({', '.join(TABLES)}, or all); largessl repro --list "
                          "describes them")
     names = list(TABLES) if args.name == "all" else [args.name]
-    from largessl import exit_codes
     from largessl.repro.runner import Interrupted, run_table
     from largessl.repro.tables import get_table
+    from largessl.run import exit_codes
 
     tables = [get_table(n) for n in names]  # unknown names fail before any training
     for t in tables:

@@ -26,7 +26,7 @@ from torch import nn
 
 from largessl.config import Config, config_to_dict, load_config
 from largessl.data.manifest import Manifest, read_manifest
-from largessl.dist.env import DistEnv
+from largessl.distributed.env import DistEnv
 from largessl.eval.features import extract_features
 from largessl.eval.knn import knn_accuracy
 from largessl.metrics.collapse import collapse_metrics

@@ -2,7 +2,7 @@
 
 Rerunning the same command on the same ``train.run_dir`` resumes from its newest complete checkpoint.
 Exit codes: 0 done, 75 stopped by a signal or the time limit after saving (requeue), 1 a bug, 2 bad config,
-3 environment (storage, a dead peer, rendezvous), 4 diverged (see :mod:`largessl.exit_codes`).
+3 environment (storage, a dead peer, rendezvous), 4 diverged (see :mod:`largessl.run.exit_codes`).
 """
 
 from __future__ import annotations
@@ -11,14 +11,14 @@ import argparse
 import logging
 
 from largessl.config import load_config
-from largessl.dist.env import (
+from largessl.distributed.env import (
     detect_env,
     init_distributed,
     resolve_backend,
     setup_logging,
     shutdown_distributed,
 )
-from largessl.train.precision import resolve_device
+from largessl.run.precision import resolve_device
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from largessl.train.optim import attach_zero_layout
-from largessl.train.precision import PrecisionPolicy
+from largessl.run.precision import PrecisionPolicy
+from largessl.train.optim import LARS
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ _PARTITION_RE = re.compile(r"(?:^|/)(?:bf16_)?zero_pp_rank_(\d+)_")
 
 TESTED_DEEPSPEED = ">=0.19,<0.20"
 """The DeepSpeed releases the suite has run on (the ``deepspeed`` extra in pyproject.toml pins the same range).
-LARS under ZeRO reads DeepSpeed-private attributes (:func:`largessl.train.optim.check_zero_layout_support`)."""
+LARS under ZeRO reads DeepSpeed-private attributes (:func:`check_zero_layout_support`)."""
 
 
 def is_tested_deepspeed(version: str) -> bool:
@@ -41,6 +41,62 @@ def is_tested_deepspeed(version: str) -> bool:
     except ValueError:
         return False
     return low <= release < high
+
+
+ZERO_LAYOUT_ATTRIBUTES = ("round_robin_bit16_groups", "round_robin_bit16_padding", "partition_size",
+                          "single_partition_of_fp32_groups", "real_dp_process_group")
+"""DeepSpeed-private attributes of the ZeRO-1/2 optimizer that :func:`attach_zero_layout` reads."""
+
+
+def check_zero_layout_support(zero_optimizer: Any) -> None:
+    """Raise (at start-up, naming the installed DeepSpeed) when ZeRO lacks the partition layout LARS reads."""
+    missing = [a for a in ZERO_LAYOUT_ATTRIBUTES if not hasattr(zero_optimizer, a)]
+    if not missing:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        installed = f"DeepSpeed {version('deepspeed')}"
+    except PackageNotFoundError:  # a source checkout on the path has no metadata: still name what we can
+        installed = "the installed DeepSpeed (version unknown)"
+    raise RuntimeError(
+        f"{installed}: its ZeRO optimizer ({type(zero_optimizer).__name__}) lacks {', '.join(missing)}, the "
+        f"partition layout LARS reads to keep per-layer trust ratios under ZeRO-1/2. largessl is tested with "
+        f"deepspeed{TESTED_DEEPSPEED}: pip install 'deepspeed{TESTED_DEEPSPEED}' (or reinstall "
+        "'largessl[deepspeed]'), or run with dist.zero_stage=0 or optim.name=sgd/adamw"
+    )
+
+
+def attach_zero_layout(optimizer: Optimizer, zero_optimizer: Any) -> None:
+    """Tell LARS where each layer lies inside the ZeRO-1/2 partition it owns (call after deepspeed.initialize).
+
+    Uses DeepSpeed's ``round_robin_bit16_groups`` / ``round_robin_bit16_padding`` / ``partition_size`` /
+    ``single_partition_of_fp32_groups`` / ``real_dp_process_group`` (DeepSpeed-private, stage 1 and 2; tested
+    with the releases of :data:`TESTED_DEEPSPEED`): :func:`check_zero_layout_support` fails with
+    the installed version when they are missing.
+    """
+    if not isinstance(optimizer, LARS):
+        return
+    import torch.distributed as dist
+
+    check_zero_layout_support(zero_optimizer)
+    for i, flat in enumerate(zero_optimizer.single_partition_of_fp32_groups):
+        params = zero_optimizer.round_robin_bit16_groups[i]
+        padding = zero_optimizer.round_robin_bit16_padding[i]
+        size = int(zero_optimizer.partition_size[i])
+        pgroup = zero_optimizer.real_dp_process_group[i]
+        start = size * dist.get_rank(group=pgroup)
+        end = start + size
+        segments = []
+        cur = 0
+        for layer, (p, pad) in enumerate(zip(params, padding)):
+            lo, hi = max(cur, start), min(cur + p.numel(), end)
+            if lo < hi:
+                segments.append((layer, lo - start, hi - lo))
+            cur += p.numel() + pad
+        optimizer._zero_layout[id(flat)] = (segments, len(params), pgroup)
+    log.info("LARS: per-layer trust ratios kept across %d ZeRO partition group(s)",
+             len(zero_optimizer.single_partition_of_fp32_groups))
 
 
 def import_deepspeed(device: torch.device) -> Any:
@@ -85,7 +141,7 @@ def ensure_process_group(device: torch.device) -> None:
 
     if dist.is_initialized():
         return
-    from largessl.dist.env import free_port, resolve_backend
+    from largessl.distributed.env import free_port, resolve_backend
 
     dist.init_process_group(resolve_backend("auto", device), init_method=f"tcp://127.0.0.1:{free_port()}",
                             rank=0, world_size=1)
@@ -129,7 +185,7 @@ def files_for_rank(rel: str, rank: int) -> bool:
 
 def load_engine(engine: Any, folder: str | Path) -> None:
     """Restore module and optimizer partition from ``folder/deepspeed`` on the local file system (DeepSpeed
-    finds its files with a glob; :class:`largessl.train.checkpoint.CheckpointManager` stages them there)."""
+    finds its files with a glob; :class:`largessl.run.checkpoint.CheckpointManager` stages them there)."""
     path, _ = engine.load_checkpoint(str(Path(folder) / CHECKPOINT_DIR), tag=CHECKPOINT_TAG,
                                      load_optimizer_states=True, load_lr_scheduler_states=False)
     if path is None:

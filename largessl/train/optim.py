@@ -10,7 +10,7 @@ Groups (each carries ``name``, ``peak_lr`` and ``schedule`` for :mod:`largessl.t
 
 LARS under DeepSpeed ZeRO-1/2: ZeRO flattens each group into one fp32 buffer and hands every rank only a
 slice of it, so a naive LARS would compute one trust ratio per rank-slice instead of one per layer.
-:func:`attach_zero_layout` gives LARS the layer boundaries inside its slice; the per-layer norms are then
+:func:`largessl.train.deepspeed_engine.attach_zero_layout` gives LARS the layer boundaries inside its slice; the per-layer norms are then
 summed over the data-parallel group (one all-reduce of 2 floats per layer per step), which reproduces the
 DDP update exactly.
 """
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from largessl.dist.collectives import all_reduce_sum_no_grad
+from largessl.distributed.collectives import all_reduce_sum_no_grad
 from largessl.train.config import OptimConfig
 
 log = logging.getLogger(__name__)
@@ -126,64 +126,6 @@ def _zero_trust_scaled(flat_p: torch.Tensor, flat_u: torch.Tensor, eta: float,
     for layer, off, n in segments:
         scale[off:off + n] = ratios[layer]
     return flat_u * scale
-
-
-ZERO_LAYOUT_ATTRIBUTES = ("round_robin_bit16_groups", "round_robin_bit16_padding", "partition_size",
-                          "single_partition_of_fp32_groups", "real_dp_process_group")
-"""DeepSpeed-private attributes of the ZeRO-1/2 optimizer that :func:`attach_zero_layout` reads."""
-
-
-def check_zero_layout_support(zero_optimizer: Any) -> None:
-    """Raise (at start-up, naming the installed DeepSpeed) when ZeRO lacks the partition layout LARS reads."""
-    missing = [a for a in ZERO_LAYOUT_ATTRIBUTES if not hasattr(zero_optimizer, a)]
-    if not missing:
-        return
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        installed = f"DeepSpeed {version('deepspeed')}"
-    except PackageNotFoundError:  # a source checkout on the path has no metadata: still name what we can
-        installed = "the installed DeepSpeed (version unknown)"
-    from largessl.train.deepspeed_engine import TESTED_DEEPSPEED
-
-    raise RuntimeError(
-        f"{installed}: its ZeRO optimizer ({type(zero_optimizer).__name__}) lacks {', '.join(missing)}, the "
-        f"partition layout LARS reads to keep per-layer trust ratios under ZeRO-1/2. largessl is tested with "
-        f"deepspeed{TESTED_DEEPSPEED}: pip install 'deepspeed{TESTED_DEEPSPEED}' (or reinstall "
-        "'largessl[deepspeed]'), or run with dist.zero_stage=0 or optim.name=sgd/adamw"
-    )
-
-
-def attach_zero_layout(optimizer: Optimizer, zero_optimizer: Any) -> None:
-    """Tell LARS where each layer lies inside the ZeRO-1/2 partition it owns (call after deepspeed.initialize).
-
-    Uses DeepSpeed's ``round_robin_bit16_groups`` / ``round_robin_bit16_padding`` / ``partition_size`` /
-    ``single_partition_of_fp32_groups`` / ``real_dp_process_group`` (DeepSpeed-private, stage 1 and 2; tested
-    with the releases of ``deepspeed_engine.TESTED_DEEPSPEED``): :func:`check_zero_layout_support` fails with
-    the installed version when they are missing.
-    """
-    if not isinstance(optimizer, LARS):
-        return
-    import torch.distributed as dist
-
-    check_zero_layout_support(zero_optimizer)
-    for i, flat in enumerate(zero_optimizer.single_partition_of_fp32_groups):
-        params = zero_optimizer.round_robin_bit16_groups[i]
-        padding = zero_optimizer.round_robin_bit16_padding[i]
-        size = int(zero_optimizer.partition_size[i])
-        pgroup = zero_optimizer.real_dp_process_group[i]
-        start = size * dist.get_rank(group=pgroup)
-        end = start + size
-        segments = []
-        cur = 0
-        for layer, (p, pad) in enumerate(zip(params, padding)):
-            lo, hi = max(cur, start), min(cur + p.numel(), end)
-            if lo < hi:
-                segments.append((layer, lo - start, hi - lo))
-            cur += p.numel() + pad
-        optimizer._zero_layout[id(flat)] = (segments, len(params), pgroup)
-    log.info("LARS: per-layer trust ratios kept across %d ZeRO partition group(s)",
-             len(zero_optimizer.single_partition_of_fp32_groups))
 
 
 def _is_bias_or_norm(name: str, p: nn.Parameter) -> bool:

@@ -9,7 +9,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from largessl.methods.base import MethodOutput
-from largessl.train.precision import PrecisionPolicy
+from largessl.run.precision import PrecisionPolicy
 
 
 def train_step(model: nn.Module, views: list[torch.Tensor], step: int, optimizer: Optimizer,

@@ -21,29 +21,30 @@ import torch
 from torch import nn
 from torch.distributed import ProcessGroup
 
-from largessl import exit_codes
 from largessl.config import Config, RunPlan, config_to_dict, plan_run, save_config
 from largessl.data.batch import Batch
-from largessl.dist.collectives import all_reduce_sum_no_grad, device_values, get_rank, get_world_size
-from largessl.dist.env import DistEnv, StallWatchdog, stall_timeout_s
-from largessl.eval.online_probe import OnlineProbe
+from largessl.distributed.collectives import all_reduce_sum_no_grad, device_values, get_rank, get_world_size
+from largessl.distributed.env import DistEnv, StallWatchdog, stall_timeout_s
 from largessl.methods import build_method
 from largessl.methods.base import MethodOutput, check_output
 from largessl.models import build_backbone
 from largessl.models.state_dict import strip_compile_prefix
-from largessl.train.checkpoint import (
+from largessl.run import exit_codes
+from largessl.run.checkpoint import (
     CheckpointManager,
     SavePayload,
-    capture_rng_state,
     git_revision,
-    restore_rng_state,
     storage_error,
 )
+from largessl.run.layout import CHECKPOINTS_DIR, CONFIG_FILE, METRICS_FILE
+from largessl.run.precision import PrecisionPolicy, resolve_device, resolve_precision
+from largessl.run.progress import ProgressBar
+from largessl.run.rng import capture_rng_state, restore_rng_state
+from largessl.run.signals import StopFlag
+from largessl.run.sinks import JsonlSink, MetricSink, TensorBoardSink
+from largessl.train.online_probe import OnlineProbe
 from largessl.train.optim import build_optimizer
-from largessl.train.precision import PrecisionPolicy, resolve_device, resolve_precision
 from largessl.train.schedules import apply_lr
-from largessl.train.signals import StopFlag
-from largessl.train.sinks import JsonlSink, MetricSink, ProgressBar, TensorBoardSink
 from largessl.train.step import train_step
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,7 @@ class Trainer:
         self.policy: PrecisionPolicy = resolve_precision(cfg.train, self.device)
         self.plan = self._plan(num_train_samples)
         self.run_dir = Path(cfg.train.run_dir)
-        self.ckpt = CheckpointManager(cfg.checkpoint.dir or str(self.run_dir / "checkpoints"),
+        self.ckpt = CheckpointManager(cfg.checkpoint.dir or str(self.run_dir / CHECKPOINTS_DIR),
                                       keep=cfg.checkpoint.keep, rank=self.rank, group=group,
                                       endpoint_url=cfg.checkpoint.endpoint_url or cfg.data.endpoint_url)
 
@@ -323,7 +324,7 @@ class Trainer:
     def _sinks(self, resumed_step: int) -> list[MetricSink]:
         if self.rank != 0:
             return []
-        sinks: list[MetricSink] = [JsonlSink(self.run_dir / "metrics.jsonl", resume_step=resumed_step)]
+        sinks: list[MetricSink] = [JsonlSink(self.run_dir / METRICS_FILE, resume_step=resumed_step)]
         if self.cfg.log.tensorboard:
             sinks.append(TensorBoardSink(self.run_dir / "tb", purge_step=resumed_step + 1))
         return sinks
@@ -377,14 +378,14 @@ class Trainer:
 
     def _write_run_config(self) -> None:
         """config.yaml of the run (rank 0), after removing temp files of an earlier write that failed."""
-        path = self.run_dir / "config.yaml"
+        path = self.run_dir / CONFIG_FILE
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            for stale in self.run_dir.glob(".config.yaml.tmp-*"):
+            for stale in self.run_dir.glob(f".{CONFIG_FILE}.tmp-*"):
                 stale.unlink(missing_ok=True)
             save_config(self.cfg, path)
         except OSError as e:
-            for partial in self.run_dir.glob(".config.yaml.tmp-*"):  # e.g. a full disk: no empty temp file stays
+            for partial in self.run_dir.glob(f".{CONFIG_FILE}.tmp-*"):  # e.g. a full disk: no empty temp file stays
                 partial.unlink(missing_ok=True)
             raise storage_error(e, path) from e
 

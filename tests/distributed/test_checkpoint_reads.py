@@ -23,7 +23,7 @@ def _train_then_resume(rank: int, world: int, root: str, strategy: str) -> tuple
     from synthetic_stream import SyntheticStream
 
     from largessl.config import load_config
-    from largessl.dist.env import DistEnv
+    from largessl.distributed.env import DistEnv
     from largessl.train.trainer import Trainer
 
     counting_fs.register()

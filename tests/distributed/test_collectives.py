@@ -10,8 +10,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from dist_harness import run_distributed
 
-from largessl.dist import collectives as C
-from largessl.dist.env import detect_env, free_port, init_distributed, shutdown_distributed
+from largessl.distributed import collectives as C
+from largessl.distributed.env import detect_env, free_port, init_distributed, shutdown_distributed
 
 DT = torch.float64
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import cli_runs
 import pytest
 
-from largessl import exit_codes
-from largessl.dist.env import stall_timeout_s
-from largessl.train.checkpoint import find_latest_checkpoint
+from largessl.distributed.env import stall_timeout_s
+from largessl.run import exit_codes
+from largessl.run.checkpoint import find_latest_checkpoint
 
 pytestmark = [pytest.mark.timeout(600)]
 

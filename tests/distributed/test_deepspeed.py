@@ -14,8 +14,8 @@ from torch import nn
 from train_procs import TINY, dump_logs, launch, logged_steps, wait_all
 
 from largessl.train.config import OptimConfig, TrainConfig
-from largessl.train.deepspeed_engine import TESTED_DEEPSPEED, is_tested_deepspeed
-from largessl.train.optim import LARS, ZERO_LAYOUT_ATTRIBUTES, build_optimizer
+from largessl.train.deepspeed_engine import TESTED_DEEPSPEED, ZERO_LAYOUT_ATTRIBUTES, is_tested_deepspeed
+from largessl.train.optim import LARS, build_optimizer
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 pytest.importorskip("deepspeed", reason="DeepSpeed is an optional extra (pip install 'largessl[deepspeed]')")
@@ -37,7 +37,7 @@ def _lars_zero_vs_ddp(rank: int, world: int, stage: int, attach: bool) -> float:
     os.environ["LOCAL_RANK"] = str(rank)  # DeepSpeed insists on it; torchrun sets it in real runs
     import deepspeed
 
-    from largessl.train import optim as optim_mod
+    from largessl.train import deepspeed_engine
 
     cfg = OptimConfig(name="lars", weight_decay=1e-2, eta=0.02)
     ref = _net()
@@ -51,7 +51,7 @@ def _lars_zero_vs_ddp(rank: int, world: int, stage: int, attach: bool) -> float:
             "gradient_clipping": 0.0, "steps_per_print": 10**9}
     engine, _, _, _ = deepspeed.initialize(model=ds_model, optimizer=ds_opt, config=conf, dist_init_required=False)
     if attach:
-        optim_mod.attach_zero_layout(ds_opt, engine.optimizer)
+        deepspeed_engine.attach_zero_layout(ds_opt, engine.optimizer)
     for step in range(3):
         x, y = _batch(rank, step)
         ref_opt.zero_grad()
@@ -89,7 +89,7 @@ def test_zero2_pretraining_smoke_and_resume(tmp_path):
     assert "resumed from" in dump_logs(logs) and "ZeRO stage 2" in dump_logs(logs)
     ckpt = run / "checkpoints" / "step-00000005"
     assert (ckpt / "deepspeed").is_dir() and (ckpt / "model.safetensors").is_file()
-    from largessl.train.checkpoint import load_model_state, verify_checkpoint
+    from largessl.run.checkpoint import load_model_state, verify_checkpoint
 
     marker = verify_checkpoint(str(ckpt))
     assert any(f.startswith("deepspeed/") for f in marker["files"])
@@ -103,8 +103,8 @@ def _start_with_a_zero_optimizer_lacking(rank: int, world: int, attribute: str) 
     os.environ["LOCAL_RANK"] = str(rank)
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
+    from largessl.run.precision import resolve_precision
     from largessl.train.deepspeed_engine import build_engine
-    from largessl.train.precision import resolve_precision
 
     # The real ZeRO optimizer class, made to behave like a release that no longer sets ``attribute``.
     init = DeepSpeedZeroOptimizer.__init__

@@ -18,7 +18,7 @@ import pytest
 from elastic_train import optimizer_digest
 from train_procs import dump_logs, logged_steps, wait_all
 
-from largessl.dist.env import free_port
+from largessl.distributed.env import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 GLOBAL_BATCH = 128
@@ -58,7 +58,7 @@ def digits(tmp_path_factory) -> str:
 @pytest.mark.slow  # > 20 s on 2 cores: CI runs it (make test-slow), make test does not
 def test_resume_2_to_4_to_2_ranks_then_2_workers_to_1_sees_each_sample_once(digits: str, tmp_path: Path) -> None:
     from largessl.data.manifest import read_manifest
-    from largessl.train.checkpoint import load_training_checkpoint
+    from largessl.run.checkpoint import load_training_checkpoint
 
     manifest = read_manifest(digits)
     bpe = manifest.num_samples // GLOBAL_BATCH  # 11 for the 1,438 training digits

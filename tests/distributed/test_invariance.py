@@ -15,7 +15,7 @@ from dist_harness import run_distributed
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from largessl.dist.collectives import all_reduce_sum, get_rank, get_world_size
+from largessl.distributed.collectives import all_reduce_sum, get_rank, get_world_size
 from largessl.methods import METHODS, build_method
 from largessl.nn import DBN, GlobalBatchNorm1d, ShuffledDBN
 

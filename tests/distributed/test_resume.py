@@ -26,7 +26,7 @@ from train_procs import (
     write_small_digits,
 )
 
-from largessl.train.checkpoint import load_model_state
+from largessl.run.checkpoint import load_model_state
 
 NUM_STEPS = 12
 GLOBAL_BATCH = 16

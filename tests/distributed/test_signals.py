@@ -13,8 +13,8 @@ import time
 from run_probes import read_records
 from train_procs import TINY, dump_logs, launch, logged_steps, probe_env, wait_all, wait_for_step
 
-from largessl import exit_codes
-from largessl.train.checkpoint import find_latest_checkpoint, load_rank_state, verify_checkpoint
+from largessl.run import exit_codes
+from largessl.run.checkpoint import find_latest_checkpoint, load_rank_state, verify_checkpoint
 
 STOP_NAMES = {s.name for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)}
 

@@ -14,7 +14,7 @@ import torch
 from dist_harness import run_distributed
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from largessl.dist.collectives import get_rank
+from largessl.distributed.collectives import get_rank
 from largessl.methods import METHODS, build_method
 from largessl.models import ModelConfig, build_backbone
 from largessl.nn import GlobalBatchNorm

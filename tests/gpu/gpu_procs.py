@@ -23,7 +23,7 @@ import torch.multiprocessing as mp
 from cli_runs import logs, wait
 from train_procs import logged_steps as records
 
-from largessl.dist.env import free_port
+from largessl.distributed.env import free_port
 
 __all__ = ["ROOT", "logs", "pretrain", "records", "run_on_one_gpu", "signal_at_step", "wait"]
 

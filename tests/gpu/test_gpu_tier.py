@@ -64,7 +64,7 @@ def test_two_ranks_without_cpu_backend_agree_on_a_signal_and_resume(digits, tmp_
 
 
 def _nccl_one_process(rank: int, world: int) -> dict:
-    from largessl.dist.collectives import _AllGather, backend_for
+    from largessl.distributed.collectives import _AllGather, backend_for
     from largessl.nn import GlobalBatchNorm
 
     dev = torch.device("cuda", 0)
@@ -118,7 +118,7 @@ def _nccl_worker(fn, queue, port):
 def _run_nccl(fn) -> list:
     import torch.multiprocessing as mp
 
-    from largessl.dist.env import free_port
+    from largessl.distributed.env import free_port
 
     ctx = mp.get_context("spawn")
     q = ctx.Queue()

@@ -10,8 +10,8 @@ import torch
 
 from largessl.data.digits import write_digits_shards
 from largessl.demo import demo_config, initial_backbone, run_demo
-from largessl.dist.env import DistEnv
-from largessl.eval.cli import load_source
+from largessl.distributed.env import DistEnv
+from largessl.eval.source import load_source
 from largessl.hub import load_backbone
 from largessl.models import build_backbone
 from largessl.train.trainer import build_trainer

@@ -10,7 +10,7 @@ from dist_harness import run_distributed
 from torch import nn
 
 from largessl.eval.features import extract_features
-from largessl.eval.online_probe import OnlineProbe
+from largessl.train.online_probe import OnlineProbe
 
 
 class _Net(nn.Module):
@@ -248,7 +248,8 @@ def test_finetune_stage_builds_the_label_subset_on_all_ranks(tmp_path):
 
 def _runner_worker(rank: int, world: int, train: str, val: str, out: str) -> dict:
     from largessl.config import load_config
-    from largessl.eval.runner import EvalSource, evaluate_knn, evaluate_linear
+    from largessl.eval.runner import evaluate_knn, evaluate_linear
+    from largessl.eval.source import EvalSource
     from largessl.models import ModelConfig, build_backbone
 
     cfg = load_config(None, ["model.arch=repro_convnet", "data.image_size=16", "data.num_workers=0",

@@ -17,12 +17,12 @@ import pytest
 import torch
 from hub_runs import make_run_dir
 
-from largessl import exit_codes
 from largessl.config import load_config
 from largessl.data.digits import write_digits_shards
 from largessl.models import ModelConfig, build_backbone
+from largessl.run import exit_codes
+from largessl.run.checkpoint import find_latest_checkpoint, load_model_state
 from largessl.stages import stage_commands
-from largessl.train.checkpoint import find_latest_checkpoint, load_model_state
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMON = ["model.arch=repro_convnet", "model.small_input=false", "data.image_size=16", "data.num_workers=0", "train.device=cpu",

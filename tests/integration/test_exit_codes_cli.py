@@ -15,8 +15,8 @@ from pathlib import Path
 import cli_runs
 import pytest
 
-from largessl import exit_codes
-from largessl.train.checkpoint import find_latest_checkpoint, verify_checkpoint
+from largessl.run import exit_codes
+from largessl.run.checkpoint import find_latest_checkpoint, verify_checkpoint
 
 pytestmark = [pytest.mark.timeout(600)]
 

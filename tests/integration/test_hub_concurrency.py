@@ -16,7 +16,8 @@ from hub_runs import make_run_dir
 from hub_workers import run_workers
 
 from largessl.hub import Hub
-from largessl.hub.store import BACKBONE, CLAIMS_DIR, INDEX_HTML, PAGES_DIR, sha256_file
+from largessl.hub.records import BACKBONE, CLAIMS_DIR, INDEX_HTML, PAGES_DIR
+from largessl.hub.store import sha256_file
 
 NAMES = ("alpha", "beta", "gamma", "delta")
 N_PROCS = 8

@@ -19,7 +19,7 @@ from PIL import Image
 
 from largessl.hub import Hub
 from largessl.hub.export import push_run
-from largessl.hub.store import INDEX_HTML, PAGES_DIR
+from largessl.hub.records import INDEX_HTML, PAGES_DIR
 
 _NAMES = ("chromium", "chromium-browser", "google-chrome")
 

@@ -14,8 +14,9 @@ from hub_runs import make_run_dir
 
 from largessl.cli import main
 from largessl.hub import Hub, IntegrityError, load_backbone
-from largessl.hub.export import load_backbone_from_checkpoint, push_run
-from largessl.hub.store import BACKBONE, CARD
+from largessl.hub.export import push_run
+from largessl.hub.records import BACKBONE, CARD
+from largessl.hub.weights import load_backbone_from_checkpoint
 
 
 @pytest.fixture

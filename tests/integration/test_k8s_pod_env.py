@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from largessl.dist.env import free_port
+from largessl.distributed.env import free_port
 from largessl.launch import k8s
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]

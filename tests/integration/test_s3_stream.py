@@ -130,7 +130,7 @@ def test_pretrain_checkpoints_on_s3_with_only_data_endpoint_url(s3_server, tmp_p
     import cli_runs
 
     from largessl.data.digits import write_digits_shards
-    from largessl.train.checkpoint import MARKER, load_model_state
+    from largessl.run.checkpoint import MARKER, load_model_state
 
     if strategy == "deepspeed":
         pytest.importorskip("deepspeed", reason="DeepSpeed is an optional extra (pip install 'largessl[deepspeed]')")

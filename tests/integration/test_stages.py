@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 from hub_runs import make_run_dir
 
-from largessl import exit_codes
 from largessl.cli import main
 from largessl.config import load_config
 from largessl.data.digits import write_digits_shards
 from largessl.hub import Hub
+from largessl.run import exit_codes
+from largessl.run.checkpoint import find_latest_checkpoint
 from largessl.stages import run_stages, stage_commands, stages_exit_code
-from largessl.train.checkpoint import find_latest_checkpoint
 
 EVAL = ["data.image_size=16", "data.num_workers=0", "train.device=cpu", "log.tensorboard=true",
         "eval.cache_features=true", "eval.linear_epochs=3", "eval.linear_batch_size=64",

@@ -12,12 +12,12 @@ import time
 import pytest
 import torch
 
-from largessl import exit_codes
 from largessl.bench import e2e
 from largessl.cli import main
 from largessl.config import load_config
 from largessl.data.batch import Batch
 from largessl.data.digits import write_digits_shards
+from largessl.run import exit_codes
 
 TINY = ["model.arch=resnet18", "model.small_input=true", "method.projector=32-32", "data.image_size=16",
         "data.augment=small", "train.device=cpu", "log.tensorboard=false"]

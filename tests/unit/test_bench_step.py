@@ -11,12 +11,12 @@ import pytest
 import torch
 from torch import nn
 
-from largessl import exit_codes
 from largessl.bench import step as bench_step
 from largessl.cli import main
 from largessl.config import load_config
 from largessl.methods import build_method
 from largessl.models import build_backbone
+from largessl.run import exit_codes
 from largessl.train.optim import LARS
 
 TINY = ["model.arch=resnet18", "model.small_input=true", "method.projector=32-32", "data.image_size=16",

@@ -11,22 +11,21 @@ import pytest
 import torch
 from torch import nn
 
-from largessl.train.checkpoint import (
+from largessl.run.checkpoint import (
     LATEST,
     MARKER,
     MODEL_FILE,
     CheckpointManager,
     CorruptCheckpointError,
     SavePayload,
-    capture_rng_state,
     find_latest_checkpoint,
     load_model_state,
     load_rank_state,
     load_training_checkpoint,
-    restore_rng_state,
     storage_error,
     verify_checkpoint,
 )
+from largessl.run.rng import capture_rng_state, restore_rng_state
 
 
 def _payload(step: int, model: nn.Module) -> SavePayload:

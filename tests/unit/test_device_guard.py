@@ -25,7 +25,7 @@ FACTORIES = {"tensor", "zeros", "ones", "empty", "full", "as_tensor", "arange"}
 """``torch.<name>(...)`` calls that make a tensor on the CPU unless ``device=`` is given."""
 
 COLLECTIVES = {
-    # largessl.dist.collectives (the only place the package may call torch.distributed from)
+    # largessl.distributed.collectives (the only place the package may call torch.distributed from)
     "all_reduce_sum", "all_reduce_sum_no_grad", "all_gather_with_grad", "all_gather_no_grad", "global_gram",
     # torch.distributed tensor collectives
     "all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from largessl.config import load_config
-from largessl.dist.env import DistEnv, _first_slurm_host, detect_env, init_distributed, resolve_backend
+from largessl.distributed.env import DistEnv, _first_slurm_host, detect_env, init_distributed, resolve_backend
 
 
 def test_single_process_default():

@@ -26,8 +26,8 @@ from largessl.eval.linear import (
     topk_correct,
     train_linear_probe,
 )
-from largessl.eval.online_probe import OnlineProbe
 from largessl.nn.batchnorm import GlobalBatchNorm1d
+from largessl.train.online_probe import OnlineProbe
 
 
 def _blobs(n_per_class: int, classes: int, dim: int, spread: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

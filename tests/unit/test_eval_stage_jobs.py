@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from largessl import exit_codes
 from largessl.cli import main
 from largessl.config import StageConfig, load_config
-from largessl.dist.env import detect_env
+from largessl.distributed.env import detect_env
 from largessl.launch import k8s, slurm
 from largessl.launch.node import rank_environments
+from largessl.run import exit_codes
 
 K8S_VERSIONS = ("1.30.0", "1.33.0")
 

@@ -9,9 +9,9 @@ import textwrap
 
 import pytest
 
-from largessl import exit_codes
 from largessl.cli import exit_code_for, is_storage_error
-from largessl.dist.env import StallWatchdog, configure_nccl_error_handling, stall_timeout_s
+from largessl.distributed.env import StallWatchdog, configure_nccl_error_handling, stall_timeout_s
+from largessl.run import exit_codes
 
 
 def _botocore_error() -> BaseException:
@@ -60,7 +60,7 @@ def test_nccl_error_handling_respects_the_user() -> None:
 
 
 def test_stall_timeout_default_is_five_minutes() -> None:
-    from largessl.dist.config import DistConfig
+    from largessl.distributed.config import DistConfig
 
     assert stall_timeout_s(DistConfig().timeout_minutes) == 300.0
     assert stall_timeout_s(0.25) == 30.0
@@ -90,7 +90,7 @@ def test_watchdog_ends_a_stuck_process_with_exit_code_3() -> None:
     """A main thread stuck in a call nothing interrupts (here: a lock nobody releases) still ends, with 3."""
     code = textwrap.dedent("""
         import logging, threading
-        from largessl.dist.env import StallWatchdog
+        from largessl.distributed.env import StallWatchdog
         logging.basicConfig(level=logging.INFO)
         wd = StallWatchdog(0.5, poll_s=0.05).start()
         wd.beat()

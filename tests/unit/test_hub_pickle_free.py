@@ -31,7 +31,7 @@ from largessl.hub.pickle_free import (
     load_pickle_free,
     load_pt_weights_only,
 )
-from largessl.hub.store import BACKBONE, CARD, INDEX
+from largessl.hub.records import BACKBONE, CARD, INDEX
 
 
 def same(a, b) -> bool:
@@ -132,7 +132,7 @@ def test_push_refuses_pickles_and_a_bad_full_checkpoint(tmp_path):
     torch.save({"step": 1, "payload": _Payload(marker)}, ckpt / "training.pt")
     with pytest.raises(ValueError, match="cannot publish training.pt without pickle"):
         # the checkpoint's own hash check would catch the edit first; refresh the marker like a real save would
-        from largessl.train.checkpoint import MARKER, _sha256_file
+        from largessl.run.checkpoint import MARKER, _sha256_file
 
         m = json.loads((ckpt / MARKER).read_text())
         m["files"]["training.pt"] = _sha256_file(ckpt / "training.pt")
@@ -179,7 +179,7 @@ def test_deepspeed_zero2_checkpoint_is_converted(tmp_path, capsys):
     from hub_runs import make_deepspeed_run_dir
 
     from largessl.cli import main
-    from largessl.train.checkpoint import find_latest_checkpoint
+    from largessl.run.checkpoint import find_latest_checkpoint
 
     run = make_deepspeed_run_dir(tmp_path / "run")
     ckpt = Path(find_latest_checkpoint(run / "checkpoints"))

@@ -11,8 +11,9 @@ from hub_runs import make_run_dir
 
 from largessl.hub import Hub, IntegrityError, ModelRef, load_backbone
 from largessl.hub.export import push_run
+from largessl.hub.records import BACKBONE, CARD, INDEX, INDEX_HTML, PAGES_DIR
 from largessl.hub.storage import LocalStorage
-from largessl.hub.store import BACKBONE, CARD, INDEX, INDEX_HTML, PAGES_DIR, sha256_file
+from largessl.hub.store import sha256_file
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +73,7 @@ def test_push_list_show_pull_round_trip(run_dir, tmp_path):
     # the pulled weights are the checkpoint's backbone, in a plain torchvision ResNet
     net = load_backbone(dest)
     ref_net = load_backbone("bt-r18-digits@v1", hub=str(hub_dir))
-    from largessl.hub.export import load_backbone_from_checkpoint
+    from largessl.hub.weights import load_backbone_from_checkpoint
 
     ckpt_net, _, _ = load_backbone_from_checkpoint(run_dir)
     x = torch.randn(2, 3, 32, 32)
@@ -189,7 +190,7 @@ def test_tampered_pulled_folder_is_refused_by_load_backbone(run_dir, tmp_path):
 
 def test_full_checkpoint_is_published_pickle_free(run_dir, tmp_path):
     from largessl.hub.pickle_free import is_pickle_file, load_pickle_free
-    from largessl.train.checkpoint import find_latest_checkpoint, load_model_state
+    from largessl.run.checkpoint import find_latest_checkpoint, load_model_state
 
     hub_dir = tmp_path / "hub"
     card = push_run(run_dir, str(hub_dir), name="m", version="v1", include_full_checkpoint=True)
@@ -218,7 +219,7 @@ def test_torch_hub_load_from_the_repo_directory(run_dir, tmp_path, repo_root):
     hub_dir = tmp_path / "hub"
     push_run(run_dir, str(hub_dir), name="m", version="v1")
     dest = Hub(str(hub_dir)).pull("m@v1", tmp_path / "pulled")
-    from largessl.hub.export import load_backbone_from_checkpoint
+    from largessl.hub.weights import load_backbone_from_checkpoint
 
     ref, _, _ = load_backbone_from_checkpoint(run_dir)
     x = torch.randn(2, 3, 32, 32)

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from largessl import __version__, exit_codes
+from largessl import __version__
+from largessl.run import exit_codes
 
 
 def _entrypoint(repo_root: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:

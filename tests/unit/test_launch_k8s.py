@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from largessl import exit_codes
 from largessl.cli import main
 from largessl.config import load_config
-from largessl.dist.env import detect_env
+from largessl.distributed.env import detect_env
 from largessl.launch import k8s
 from largessl.launch.node import combine_exit_codes, rank_environments
+from largessl.run import exit_codes
 
 K8S_VERSIONS = ("1.30.0", "1.33.0")
 """Validated against an older supported release and a recent one (bundled strict schemas)."""

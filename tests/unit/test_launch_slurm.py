@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from largessl import exit_codes
 from largessl.cli import main
 from largessl.launch import slurm
+from largessl.run import exit_codes
 
 
 @pytest.mark.parametrize("text,minutes", [("90", 90), ("30:00", 30), ("2:00:00", 120), ("1-00:00:00", 1440),

@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 
-from largessl import exit_codes
 from largessl.cli import main
 from largessl.config import config_to_dict, parse_override, plan_run, save_config
 from largessl.models import build_backbone
@@ -28,6 +27,7 @@ from largessl.repro.tables import (
     siam_collapse,
     siam_collapsed,
 )
+from largessl.run import exit_codes
 
 DIGITS_TRAIN = 1437  # samples in the digits train split (80% of 1797)
 

@@ -9,8 +9,8 @@ import torch
 from synthetic_stream import SyntheticStream
 
 from largessl.config import load_config
-from largessl.dist.env import DistEnv
-from largessl.train.checkpoint import load_model_state
+from largessl.distributed.env import DistEnv
+from largessl.run.checkpoint import load_model_state
 from largessl.train.trainer import Trainer
 
 TINY = ["model.arch=resnet18", "model.small_input=true", "method.projector=32-32", "train.global_batch_size=8",
@@ -74,7 +74,7 @@ def test_resume_with_other_world_size_is_refused(tmp_path):
     meta_file = next((run / "checkpoints").glob("step-*")) / "meta.json"
     # A checkpoint from 2 ranks, resumed by 1: explicit error (the marker's hash makes edits visible, so
     # forge the world size through the trainer's own path instead: a fresh checkpoint with world_size=2).
-    from largessl.train import checkpoint as ck
+    from largessl.run import checkpoint as ck
 
     meta = json.loads(meta_file.read_text())
     meta["world_size"] = 2

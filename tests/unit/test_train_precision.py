@@ -16,9 +16,9 @@ from synthetic_stream import SyntheticStream
 from torch import nn
 
 from largessl.config import load_config
-from largessl.dist.env import DistEnv
+from largessl.distributed.env import DistEnv
 from largessl.models.state_dict import strip_compile_prefix
-from largessl.train.checkpoint import load_model_state
+from largessl.run.checkpoint import load_model_state
 from largessl.train.trainer import Trainer
 
 BASE = ["method.projector=32-32", "train.global_batch_size=8", "train.deterministic=true", "optim.warmup_epochs=1",

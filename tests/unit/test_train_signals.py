@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from largessl.train.signals import StopFlag
+from largessl.run.signals import StopFlag
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2])

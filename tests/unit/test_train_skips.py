@@ -11,7 +11,7 @@ import torch
 from largessl.config import load_config
 from largessl.data.manifest import read_manifest
 from largessl.data.stream import build_train_stream
-from largessl.dist.env import DistEnv
+from largessl.distributed.env import DistEnv
 from largessl.train.trainer import Trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
@@ -52,7 +52,7 @@ def test_skip_counters_are_logged_saved_and_continue_after_resume(tmp_path: Path
     assert [r["step"] for r in recs] == [4, 8, 12, 16]
     assert recs[-1]["skipped_shards"] == 2 and recs[-1]["skipped_samples"] == 2 * lost
     assert recs[2]["skipped_samples"] >= lost  # never restarts at 0
-    from largessl.train.checkpoint import load_rank_state
+    from largessl.run.checkpoint import load_rank_state
 
     pos = load_rank_state(run / "checkpoints" / "step-00000016", 0)["data"]
     assert pos["skipped_samples"] == 2 * lost and pos["skipped_shards"] == 2

@@ -31,7 +31,7 @@ class DistConfig:
         """Check values that do not depend on other sections."""
         if self.zero_stage not in (0, 1, 2):
             raise ValueError(f"dist.zero_stage must be 0, 1 or 2 (got {self.zero_stage}); stage 3 is not supported")
-        from largessl.dist.env import parse_backend
+        from largessl.distributed.env import parse_backend
 
         parse_backend(self.backend)
         if self.timeout_minutes <= 0 or self.rendezvous_timeout_minutes <= 0:

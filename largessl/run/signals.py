@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch.distributed import ProcessGroup
 
-from largessl.dist.collectives import all_reduce_sum_no_grad, device_values
+from largessl.distributed.collectives import all_reduce_sum_no_grad, device_values
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed import ProcessGroup
 
-from largessl.dist.collectives import all_reduce_sum_no_grad, get_world_size
+from largessl.distributed.collectives import all_reduce_sum_no_grad, get_world_size
 
 
 class OnlineProbe(nn.Module):

@@ -39,7 +39,6 @@ import io as _io
 import json
 import logging
 import os
-import random
 import re
 import shutil
 import subprocess
@@ -49,16 +48,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-import numpy as np
 import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 from torch.distributed import ProcessGroup
 
 from largessl.data import io
-from largessl.dist.collectives import barrier, broadcast_object, get_world_size
-from largessl.dist.env import StallWatchdog
-from largessl.durable import fsync_dir, fsync_file
+from largessl.distributed.collectives import barrier, broadcast_object, get_world_size
+from largessl.distributed.env import StallWatchdog
+from largessl.run.durable import fsync_dir, fsync_file
 
 log = logging.getLogger(__name__)
 
@@ -166,42 +164,6 @@ def _torch_bytes(obj: Any) -> memoryview:
     buf = _io.BytesIO()
     torch.save(obj, buf)
     return buf.getbuffer()
-
-
-# ---------------------------------------------------------------------------------------------------
-# RNG state (stored as tensors and primitives so weights_only loading accepts them)
-
-
-def capture_rng_state() -> dict[str, Any]:
-    """Python, NumPy, torch CPU and CUDA generator states of this process."""
-    py_version, py_state, py_gauss = random.getstate()
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": {"version": py_version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss": py_gauss},
-        "numpy": {"name": np_name, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
-                  "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: dict[str, Any]) -> None:
-    """Inverse of :func:`capture_rng_state`."""
-    py = state["python"]
-    random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
-    npst = state["numpy"]
-    np.random.set_state((npst["name"], npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"],
-                         npst["gauss"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        cuda_states = state["cuda"]
-        if len(cuda_states) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda_states)
-        else:
-            log.warning("checkpoint holds %d CUDA RNG states but %d devices are visible; CUDA RNG not restored",
-                        len(cuda_states), torch.cuda.device_count())
 
 
 # ---------------------------------------------------------------------------------------------------
