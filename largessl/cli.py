@@ -20,6 +20,9 @@ import sys
 from largessl import __version__
 from largessl.distributed.env import DistEnv, setup_logging
 from largessl.run import exit_codes
+from largessl.run.exit_codes import is_storage_error
+
+__all__ = ["COMMANDS", "build_parser", "end_process", "exit_code_for", "is_storage_error", "main"]
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("largessl.train.cli", "pretrain a backbone with an SSL method (resumes automatically)"),
@@ -40,7 +43,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"largessl {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        # argparse %-formats help strings (not descriptions): a plain '%' in the table must not break --help
+        p = sub.add_parser(name, help=help_text.replace("%", "%%"), description=help_text)
         if name == command:
             mod = importlib.import_module(module)
             mod.add_arguments(p)
@@ -81,31 +85,32 @@ def main(argv: list[str] | None = None) -> int:
         else:
             log.debug("traceback of the error below:", exc_info=e)
         log.error("%s", message)
-        if hard_exit and _process_group_alive():
-            # A peer may be dead: tearing the process group down (here or at interpreter exit) can block
-            # forever, so this process ends now with the code the scheduler acts on.
-            for h in logging.getLogger().handlers:
-                h.flush()
-            sys.stderr.flush()
-            os._exit(code)
+        if hard_exit:
+            # The process ends now with the code the scheduler acts on, whatever else is alive: interpreter exit
+            # would join DataLoader workers (which ignore SIGTERM, see data/stream.py) that may be stuck on the
+            # storage that failed, and with a dead peer tearing the process group down can block forever. The
+            # workers die with this process (PR_SET_PDEATHSIG); finally blocks and context managers already ran.
+            end_process(code)
         return code
 
 
-_STORAGE_MODULES = ("fsspec", "s3fs", "gcsfs", "botocore", "aiobotocore", "boto3", "google.auth",
-                    "google.api_core", "google.cloud", "aiohttp", "urllib3", "requests")
-"""Packages whose exceptions are storage/network failures even when they do not derive from OSError."""
+def end_process(code: int) -> None:
+    """Flush logs and standard streams, then ``os._exit(code)`` (no interpreter teardown that could hang)."""
+    for h in logging.getLogger().handlers:
+        try:
+            h.flush()
+        except Exception:  # a broken log stream must not keep the process alive
+            pass
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os._exit(code)
 
 
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
-
-
-def is_storage_error(e: BaseException) -> bool:
-    """OSError (disk full, stale NFS handle, permissions, connection) or an exception of a storage client."""
-    if isinstance(e, OSError):
-        return True
-    return any(c.__module__ == m or c.__module__.startswith(m + ".") for c in type(e).__mro__
-               for m in _STORAGE_MODULES)
 
 
 def exit_code_for(e: BaseException) -> tuple[int, str]:
@@ -129,14 +134,6 @@ def exit_code_for(e: BaseException) -> tuple[int, str]:
         return exit_codes.ENVIRONMENT, _one_line(str(e))
     return exit_codes.UNEXPECTED, _one_line(f"unexpected error (a bug; the traceback is above): "
                                             f"{type(e).__name__}: {e}")
-
-
-def _process_group_alive() -> bool:
-    try:
-        import torch.distributed as dist
-    except ImportError:
-        return False
-    return dist.is_available() and dist.is_initialized()
 
 
 if __name__ == "__main__":

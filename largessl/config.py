@@ -47,6 +47,9 @@ def _yaml_load(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 STAGES = ("linear", "knn", "finetune", "push")
+EVAL_STAGES = ("linear", "knn", "finetune")
+"""Stages that run ``largessl eval <stage>`` on every rank of the stage job (the others run on one process); they
+need labelled train and val manifests."""
 DEFAULTS = "defaults"
 CLI = "command line"
 
@@ -413,6 +416,39 @@ def save_config(cfg: Config, path: str | os.PathLike[str]) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(config_to_yaml(cfg))
     os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The run directory
+
+
+SCHEDULER_VARIABLES = ("SLURM_JOB_ID", "JOB_COMPLETION_INDEX", "TORCHELASTIC_RUN_ID", "LARGESSL_WORLD_SIZE")
+"""Set by a scheduler that restarts the same command (SLURM requeue, a Kubernetes pod replacement, torchrun's
+restarts): such a job must name its run directory, or every restart would start a new run."""
+
+
+def unique_run_dir(cfg: Config, now: float | None = None) -> str:
+    """``runs/<method>-<arch>-<UTC yyyymmdd-HHMMSS>-<6 hex>``: a new run directory that no other run uses."""
+    import secrets
+    import time
+
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(now))
+    return f"runs/{cfg.method.name}-{cfg.model.arch}-{stamp}-{secrets.token_hex(3)}"
+
+
+def resolve_run_dir(cfg: Config, environ: dict[str, str] | None = None, world_size: int = 1) -> str:
+    """``train.run_dir``, or a new unique one for a single process started by hand; ``ValueError`` for a job a
+    scheduler may restart (it must find its run again)."""
+    if cfg.train.run_dir:
+        return cfg.train.run_dir
+    env = os.environ if environ is None else environ
+    scheduled = [v for v in SCHEDULER_VARIABLES if v in env]
+    if world_size > 1 or scheduled:
+        why = f"{world_size} ranks" if world_size > 1 else f"{scheduled[0]} is set"
+        raise ValueError(f"train.run_dir is empty and this job may be restarted by its scheduler ({why}): a restart "
+                         "must find the same run directory to resume, so name it, e.g. train.run_dir=runs/bt-r50 "
+                         "(`largessl launch slurm|k8s` derive one at submit time)")
+    return unique_run_dir(cfg)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -21,15 +21,15 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from largessl.config import STAGES, Config
+from largessl.config import EVAL_STAGES, STAGES, Config
 from largessl.distributed.collectives import barrier, broadcast_object, get_rank
 from largessl.run import exit_codes
+
+__all__ = ["EVAL_STAGES", "run_stages", "stage_commands", "stages_exit_code"]
 
 log = logging.getLogger(__name__)
 
 STAGES_JSON = "stages.json"
-EVAL_STAGES = ("linear", "knn", "finetune")
-"""Stages that run ``largessl eval <stage>`` on every rank of the stage job (the others run on one process)."""
 
 
 def _checkpoint_location(cfg: Config, run_dir: str | os.PathLike[str]) -> str:

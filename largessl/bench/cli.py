@@ -21,7 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One sub-command per benchmark (all modules are imported so each can declare its options)."""
     sub = parser.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
     for name, (module, help_text) in BENCHMARKS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        # argparse %-formats help strings (not descriptions): a plain '%' in the table must not break --help
+        p = sub.add_parser(name, help=help_text.replace("%", "%%"), description=help_text)
         mod = importlib.import_module(module)
         mod.add_arguments(p)
         p.set_defaults(_bench_run=mod.run)

@@ -134,18 +134,129 @@ def dirname_url(url: str) -> str:
     return url.rsplit("/", 1)[0] if "/" in url else ""
 
 
+# ---------------------------------------------------------------------------------------------------
+# Transient server errors
+
+
+TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+"""HTTP statuses a retry may cure: timeouts, throttling (429) and server errors (5xx)."""
+TRANSIENT_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException", "ThrottledException",
+                             "RequestLimitExceeded", "TooManyRequestsException", "ServiceUnavailable",
+                             "InternalError", "RequestTimeout", "RequestTimeoutException", "BandwidthLimitExceeded"})
+"""S3/GCS error codes of throttling and server trouble (the server is there, it cannot answer now)."""
+_CONNECTION_ERRORS = ("ClientConnectionError", "ClientConnectorError", "ServerDisconnectedError", "ClientPayloadError",
+                      "ClientOSError", "ServerTimeoutError", "EndpointConnectionError", "ConnectionClosedError",
+                      "ReadTimeoutError", "ConnectTimeoutError", "ResponseStreamingError")
+"""aiohttp/botocore exceptions of a connection that failed (not all of them derive from OSError)."""
+
+
+def _chain(e: BaseException, depth: int = 6) -> list[BaseException]:
+    """``e`` and the exceptions it was raised from (fsspec wraps an HTTP 500 into a FileNotFoundError)."""
+    out: list[BaseException] = []
+    cur: BaseException | None = e
+    while cur is not None and len(out) < depth and cur not in out:
+        out.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    return out
+
+
+def http_status(e: BaseException) -> int | None:
+    """The HTTP status of a storage client's error (aiohttp, botocore), searched along its cause chain."""
+    for x in _chain(e):
+        status = getattr(x, "status", None)
+        if isinstance(status, int) and 100 <= status < 600 and type(x).__module__.startswith("aiohttp"):
+            return status
+        response = getattr(x, "response", None)
+        if isinstance(response, dict):
+            code = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if isinstance(code, int):
+                return code
+    return None
+
+
+def _error_code(x: BaseException) -> str:
+    response = getattr(x, "response", None)
+    if isinstance(response, dict):
+        return str(response.get("Error", {}).get("Code", ""))
+    return ""
+
+
+def is_transient(e: BaseException) -> bool:
+    """True for errors a retry may cure: 5xx, 429, throttling codes, timeouts and dropped connections.
+
+    A definite answer of the server (404, 403, ...) is not transient: retrying cannot make a missing file exist.
+    """
+    for x in _chain(e):
+        status = http_status(x) if x is e else None
+        if status is not None:
+            return status in TRANSIENT_STATUS
+        if _error_code(x) in TRANSIENT_CODES:
+            return True
+        if isinstance(x, (ConnectionError, TimeoutError)) or type(x).__name__ in _CONNECTION_ERRORS:
+            return True
+    return False
+
+
+def describe_error(e: BaseException) -> str:
+    """``HTTP 503 (ClientResponseError: ...)`` or ``ConnectionResetError: ...`` for messages."""
+    status = http_status(e)
+    return f"{'HTTP ' + str(status) + ' ' if status else ''}({type(e).__name__}: {e})"
+
+
+def retryable(e: BaseException) -> bool:
+    """A storage error worth another attempt: :func:`is_transient`, or an ``OSError``/``EOFError`` that is not a
+    definite answer (missing file, permission denied)."""
+    if is_transient(e):
+        return True
+    return isinstance(e, (OSError, EOFError)) and not isinstance(e, (FileNotFoundError, PermissionError,
+                                                                      IsADirectoryError, NotADirectoryError))
+
+
 def with_retries(fn: Callable[[], T], what: str, retries: int, backoff_s: float) -> T:
-    """Call ``fn`` up to ``retries`` times with exponential backoff; re-raise the last error."""
+    """Call ``fn`` up to ``retries`` times with exponential backoff on storage errors (OSError, EOF, timeouts,
+    5xx/429 and throttling: :func:`is_transient`); re-raise the last error. Bugs (TypeError...) propagate."""
     for attempt in range(1, retries + 1):
         try:
             return fn()
-        except (OSError, EOFError, TimeoutError) as e:  # storage errors; bugs (TypeError...) propagate
+        except Exception as e:
+            if not retryable(e):
+                raise
             if attempt == retries:
                 raise
             delay = backoff_s * 2 ** (attempt - 1)
-            log.warning("%s failed (attempt %d/%d: %s); retrying in %.1fs", what, attempt, retries, e, delay)
+            log.warning("%s failed (attempt %d/%d: %s); retrying in %.1fs", what, attempt, retries,
+                        describe_error(e), delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
+
+
+def probe(url: str, storage_options: Mapping[str, Any] | None = None, retries: int = 3,
+          backoff_s: float = 1.0) -> bool:
+    """True when ``url`` exists, False when the server says it does not (404, no such key). A server that keeps
+    failing (5xx, throttling, no connection) raises ``RuntimeError`` after ``retries`` attempts, saying so: a
+    flaky server is not a missing file."""
+    fs = filesystem(url, storage_options)
+    path = strip_protocol(url)
+
+    def ask() -> bool:
+        try:
+            if protocol_of(url) == "http":
+                return bool(fs.exists(path, strict=True))  # strict: a 500 raises instead of reading as "missing"
+            fs.info(path)
+            return True
+        except FileNotFoundError as e:
+            if is_transient(e):  # fsspec's HTTP info wraps a 500 into FileNotFoundError
+                raise
+            return False
+
+    try:
+        return with_retries(ask, f"checking {url}", max(1, retries), backoff_s)
+    except Exception as e:
+        if not retryable(e):
+            raise
+        raise RuntimeError(f"cannot tell whether {url} exists: the server failed {max(1, retries)} time(s), last "
+                           f"with {describe_error(e)}; it is not reported missing. Retry when the server is back"
+                           ) from e
 
 
 def _fsspec_pipe_opener(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any) -> IO[bytes]:

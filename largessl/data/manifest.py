@@ -189,8 +189,11 @@ def parse_manifest(text: bytes | str, url: str = "") -> Manifest:
                     url=url, extra=dict(data.get("extra") or {}))
 
 
-def check_shards_exist(manifest: Manifest, storage_options: Mapping[str, Any] | None = None) -> None:
-    """Raise ``RuntimeError`` naming the first missing shard URL (one listing per folder where possible)."""
+def check_shards_exist(manifest: Manifest, storage_options: Mapping[str, Any] | None = None, retries: int = 3,
+                       backoff_s: float = 1.0) -> None:
+    """Raise ``ValueError`` naming the first missing shard URL (one listing per folder where possible). A server
+    that keeps failing (5xx, throttling, no connection) raises ``RuntimeError`` saying so instead: that is not a
+    missing shard, and a retry may help."""
     by_dir: dict[str, list[str]] = {}
     for s in manifest.shards:
         by_dir.setdefault(io.dirname_url(s.url), []).append(s.url)
@@ -205,27 +208,44 @@ def check_shards_exist(manifest: Manifest, storage_options: Mapping[str, Any] | 
                 present = None  # no listing permission: fall back to one HEAD per shard
         for u in urls:
             path = io.strip_protocol(u)
-            ok = (path in present or fs.exists(path)) if present is not None else fs.exists(path)
+            ok = (present is not None and path in present) or io.probe(u, storage_options, retries, backoff_s)
             if not ok:
-                raise RuntimeError(
-                    f"shard {u} listed in manifest {manifest.url or '<memory>'} does not exist; "
+                raise ValueError(
+                    f"shard {u} listed in manifest {manifest.url or '<memory>'} does not exist (the server says so); "
                     "the dataset is incomplete or the endpoint/bucket is wrong"
                 )
 
 
-def read_manifest(url: str, storage_options: Mapping[str, Any] | None = None, check_shards: bool = True) -> Manifest:
-    """Read and validate a manifest; with ``check_shards`` every shard must exist (checked once, at start-up)."""
+def read_manifest(url: str, storage_options: Mapping[str, Any] | None = None, check_shards: bool = True,
+                  retries: int = 3, backoff_s: float = 1.0) -> Manifest:
+    """Read and validate a manifest; with ``check_shards`` every shard must exist (checked once, at start-up).
+
+    A missing manifest or shard is bad input (``ValueError``, exit code 2): no retry makes it appear. Transient
+    server errors (5xx, throttling, dropped connections) are retried ``retries`` times with exponential backoff,
+    then raise ``RuntimeError`` (exit code 3).
+    """
     if not url:
         raise ValueError("no manifest given; set data.train_manifest to a manifest.json written by `largessl shards write`")
     opts = storage_options if storage_options is not None else io.storage_options_for(url)
-    try:
+
+    def fetch() -> bytes:
         with io.open_url(url, "rb", opts) as f:
-            text = f.read()
-    except FileNotFoundError:
-        raise RuntimeError(f"manifest {url} does not exist (was `largessl shards write` run to completion?)") from None
+            return f.read()
+
+    try:
+        text = io.with_retries(fetch, f"reading manifest {url}", max(1, retries), backoff_s)
+    except FileNotFoundError as e:
+        if io.is_transient(e):
+            raise RuntimeError(f"manifest {url}: the server kept failing ({io.describe_error(e)}); retry later") from e
+        raise ValueError(f"manifest {url} does not exist (was `largessl shards write` run to completion? is the "
+                         "path, bucket or endpoint right?)") from None
+    except Exception as e:
+        if io.is_transient(e):
+            raise RuntimeError(f"manifest {url}: the server kept failing ({io.describe_error(e)}); retry later") from e
+        raise
     manifest = parse_manifest(text, url)
     if check_shards:
-        check_shards_exist(manifest, opts)
+        check_shards_exist(manifest, opts, retries, backoff_s)
     log.info("manifest %s: %d samples in %d shards, %d classes (id %s)", url, manifest.num_samples,
              len(manifest.shards), manifest.num_classes, manifest.id[:12])
     return manifest

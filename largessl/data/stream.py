@@ -472,7 +472,9 @@ class ShardReader:
                         idx = parse_index(f.read(), info.index)
                     if len(idx) != info.num_samples:
                         raise ValueError(f"it lists {len(idx)} samples, the manifest {info.num_samples}")
-                except (OSError, ValueError) as e:
+                except Exception as e:  # unreadable or a server error (5xx): the shard can still be scanned
+                    if not (isinstance(e, (OSError, ValueError)) or io.is_transient(e)):
+                        raise
                     log.warning("shard index %s is unusable (%s: %s); scanning %s instead", info.index,
                                 type(e).__name__, e, info.url)
                     idx = None
@@ -551,7 +553,11 @@ class ShardReader:
                 # A shard rewritten after its index, or an HTTP server that ignores Range: scan instead.
                 log.warning("the index of shard %s does not match it (%s); scanning the shard instead", url, e)
                 self._indexes[run.shard] = None
-            except (OSError, tarfile.TarError, EOFError) as e:
+            except Exception as e:
+                # OSError, a torn tar, EOF, and the storage clients' own errors that a retry may cure: an HTTP 5xx
+                # or 429 (aiohttp's ClientResponseError is no OSError), S3 throttling, a dropped connection
+                if not (isinstance(e, (OSError, tarfile.TarError, EOFError)) or io.is_transient(e)):
+                    raise
                 attempt += 1
                 if attempt >= self.retries:
                     lost = [o for o in need if o >= next_off]
@@ -562,8 +568,8 @@ class ShardReader:
                         yield base + o, None
                     return
                 delay = self.backoff_s * 2 ** (attempt - 1)
-                log.warning("reading shard %s failed at sample %d (%s: %s); retry %d/%d in %.2fs", url, next_off,
-                            type(e).__name__, e, attempt, self.retries - 1, delay)
+                log.warning("reading shard %s failed at sample %d %s; retry %d/%d in %.2fs", url, next_off,
+                            io.describe_error(e), attempt, self.retries - 1, delay)
                 time.sleep(delay)
             finally:
                 if f is not None:

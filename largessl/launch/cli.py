@@ -12,10 +12,23 @@ log = logging.getLogger(__name__)
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", action="append", default=[],
-                   help="pretraining config file (repeatable; later wins; none = the defaults)")
+                   help="pretraining config file (repeatable; later wins), e.g. configs/barlow_twins_r50_in1k.yaml")
     p.add_argument("--nodes", type=int, default=1, help="number of nodes")
     p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node, one process each (0 = CPU)")
+    p.add_argument("--offline", action="store_true",
+                   help="skip the submit-time checks that read the manifests or write the storage from this machine "
+                        "(when it cannot reach them); the config, the batch vs the world size and the stages' "
+                        "inputs are still checked")
+    p.add_argument("--allow-change", action="append", default=[], metavar="KEY",
+                   help="passed to `largessl pretrain`: resume although KEY differs from the checkpoint's config")
+    p.add_argument("--restart-from-scratch", action="store_true",
+                   help="passed to `largessl pretrain`: start again when no checkpoint verifies")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.run_dir=runs/bt")
+
+
+def _pretrain_flags(args: argparse.Namespace) -> list[str]:
+    flags = [f"--allow-change={k.strip()}" for v in args.allow_change for k in v.split(",") if k.strip()]
+    return flags + (["--restart-from-scratch"] if args.restart_from_scratch else [])
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,10 +60,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     k.add_argument("--namespace", default="default")
     k.add_argument("--name", default="", help="Job name (default from train.run_dir)")
     k.add_argument("--procs-per-node", type=int, default=1, help="processes per CPU pod (no GPUs)")
-    k.add_argument("--cpu", default=None, help="CPU request per pod, e.g. 32")
-    k.add_argument("--memory", default=None, help="memory per pod, e.g. 200Gi")
-    k.add_argument("--shm-size", default="16Gi", help="/dev/shm size per pod")
+    k.add_argument("--cpu", default=None,
+                   help="CPU request = limit per pod, e.g. 32 (default: data.num_workers + 1 per process)")
+    k.add_argument("--memory", default=None,
+                   help="memory request = limit per pod, e.g. 200Gi (default: 24Gi per GPU, 4Gi per CPU process, "
+                        "plus --shm-size)")
+    k.add_argument("--shm-size", default="16Gi", help="/dev/shm size per pod (a memory emptyDir's sizeLimit)")
     k.add_argument("--pvc", default=None, help="PersistentVolumeClaim for the run directory (mounted at /mnt/runs)")
+    k.add_argument("--data-pvc", default=None,
+                   help="PersistentVolumeClaim holding the dataset, mounted read-only at --data-mount")
+    k.add_argument("--data-mount", default="/mnt/data", help="where --data-pvc is mounted (default /mnt/data)")
+    k.add_argument("--node-selector", action="append", default=[], metavar="KEY=VALUE",
+                   help="nodeSelector entry of every pod (repeatable)")
+    k.add_argument("--toleration", action="append", default=[], metavar="KEY[=VALUE][:EFFECT]",
+                   help="toleration of every pod (repeatable), e.g. nvidia.com/gpu:NoSchedule")
+    k.add_argument("--priority-class", default=None, help="priorityClassName of every pod")
+    k.add_argument("--kueue-queue", default=None, metavar="LOCAL_QUEUE",
+                   help="submit through Kueue: Jobs are created suspended with the queue label and admitted whole "
+                        "(gang scheduling; see docs/operations.md)")
+    k.add_argument("--ib-resource", action="append", default=[], metavar="NAME=COUNT",
+                   help="RDMA/InfiniBand device per pod, e.g. rdma/ib=1 (repeatable); adds the IPC_LOCK capability")
     k.add_argument("--s3-secret", default="largessl-s3", help="Secret with AWS_* credentials for s3:// paths")
     k.add_argument("--port", type=int, default=29500, help="rendezvous port on node 0")
     k.add_argument("--grace-seconds", type=int, default=600, help="terminationGracePeriodSeconds")
@@ -59,10 +88,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     k.add_argument("--out", default=None, help="write pretrain.yaml (and stages.yaml) into this folder")
     k.add_argument("--apply", action="store_true", help="kubectl apply the pretraining manifests")
 
-    n = sub.add_parser("node", help="inside a pod: run this node's ranks (torchrun's env, exit codes kept)")
+    n = sub.add_parser("node", help="run this node's ranks with torchrun's variables, keeping their exit codes "
+                                    "(in a pod, or on one machine instead of torchrun)")
     from largessl.launch import node
 
     node.add_arguments(n)
+
+    w = sub.add_parser("wait", help="block until a pretraining run is complete (its completion marker exists); the "
+                                    "init container of Kubernetes stage Jobs")
+    w.add_argument("location", help="run directory or checkpoint directory (a path or s3://...)")
+    w.add_argument("--poll-seconds", type=float, default=30.0, help="time between looks")
+    w.add_argument("--timeout-seconds", type=float, default=0.0, help="give up after this long (exit 3); 0 = never")
+    w.add_argument("--endpoint-url", default="", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
 
 
 def _run_slurm(args: argparse.Namespace) -> int:
@@ -73,7 +110,7 @@ def _run_slurm(args: argparse.Namespace) -> int:
         tasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb,
         partition=args.partition, account=args.account, qos=args.qos, time_min=slurm.parse_time(args.time),
         job_name=args.job_name, signal_delay_s=args.signal_delay, log_dir=args.log_dir, setup=args.setup,
-        submit_stages=not args.no_stage_jobs)
+        submit_stages=not args.no_stage_jobs, offline=args.offline, pretrain_flags=_pretrain_flags(args))
     plan = slurm.plan_job(req)
     if args.dry_run:
         print(slurm.render_sbatch(plan))
@@ -103,7 +140,11 @@ def _run_k8s(args: argparse.Namespace) -> int:
         namespace=args.namespace, name=args.name, gpus_per_node=args.gpus_per_node,
         procs_per_node=args.procs_per_node, cpu=args.cpu, memory=args.memory, shm_size=args.shm_size,
         pvc=args.pvc, s3_secret=args.s3_secret, port=args.port, grace_seconds=args.grace_seconds,
-        backoff_limit=args.backoff_limit, service_account=args.service_account)
+        backoff_limit=args.backoff_limit, service_account=args.service_account, data_pvc=args.data_pvc,
+        data_mount=args.data_mount, node_selector=dict(k8s.parse_selector(t) for t in args.node_selector),
+        tolerations=[k8s.parse_toleration(t) for t in args.toleration], priority_class=args.priority_class,
+        kueue_queue=args.kueue_queue, ib_resources=list(args.ib_resource), offline=args.offline,
+        pretrain_flags=_pretrain_flags(args))
     plan = k8s.plan_manifests(req)
     if args.out:
         out = Path(args.out)
@@ -118,8 +159,20 @@ def _run_k8s(args: argparse.Namespace) -> int:
         print(k8s.apply(plan.pretrain), end="")
         print(f"job {plan.name}: kubectl -n {req.namespace} logs -f job/{plan.name}; run dir {plan.run_dir}")
         if plan.stages:
-            print(f"after it completes: kubectl -n {req.namespace} wait --for=condition=complete "
-                  f"job/{plan.name} --timeout=-1s && kubectl apply -f stages.yaml (write it with --out)")
+            print("stage Jobs (stages.yaml, write it with --out) wait in an init container until pretraining is "
+                  "complete, holding their GPUs while they wait: apply them when pretraining nears its end")
+    return 0
+
+
+def _run_wait(args: argparse.Namespace) -> int:
+    from largessl.distributed.env import DistEnv, setup_logging
+    from largessl.run.completion import wait_for_marker
+
+    if args.poll_seconds <= 0 or args.timeout_seconds < 0:
+        raise ValueError("--poll-seconds must be > 0 and --timeout-seconds >= 0")
+    logging.getLogger().handlers.clear()
+    setup_logging(DistEnv())
+    wait_for_marker(args.location, args.poll_seconds, args.timeout_seconds, args.endpoint_url)
     return 0
 
 
@@ -129,6 +182,8 @@ def run(args: argparse.Namespace) -> int:
         return _run_slurm(args)
     if args.target == "k8s":
         return _run_k8s(args)
+    if args.target == "wait":
+        return _run_wait(args)
     from largessl.launch import node
 
     return node.run(args)

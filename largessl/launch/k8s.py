@@ -39,7 +39,7 @@ from typing import Any
 
 import yaml
 
-from largessl.config import Config, config_to_dict, config_to_yaml, load_config
+from largessl.config import EVAL_STAGES, Config, config_to_dict, config_to_yaml, load_config, unique_run_dir
 from largessl.run import exit_codes
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,52 @@ def dns_name(text: str, max_len: int = 50) -> str:
     return name
 
 
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+DATA_MOUNT = "/mnt/data"
+CPU_PER_WORKER = 1
+"""Default CPU request per process: its DataLoader workers (data.num_workers) plus one for the process itself."""
+MEMORY_GIB_PER_GPU = 24
+MEMORY_GIB_PER_CPU_PROCESS = 4
+"""Default memory per process (GPU pods: the batches its workers prefetch and pinned host copies; CPU pods: the
+model too); the pod's limit adds the /dev/shm size, which the memory-backed emptyDir charges to the pod."""
+TOLERATION_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
+_QUANTITY = re.compile(r"^\d+(\.\d+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
+_IMAGE = re.compile(r"^[a-z0-9]+([._-][a-z0-9]+)*(:\d+)?(/[a-z0-9]+([._-][a-z0-9]+)*)*(:[\w][\w.-]{0,127})?"
+                    r"(@sha256:[a-f0-9]{64})?$", re.IGNORECASE)
+
+
+def parse_toleration(text: str) -> dict[str, Any]:
+    """``key=value:Effect``, ``key:Effect``, ``key=value`` or ``key`` → a pod toleration."""
+    spec, _, effect = text.partition(":")
+    key, eq, value = spec.partition("=")
+    if not key or (effect and effect not in TOLERATION_EFFECTS):
+        raise ValueError(f"--toleration {text!r}: use key[=value][:Effect] with Effect one of "
+                         f"{', '.join(TOLERATION_EFFECTS)} (e.g. nvidia.com/gpu:NoSchedule)")
+    tol: dict[str, Any] = {"key": key, "operator": "Equal" if eq else "Exists"}
+    if eq:
+        tol["value"] = value
+    if effect:
+        tol["effect"] = effect
+    return tol
+
+
+def parse_selector(text: str) -> tuple[str, str]:
+    """``key=value`` → (key, value) of a nodeSelector entry."""
+    key, eq, value = text.partition("=")
+    if not key or not eq:
+        raise ValueError(f"--node-selector {text!r}: use key=value (e.g. nvidia.com/gpu.product=NVIDIA-H100-80GB-HBM3)")
+    return key, value
+
+
+def parse_resource(text: str) -> tuple[str, str]:
+    """``rdma/ib=1`` → an extended resource and its count."""
+    name, eq, count = text.partition("=")
+    if not name or "/" not in name or not eq or not count.isdigit() or int(count) < 1:
+        raise ValueError(f"--ib-resource {text!r}: use <vendor>/<resource>=<count>, e.g. rdma/ib=1 or "
+                         "nvidia.com/hostdev=8 (what the cluster's RDMA device plugin advertises)")
+    return name, count
+
+
 @dataclass
 class K8sRequest:
     """Everything ``largessl launch k8s`` needs to render the manifests."""
@@ -76,13 +122,16 @@ class K8sRequest:
     """GPUs per pod, one process each; 0 = CPU pods with ``procs_per_node`` processes."""
     procs_per_node: int = 1
     cpu: str | None = None
-    """CPU request per pod (e.g. "32"); None = not set."""
+    """CPU request and limit per pod (e.g. "32"); None = (data.num_workers + 1) per process."""
     memory: str | None = None
-    """Memory request and limit per pod (e.g. "200Gi"); None = not set."""
+    """Memory request and limit per pod (e.g. "200Gi"); None = 24Gi per GPU (4Gi per CPU process) plus /dev/shm."""
     shm_size: str = "16Gi"
     """/dev/shm size (a memory-backed emptyDir): DataLoader workers pass batches through it."""
     pvc: str | None = None
     """PersistentVolumeClaim mounted at /mnt/runs holding the run directory (resume after restarts)."""
+    data_pvc: str | None = None
+    """PersistentVolumeClaim holding the dataset, mounted read-only at ``data_mount`` (manifests as paths there)."""
+    data_mount: str = DATA_MOUNT
     s3_secret: str = "largessl-s3"
     """Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (/ AWS_ENDPOINT_URL) for s3:// paths."""
     port: int = DEFAULT_PORT
@@ -93,6 +142,24 @@ class K8sRequest:
     service_account: str | None = None
     run_as_user: int = 1000
     """UID (and GID, and fsGroup of mounted volumes) of the container: the image's ``largessl`` user."""
+    node_selector: dict[str, str] = field(default_factory=dict)
+    """nodeSelector of every pod (e.g. a GPU product label)."""
+    tolerations: list[dict[str, Any]] = field(default_factory=list)
+    """Pod tolerations (e.g. of the GPU nodes' taint)."""
+    priority_class: str | None = None
+    """priorityClassName of every pod (preemption order on a shared cluster)."""
+    kueue_queue: str | None = None
+    """Kueue LocalQueue: the Jobs are created suspended with the queue label; Kueue admits each Job's pods all at
+    once (gang scheduling with the cluster's waitForPodsReady)."""
+    ib_resources: list[str] = field(default_factory=list)
+    """RDMA/InfiniBand: extended resources per pod (``rdma/ib=1``); adds the IPC_LOCK capability ibverbs needs to
+    pin memory."""
+    offline: bool = False
+    """Skip the submit-time checks that read manifests or write object storage from this machine."""
+    pretrain_flags: list[str] = field(default_factory=list)
+    """Flags of ``largessl pretrain`` (``--allow-change KEY``, ``--restart-from-scratch``)."""
+    wait_poll_seconds: int = 60
+    """How often a stage Job's init container looks for the pretraining's completion marker."""
 
     @property
     def nproc_per_node(self) -> int:
@@ -103,12 +170,44 @@ class K8sRequest:
         """Check the request's own values."""
         if self.nodes < 1 or self.procs_per_node < 1 or self.gpus_per_node < 0:
             raise ValueError("--nodes and --procs-per-node must be >= 1 and --gpus-per-node >= 0")
-        if not self.image:
-            raise ValueError("pass --image (the largessl container image, see docker/README.md)")
+        if not self.image or not _IMAGE.match(self.image):
+            raise ValueError(f"--image {self.image!r} is not an image reference (registry/name:tag); pass the largessl "
+                             "container image, see docker/README.md")
         if self.grace_seconds < 30:
             raise ValueError("--grace-seconds must leave time for the final checkpoint (>= 30)")
         if self.run_as_user < 1:
             raise ValueError(f"run_as_user={self.run_as_user}: the pods run as a non-root user (UID >= 1)")
+        for flag, value in (("--cpu", self.cpu), ("--memory", self.memory), ("--shm-size", self.shm_size)):
+            if value is not None and not _QUANTITY.match(str(value)):
+                raise ValueError(f"{flag} {value!r} is not a Kubernetes quantity (e.g. 32, 500m, 200Gi)")
+        for flag, claim in (("--pvc", self.pvc), ("--data-pvc", self.data_pvc)):
+            if claim is not None and not re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", claim):
+                raise ValueError(f"{flag} {claim!r} is not a PersistentVolumeClaim name (lowercase, digits, '-', '.')")
+        if not self.data_mount.startswith("/") or self.data_mount.rstrip("/") in ("", RUNS_MOUNT, CONFIG_DIR):
+            raise ValueError(f"--data-mount {self.data_mount!r} must be an absolute path other than {RUNS_MOUNT} and "
+                             f"{CONFIG_DIR}")
+        for r in self.ib_resources:
+            parse_resource(r)
+        if self.wait_poll_seconds < 1:
+            raise ValueError("the stage gate's poll interval must be >= 1 s")
+
+
+def _gib(quantity: str) -> float:
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti)?", quantity)
+    if not m:
+        raise ValueError(f"--shm-size {quantity!r}: use a binary quantity such as 16Gi or 512Mi")
+    return float(m.group(1)) * {None: 2**-30, "Ki": 2**-20, "Mi": 2**-10, "Gi": 1, "Ti": 1024}[m.group(2)]
+
+
+def default_cpu(req: K8sRequest, num_workers: int, nproc: int) -> str:
+    """CPU per pod: (data.num_workers + 1) per process, at least 1."""
+    return str(max(1, nproc * (num_workers * CPU_PER_WORKER + 1)))
+
+
+def default_memory(req: K8sRequest, nproc: int, gpus: int) -> str:
+    """Memory per pod: 24Gi per GPU process (4Gi per CPU process) plus the /dev/shm size."""
+    per = MEMORY_GIB_PER_GPU if gpus else MEMORY_GIB_PER_CPU_PROCESS
+    return f"{int(round(nproc * per + _gib(req.shm_size)))}Gi"
 
 
 @dataclass
@@ -219,17 +318,31 @@ def _labels(name: str, component: str) -> dict[str, str]:
     return {"app.kubernetes.io/name": "largessl", "app.kubernetes.io/component": component, LABEL: name}
 
 
-def _pod_spec(req: K8sRequest, name: str, args: list[str], env: list[dict[str, Any]], gpus: int,
-              uses_s3: bool) -> dict[str, Any]:
-    resources: dict[str, dict[str, str]] = {"requests": {}, "limits": {}}
+def _resources(req: K8sRequest, gpus: int, nproc: int, num_workers: int) -> dict[str, dict[str, str]]:
+    """Requests == limits for CPU, memory, GPUs and RDMA devices (Guaranteed QoS: evicted last, never throttled
+    below its request); the memory includes the /dev/shm emptyDir, which is charged to the pod."""
+    cpu = req.cpu or default_cpu(req, num_workers, nproc)
+    memory = req.memory or default_memory(req, nproc, gpus)
+    amounts: dict[str, str] = {"cpu": cpu, "memory": memory}
     if gpus:
-        # extended resources must have requests == limits
-        resources["requests"]["nvidia.com/gpu"] = resources["limits"]["nvidia.com/gpu"] = str(gpus)
-    if req.cpu:
-        resources["requests"]["cpu"] = req.cpu
-    if req.memory:
-        resources["requests"]["memory"] = resources["limits"]["memory"] = req.memory
-    resources = {k: v for k, v in resources.items() if v}
+        amounts["nvidia.com/gpu"] = str(gpus)
+    for r in req.ib_resources:
+        name, count = parse_resource(r)
+        amounts[name] = count
+    return {"requests": dict(amounts), "limits": dict(amounts)}
+
+
+def _container_security(req: K8sRequest) -> dict[str, Any]:
+    sec = {**CONTAINER_SECURITY, "capabilities": {"drop": ["ALL"]}}
+    if req.ib_resources:
+        # ibverbs pins (locks) the memory it registers with the HCA; without IPC_LOCK RLIMIT_MEMLOCK stops it
+        sec["capabilities"] = {"drop": ["ALL"], "add": ["IPC_LOCK"]}
+    return sec
+
+
+def _pod_spec(req: K8sRequest, name: str, args: list[str], env: list[dict[str, Any]], gpus: int,
+              uses_s3: bool, nproc: int = 1, num_workers: int = 0,
+              init: dict[str, Any] | None = None) -> dict[str, Any]:
     mounts = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
               {"name": "dshm", "mountPath": "/dev/shm"}]
     volumes: list[dict[str, Any]] = [
@@ -239,6 +352,10 @@ def _pod_spec(req: K8sRequest, name: str, args: list[str], env: list[dict[str, A
     if req.pvc:
         mounts.append({"name": "runs", "mountPath": RUNS_MOUNT})
         volumes.append({"name": "runs", "persistentVolumeClaim": {"claimName": req.pvc}})
+    if req.data_pvc:
+        mounts.append({"name": "data", "mountPath": req.data_mount, "readOnly": True})
+        volumes.append({"name": "data", "persistentVolumeClaim": {"claimName": req.data_pvc, "readOnly": True}})
+    env_from = [{"secretRef": {"name": req.s3_secret, "optional": not uses_s3}}]
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": req.image,
@@ -246,14 +363,13 @@ def _pod_spec(req: K8sRequest, name: str, args: list[str], env: list[dict[str, A
         "args": args,
         "env": env,
         # optional unless the config reads or writes s3:// paths
-        "envFrom": [{"secretRef": {"name": req.s3_secret, "optional": not uses_s3}}],
+        "envFrom": env_from,
+        "resources": _resources(req, gpus, nproc, num_workers),
         "volumeMounts": mounts,
-        "securityContext": CONTAINER_SECURITY,
+        "securityContext": _container_security(req),
         # `kubectl describe pod` shows the last log lines: the CLI's one-line error is the last one
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
-    if resources:
-        container["resources"] = resources
     spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "terminationGracePeriodSeconds": req.grace_seconds,
@@ -261,14 +377,37 @@ def _pod_spec(req: K8sRequest, name: str, args: list[str], env: list[dict[str, A
         "containers": [container],
         "volumes": volumes,
     }
+    if init is not None:
+        spec["initContainers"] = [{
+            **init, "image": req.image, "imagePullPolicy": "IfNotPresent", "envFrom": env_from,
+            "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}],
+            # equal requests and limits keep the pod's QoS class Guaranteed
+            "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"cpu": "100m", "memory": "256Mi"}},
+            "volumeMounts": [m for m in mounts if m["name"] == "runs"],
+            "securityContext": {**CONTAINER_SECURITY, "capabilities": {"drop": ["ALL"]}},
+            "terminationMessagePolicy": "FallbackToLogsOnError",
+        }]
     if req.service_account:
         spec["serviceAccountName"] = req.service_account
+    if req.node_selector:
+        spec["nodeSelector"] = dict(req.node_selector)
+    if req.tolerations:
+        spec["tolerations"] = [dict(t) for t in req.tolerations]
+    if req.priority_class:
+        spec["priorityClassName"] = req.priority_class
     return spec
 
 
-def pretrain_args(nproc_per_node: int) -> list[str]:
+def _job_metadata(req: K8sRequest, name: str, labels: dict[str, str]) -> dict[str, Any]:
+    meta_labels = dict(labels)
+    if req.kueue_queue:
+        meta_labels[KUEUE_QUEUE_LABEL] = req.kueue_queue
+    return {"name": name, "namespace": req.namespace, "labels": meta_labels}
+
+
+def pretrain_args(nproc_per_node: int, flags: list[str] | None = None) -> list[str]:
     """Container args (the image's entrypoint is ``largessl``) for one pod of the pretraining Job."""
-    pretrain = ["pretrain", "--config", CONFIG_PATH]
+    pretrain = ["pretrain", "--config", CONFIG_PATH, *(flags or [])]
     if nproc_per_node == 1:
         return pretrain
     return ["launch", "node", "--nproc-per-node", str(nproc_per_node), "--", *pretrain]
@@ -278,10 +417,19 @@ def plan_manifests(req: K8sRequest) -> K8sPlan:
     """Resolve the config and render the pretraining manifests and the stage Jobs."""
     req.validate()
     cfg = load_config([str(Path(c)) for c in req.config], req.overrides)
+    if not cfg.train.run_dir:
+        # derived once, here: it lands in the ConfigMap, so every pod and every replacement finds the same run
+        cfg.train.run_dir = unique_run_dir(cfg).removeprefix("runs/")
+        log.warning("no train.run_dir given: the job runs in %s (a new run)", cfg.train.run_dir)
     name = dns_name(req.name or f"largessl-{Path(cfg.train.run_dir).name}")
     service = name
     run_dir = _run_dir(cfg, req)
     cfg.train.run_dir = run_dir
+    from largessl.run.preflight import preflight
+
+    # the run directory lives on the cluster's volume: only what this machine can see is checked
+    preflight(cfg, req.nodes * req.nproc_per_node, data=not req.offline, storage=not req.offline,
+              run_dir_here=False, what=f"the Kubernetes job ({req.nodes} pod(s) x {req.nproc_per_node} process(es))")
     stage_names = list(cfg.stages)
     stage_resources = {n: cfg.stage_config(n) for n in stage_names}
     stage_cmds: list[list[str]] = []
@@ -289,6 +437,7 @@ def plan_manifests(req: K8sRequest) -> K8sPlan:
         from largessl.stages import stage_commands
 
         stage_cmds = stage_commands(cfg, run_dir, executable=["largessl"])
+    gate = stage_gate(cfg, run_dir, req.wait_poll_seconds)
     cfg.stages = []  # stages run as their own Jobs after pretraining, not inside every pretraining pod
     uses_s3 = _uses_s3(cfg)
     ns = req.namespace
@@ -318,13 +467,15 @@ def plan_manifests(req: K8sRequest) -> K8sPlan:
         {"name": "MASTER_PORT", "value": str(req.port)},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
-    pod = _pod_spec(req, name, pretrain_args(nproc), env, req.gpus_per_node, uses_s3)
+    pod = _pod_spec(req, name, pretrain_args(nproc, req.pretrain_flags), env, req.gpus_per_node, uses_s3, nproc,
+                    cfg.data.num_workers)
     pod["subdomain"] = service
     pod["containers"][0]["ports"] = [{"name": "rendezvous", "containerPort": req.port}]
     job = {
         "apiVersion": "batch/v1", "kind": "Job",
-        "metadata": {"name": name, "namespace": ns, "labels": _labels(name, "pretrain")},
+        "metadata": _job_metadata(req, name, _labels(name, "pretrain")),
         "spec": {
+            **({"suspend": True} if req.kueue_queue else {}),
             "completionMode": "Indexed",
             "completions": req.nodes,
             "parallelism": req.nodes,
@@ -337,8 +488,29 @@ def plan_manifests(req: K8sRequest) -> K8sPlan:
     }
     stages = []
     for stage, cmd in zip(stage_names, stage_cmds):
-        stages += stage_manifests(req, name, stage, cmd[1:], stage_resources, uses_s3)
+        stages += stage_manifests(req, name, stage, cmd[1:], stage_resources, uses_s3, gate, cfg.data.num_workers)
     return K8sPlan(name, service, cfg, run_dir, [configmap, svc, job], stages)
+
+
+GATE_CONTAINER = "wait-for-pretraining"
+
+
+def stage_gate(cfg: Config, run_dir: str, poll_s: int) -> dict[str, Any]:
+    """The init container of every stage Job: ``largessl launch wait`` blocks until the pretraining run's
+    completion marker exists where the stage reads the checkpoint (the run directory, or checkpoint.dir).
+
+    Why an init container and not a JobSet with ``dependsOn``: it needs no CRD or controller beyond the Job API,
+    validates against the core schemas, and works whether the stage Jobs are applied with the pretraining Job or
+    later. Its cost: a waiting stage pod is scheduled, so it holds its GPUs while it waits; apply the stages when
+    pretraining nears its end (``launchers/k8s_imagenet.sh`` applies them when the Job completes) unless idle GPUs
+    are cheaper than a person waiting. Either way no stage can read a run that is not complete.
+    """
+    location = cfg.checkpoint.dir or run_dir
+    args = ["launch", "wait", location, "--poll-seconds", str(poll_s)]
+    endpoint = cfg.checkpoint.endpoint_url or cfg.data.endpoint_url
+    if "://" in location and endpoint:
+        args += ["--endpoint-url", endpoint]
+    return {"name": GATE_CONTAINER, "args": args}
 
 
 def _failure_policy() -> dict[str, Any]:
@@ -354,17 +526,16 @@ def _failure_policy() -> dict[str, Any]:
 
 
 def stage_manifests(req: K8sRequest, name: str, stage: str, args: list[str], resources: dict[str, Any],
-                    uses_s3: bool) -> list[dict[str, Any]]:
+                    uses_s3: bool, gate: dict[str, Any] | None = None, num_workers: int = 0) -> list[dict[str, Any]]:
     """The Job (and, for several nodes, its headless Service) of one stage, sized by ``stages.<stage>``.
 
     Evaluation stages get ``nodes`` pods x ``gpus_per_node`` GPUs (default: 1 node x the pretraining pods'
     GPUs), one process per GPU through ``largessl launch node``, and the pretraining Job's restart rules:
     an Indexed Job whose pods are replaced after a disruption or a requeue exit (75, neither counted against
     ``backoffLimit``) and resume from the stage's checkpoint on the run volume; bug exit codes fail it at once. ``push`` is one process without GPUs.
-    Kubernetes has no time limit to request: ``stages.<stage>.time`` applies to SLURM only.
+    Kubernetes has no time limit to request: ``stages.<stage>.time`` applies to SLURM only. ``gate`` is the init
+    container that holds the stage until pretraining completed (:func:`stage_gate`).
     """
-    from largessl.stages import EVAL_STAGES
-
     sc = resources.get(stage)
     job_name = dns_name(f"{name}-{stage}", 56)  # pod hostnames <job>-<index> stay within 63 characters
     distributed = stage in EVAL_STAGES
@@ -393,7 +564,7 @@ def stage_manifests(req: K8sRequest, name: str, stage: str, args: list[str], res
             env.insert(4, {"name": "MASTER_ADDR", "value": "127.0.0.1"})
     if nproc > 1:
         args = ["launch", "node", "--nproc-per-node", str(nproc), "--", *args]
-    spec = _pod_spec(req, name, args, env, gpus, uses_s3)
+    spec = _pod_spec(req, name, args, env, gpus, uses_s3, nproc, num_workers, init=gate)
     if nodes > 1:
         spec["subdomain"] = job_name
         spec["containers"][0]["ports"] = [{"name": "rendezvous", "containerPort": req.port}]
@@ -406,8 +577,9 @@ def stage_manifests(req: K8sRequest, name: str, stage: str, args: list[str], res
         })
     out.append({
         "apiVersion": "batch/v1", "kind": "Job",
-        "metadata": {"name": job_name, "namespace": req.namespace, "labels": _labels(name, stage)},
+        "metadata": _job_metadata(req, job_name, _labels(name, stage)),
         "spec": {
+            **({"suspend": True} if req.kueue_queue else {}),
             "completionMode": "Indexed",
             "completions": nodes,
             "parallelism": nodes,

@@ -1,6 +1,8 @@
 """``largessl launch node``: start this node's ranks with torchrun's variables, keep their exit codes.
 
-Used inside Kubernetes pods with several GPUs. It reads the pod contract (``JOB_COMPLETION_INDEX``,
+Used inside Kubernetes pods with several GPUs, and on one machine instead of ``torchrun --standalone``
+(``largessl launch node --nproc-per-node 8 -- pretrain ...``: without the pod contract every rank runs here,
+rendezvous on 127.0.0.1). In a pod it reads the pod contract (``JOB_COMPLETION_INDEX``,
 ``LARGESSL_WORLD_SIZE``, ``LARGESSL_JOB_NAME``, ``LARGESSL_MASTER_SERVICE``, ``MASTER_PORT``), starts
 ``--nproc-per-node`` processes of ``largessl <command>`` with ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/
 ``LOCAL_WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT``, forwards SIGTERM/SIGUSR1/SIGUSR2 to them and waits
@@ -44,6 +46,10 @@ def rank_environments(environ: Mapping[str, str], nproc_per_node: int) -> list[d
     """The full environment of each local rank of this node (pure: pass ``environ`` to test)."""
     if nproc_per_node < 1:
         raise ValueError(f"--nproc-per-node must be >= 1 (got {nproc_per_node})")
+    if "JOB_COMPLETION_INDEX" not in environ and "LARGESSL_WORLD_SIZE" not in environ:
+        # one machine, as `torchrun --standalone`: every rank here, rendezvous on the loopback
+        environ = {**environ, "JOB_COMPLETION_INDEX": "0", "LARGESSL_WORLD_SIZE": str(nproc_per_node),
+                   "MASTER_ADDR": environ.get("MASTER_ADDR", "127.0.0.1")}
     node = _int(environ, "JOB_COMPLETION_INDEX")
     world = _int(environ, "LARGESSL_WORLD_SIZE")
     if world % nproc_per_node:

@@ -32,7 +32,7 @@ from typing import Any
 import submitit
 from submitit.core.utils import DelayedSubmission
 
-from largessl.config import Config, load_config
+from largessl.config import EVAL_STAGES, Config, load_config, unique_run_dir
 from largessl.run import exit_codes
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,11 @@ class SlurmRequest:
     """Shell lines run in the sbatch script before srun (module load, conda activate, ...)."""
     submit_stages: bool = True
     """Submit the config's ``stages`` as afterok-dependent jobs (and drop them from the pretrain job)."""
+    offline: bool = False
+    """Skip the submit-time checks that read the manifests or write the run/checkpoint storage (this machine cannot
+    reach them); the config, the batch against the world size and the stages' inputs are still checked."""
+    pretrain_flags: list[str] = field(default_factory=list)
+    """Flags of ``largessl pretrain`` for every run of the job (``--allow-change KEY``, ``--restart-from-scratch``)."""
 
     def validate(self) -> None:
         """Check the request's own values."""
@@ -128,14 +133,25 @@ def _abs_overrides(overrides: list[str], key: str, value: str) -> list[str]:
 
 
 def plan_job(request: SlurmRequest) -> SlurmPlan:
-    """Resolve the config (fails early on bad keys) and derive every part of the job."""
+    """Resolve the config and check everything that can fail before the queue (``largessl.run.preflight``: bad
+    keys, the batch against the world size, manifests, the stages' val set, write access), then derive every part
+    of the job. Without ``train.run_dir`` a unique one is derived here, so every requeue finds the same run."""
     request.validate()
     config = [str(Path(c).resolve()) for c in request.config]
     cfg = load_config(config, request.overrides)
     if "://" in cfg.train.run_dir:
         raise ValueError(f"train.run_dir={cfg.train.run_dir!r} must be a path on the cluster's shared filesystem "
                          "(put checkpoints on object storage with checkpoint.dir=s3://... instead)")
+    if not cfg.train.run_dir:
+        cfg.train.run_dir = unique_run_dir(cfg)
+        log.warning("no train.run_dir given: the job runs in %s (a new run)", Path(cfg.train.run_dir).resolve())
     run_dir = Path(cfg.train.run_dir).resolve()
+    cfg.train.run_dir = str(run_dir)
+    from largessl.run.preflight import preflight
+
+    world = request.nodes * request.ntasks_per_node
+    preflight(cfg, world, data=not request.offline, storage=not request.offline,
+              what=f"the SLURM job ({request.nodes} node(s) x {request.ntasks_per_node} task(s))")
     overrides = _abs_overrides(list(request.overrides), "train.run_dir", str(run_dir))
     stages: list[list[str]] = []
     stage_argv: list[list[str]] = []
@@ -147,7 +163,7 @@ def plan_job(request: SlurmRequest) -> SlurmPlan:
         # the stages become their own dependent jobs; the pretrain job must not also run them in-process
         overrides = _abs_overrides(overrides, "stages", "[]")
     folder = Path(request.log_dir).resolve() if request.log_dir else run_dir / "slurm"
-    argv = ["pretrain", *[a for c in config for a in ("--config", c)], *overrides]
+    argv = ["pretrain", *[a for c in config for a in ("--config", c)], *request.pretrain_flags, *overrides]
     plan = SlurmPlan(request, cfg, run_dir, folder, argv, stages, slurm_parameters(request),
                      list(cfg.stages) if stages else [], stage_argv)
     for name in plan.stage_names:
@@ -188,8 +204,6 @@ def stage_parameters(plan: SlurmPlan, name: str, dependency: str) -> dict[str, A
     Evaluation stages default to 1 node x the pretraining job's GPUs per node (one task per GPU) and its
     time limit; ``push`` is one task without GPUs.
     """
-    from largessl.stages import EVAL_STAGES
-
     sc = plan.cfg.stage_config(name)
     req = plan.request
     params = dict(plan.parameters, job_name=f"{req.job_name}-{name}", dependency=dependency,
@@ -326,8 +340,6 @@ def submit(plan: SlurmPlan) -> Submitted:
     # submitting from inside another job must not leak that job's SLURM_*/RANK variables into this one
     with submitit.helpers.clean_env():
         job = ex.submit(PretrainJob(plan.pretrain_argv))
-        from largessl.stages import EVAL_STAGES
-
         stage_ids = []
         previous = job.job_id
         for name, cmd, argv in zip(plan.stage_names, plan.stage_commands, plan.stage_argv):

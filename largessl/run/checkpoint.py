@@ -43,6 +43,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,7 +57,7 @@ from torch.distributed import ProcessGroup
 from largessl.data import io
 from largessl.distributed.collectives import barrier, broadcast_object, get_world_size
 from largessl.distributed.env import StallWatchdog
-from largessl.run.durable import fsync_dir, fsync_file
+from largessl.run.durable import DISK_FULL, fsync_dir, fsync_file, storage_error
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,16 @@ def _local(path: str | os.PathLike[str]) -> Path:
     return Path(p[len("file://"):] if p.startswith("file://") else p)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -115,19 +126,6 @@ def git_revision() -> str:
 
 # ---------------------------------------------------------------------------------------------------
 # Storage errors
-
-
-DISK_FULL = ("disk full (no space left on device); free space on that volume or point checkpoint.dir / "
-             "train.run_dir at one with room, then rerun the same command (it resumes from the last checkpoint)")
-
-
-def storage_error(e: OSError, path: str | os.PathLike[str]) -> OSError:
-    """``e`` naming ``path``; a full disk says so (the CLI maps every OSError to exit code 3)."""
-    if e.errno == errno.ENOSPC:
-        return OSError(errno.ENOSPC, DISK_FULL, str(path))
-    if e.filename:
-        return e
-    return OSError(e.errno or errno.EIO, e.strerror or str(e), str(path))
 
 
 def disk_full(directory: str | os.PathLike[str]) -> bool:
@@ -494,11 +492,41 @@ class CheckpointManager:
         self.group = group
         self.watchdog: StallWatchdog | None = None
         """Paused while checkpoints are read or written (their bounds are the storage's and the collectives')."""
+        self.scratch_tag = hashlib.sha256(self.store.url.encode()).hexdigest()[:12]
+        """Names this checkpoint directory's local scratch folders under TMPDIR (see :meth:`_local_scratch`)."""
         if not self.remote:
             try:
                 Path(self.store.root).mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise storage_error(e, self.store.root) from e
+        self.cleanup_scratch()
+
+    # -------------------------------------------------------------------------------------------
+    # local scratch (TMPDIR): a rank's share of a remote save, DeepSpeed files of a load
+
+    def _local_scratch(self, kind: str, name: str) -> Path:
+        """A fresh private folder under TMPDIR, named after this checkpoint directory, the rank and the pid, so
+        that a later run finds what a killed process left (:meth:`cleanup_scratch`)."""
+        return Path(tempfile.mkdtemp(prefix=f"largessl-{kind}-{self.scratch_tag}-r{self.rank:05d}-p{os.getpid()}-"
+                                            f"{name}-"))
+
+    def cleanup_scratch(self) -> list[str]:
+        """Every rank: remove scratch folders of this checkpoint directory whose process is gone (a SIGKILLed
+        save leaves its share of a remote checkpoint in TMPDIR). Folders of live processes are left alone."""
+        removed = []
+        pattern = re.compile(rf"^largessl-(?:save|load)-{self.scratch_tag}-r\d+-p(\d+)-")
+        try:
+            entries = list(Path(tempfile.gettempdir()).iterdir())
+        except OSError:
+            return removed
+        for p in entries:
+            m = pattern.match(p.name)
+            if not m or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+                continue
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(str(p))
+            log.info("removed %s, left in TMPDIR by a process that ended during a save or load", p)
+        return removed
 
     # -------------------------------------------------------------------------------------------
     # finding and loading
@@ -581,7 +609,7 @@ class CheckpointManager:
         loaded = LoadedCheckpoint(store.url_of(name), marker, training, model, rank_state, None, store, name)
         if extra_files is not None:
             wanted = sorted(rel for rel in files if extra_files(rel))
-            loaded.extra_dir = Path(tempfile.mkdtemp(prefix=f"largessl-load-{name}-r{self.rank}-"))
+            loaded.extra_dir = self._local_scratch("load", name)
             try:
                 for rel in wanted:
                     store.copy_verified(name, rel, files[rel], loaded.extra_dir / rel)
@@ -605,7 +633,7 @@ class CheckpointManager:
             private = staging / f".rank-{self.rank:05d}"
             private.mkdir(parents=True, exist_ok=True)
         else:
-            private = Path(tempfile.mkdtemp(prefix=f"largessl-{name}-r{self.rank}-"))
+            private = self._local_scratch("save", name)
         try:
             files = self._write_rank_files(private, payload)
             self._publish(private, staging, name, files)
@@ -755,6 +783,25 @@ class CheckpointManager:
         if not self.remote:
             for p in Path(self.store.root).glob(".tmp-step-*"):
                 shutil.rmtree(p, ignore_errors=True)
+
+    def set_aside_unverified(self) -> list[str]:
+        """Rank 0, when a run restarts from scratch because no checkpoint verified: rename every ``step-N`` folder
+        to ``unverified-step-N`` (kept for inspection, never loaded or pruned); returns the new locations."""
+        moved = []
+        for _, name in self.store.list_steps():
+            dest = f"unverified-{name}"
+            if self.store.exists(dest):
+                dest = f"{dest}-{int(time.time())}"
+            try:
+                if self.remote:
+                    self.store.fs.mv(self.store.path(name), self.store.path(dest), recursive=True)
+                else:
+                    os.replace(self.store.path(name), self.store.path(dest))
+            except OSError as e:
+                raise storage_error(e, self.store.url_of(name)) from e
+            moved.append(self.store.url_of(dest))
+            log.warning("set aside %s as %s (it failed verification)", self.store.url_of(name), self.store.url_of(dest))
+        return moved
 
     def cleanup_interrupted(self) -> list[str]:
         """Rank 0, before the run writes anything: remove what killed or failed saves left behind.

@@ -2,8 +2,21 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
+
+DISK_FULL = ("disk full (no space left on device); free space on that volume or point checkpoint.dir / "
+             "train.run_dir at one with room, then rerun the same command (it resumes from the last checkpoint)")
+
+
+def storage_error(e: OSError, path: str | os.PathLike[str]) -> OSError:
+    """``e`` naming ``path``; a full disk says so (the CLI maps every OSError to exit code 3)."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return OSError(errno.ENOSPC, DISK_FULL, str(path))
+    if e.filename:
+        return e
+    return OSError(e.errno or errno.EIO, e.strerror or str(e), str(path))
 
 
 def fsync_file(path: Path) -> None:

@@ -23,3 +23,14 @@ FAIL_FAST = (UNEXPECTED, BAD_INPUT, DIVERGED)
 """Codes a scheduler should not retry."""
 RETRY_FREE = (REQUEUE,)
 """Codes a scheduler should restart without counting a failure (Kubernetes podFailurePolicy: Ignore)."""
+
+STORAGE_MODULES = ("fsspec", "s3fs", "gcsfs", "botocore", "aiobotocore", "boto3", "google.auth", "google.api_core",
+                   "google.cloud", "aiohttp", "urllib3", "requests")
+"""Packages whose exceptions are storage/network failures even when they do not derive from OSError."""
+
+
+def is_storage_error(e: BaseException) -> bool:
+    """OSError (disk full, stale NFS handle, permissions, connection) or an exception of a storage client."""
+    if isinstance(e, OSError):
+        return True
+    return any(c.__module__ == m or c.__module__.startswith(m + ".") for c in type(e).__mro__ for m in STORAGE_MODULES)

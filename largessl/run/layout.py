@@ -2,8 +2,11 @@
 
 ::
 
-    <run_dir>/config.yaml        the resolved config (rank 0)
-    <run_dir>/metrics.jsonl      one record per logged step
+    <run_dir>/config.yaml        the resolved config (rank 0), written once the restart is accepted
+    <run_dir>/config_history.jsonl  every accepted change of the config on a restart (largessl.run.restart)
+    <run_dir>/metrics.jsonl      one record per logged step (and one ``event`` record per accepted change)
+    <run_dir>/run.lock           the lease of the process that owns the run (largessl.run.lock)
+    <run_dir>/pretrain-complete.json  written when pretraining reached its last step (stage jobs wait on it)
     <run_dir>/checkpoints/       step-N/ folders (largessl.run.checkpoint)
     <run_dir>/eval/knn.json      results of the evaluation stages, read by the hub's model card
     <run_dir>/eval/linear.json
@@ -15,7 +18,10 @@ import os
 from pathlib import Path
 
 CONFIG_FILE = "config.yaml"
+CONFIG_HISTORY_FILE = "config_history.jsonl"
 METRICS_FILE = "metrics.jsonl"
+LOCK_FILE = "run.lock"
+COMPLETE_FILE = "pretrain-complete.json"
 CHECKPOINTS_DIR = "checkpoints"
 EVAL_DIR = "eval"
 LINEAR_JSON = "linear.json"

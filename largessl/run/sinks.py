@@ -9,6 +9,8 @@ import os
 from pathlib import Path
 from typing import Any, Protocol
 
+from largessl.run.durable import storage_error
+
 log = logging.getLogger(__name__)
 
 
@@ -31,9 +33,12 @@ class JsonlSink:
 
     def __init__(self, path: str | os.PathLike[str], resume_step: int | None = None) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.truncate_after(resume_step or 0)
-        self._f = open(self.path, "a", encoding="utf-8")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.truncate_after(resume_step or 0)
+            self._f = open(self.path, "a", encoding="utf-8")
+        except OSError as e:  # a full disk names the file (an OSError from write() carries no path)
+            raise storage_error(e, self.path) from e
 
     def truncate_after(self, step: int) -> None:
         """Keep only records with ``step <= step`` (and drop a torn last line), rewriting atomically."""
@@ -48,17 +53,27 @@ class JsonlSink:
             if isinstance(rec, dict) and rec.get("step", math.inf) <= step:
                 kept.append(line)
         tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
-        os.replace(tmp, self.path)
+        try:
+            tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+            os.replace(tmp, self.path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
 
     def write(self, record: dict[str, Any]) -> None:
         """Append one record."""
-        self._f.write(json.dumps(record, sort_keys=False) + "\n")
-        self._f.flush()
+        try:
+            self._f.write(json.dumps(record, sort_keys=False) + "\n")
+            self._f.flush()
+        except OSError as e:
+            raise storage_error(e, self.path) from e
 
     def close(self) -> None:
         """Close the file."""
-        self._f.close()
+        try:
+            self._f.close()
+        except OSError as e:
+            raise storage_error(e, self.path) from e
 
 
 class TensorBoardSink:

@@ -54,9 +54,12 @@ class OptimConfig:
 class TrainConfig:
     """Length, batch, precision and device of the run."""
 
-    run_dir: str = "runs/default"
+    run_dir: str = ""
     """Local run directory (config.yaml, metrics.jsonl, tb/, checkpoints/); rerunning on it resumes. For
-    object storage set checkpoint.dir=s3://... (the run directory itself must be a local path)."""
+    object storage set checkpoint.dir=s3://... (the run directory itself must be a local path). Empty: a new,
+    unique folder ``runs/<method>-<arch>-<UTC time>-<random>`` for a single process started by hand (printed at
+    start; pass it to resume); launchers derive one at submit time, and a job under torchrun, SLURM or
+    Kubernetes must name it, so that its restarts find it."""
     global_batch_size: int = 2048
     """Images per optimizer step summed over all ranks; per-rank batch = global / world size."""
     epochs: float = 100.0
@@ -84,6 +87,10 @@ class TrainConfig:
     """Stop (with a checkpoint) after this many minutes of training; 0 = no limit."""
     grad_clip: float = 0.0
     """Clip the global gradient norm to this value; 0 = off."""
+    lock_lease_seconds: float = 90.0
+    """Lease of the run directory's lock (``run.lock``): a run whose heartbeat (every lease / 6) stopped this long
+    ago on another machine is dead, and its lock may be taken over (on the same machine: as soon as its process
+    is gone)."""
     allow_resplit: bool = True
     """On resume with a different world size or data.num_workers, continue the epoch on a logged re-split of its
     unread samples (each sample of the epoch still seen once; DDP only, DeepSpeed refuses a world-size change);
@@ -102,6 +109,8 @@ class TrainConfig:
             raise ValueError("train.num_steps and train.epochs must be >= 0")
         if self.num_steps == 0 and self.epochs == 0:
             raise ValueError("set train.epochs or train.num_steps to a positive value")
+        if self.lock_lease_seconds <= 0:
+            raise ValueError(f"train.lock_lease_seconds must be > 0 (got {self.lock_lease_seconds})")
         if self.log_every < 1 or self.collapse_every < 1:
             raise ValueError("train.log_every and train.collapse_every must be >= 1")
 

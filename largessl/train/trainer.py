@@ -12,7 +12,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -21,9 +21,16 @@ import torch
 from torch import nn
 from torch.distributed import ProcessGroup
 
-from largessl.config import Config, RunPlan, config_to_dict, plan_run, save_config
+from largessl.config import Config, RunPlan, config_to_dict, load_config, plan_run, save_config
 from largessl.data.batch import Batch
-from largessl.distributed.collectives import all_reduce_sum_no_grad, device_values, get_rank, get_world_size
+from largessl.distributed.collectives import (
+    all_reduce_sum_no_grad,
+    barrier,
+    broadcast_object,
+    device_values,
+    get_rank,
+    get_world_size,
+)
 from largessl.distributed.env import DistEnv, StallWatchdog, stall_timeout_s
 from largessl.methods import build_method
 from largessl.methods.base import MethodOutput, check_output
@@ -36,9 +43,19 @@ from largessl.run.checkpoint import (
     git_revision,
     storage_error,
 )
+from largessl.run.completion import remove_marker, write_marker
 from largessl.run.layout import CHECKPOINTS_DIR, CONFIG_FILE, METRICS_FILE
+from largessl.run.lock import RunLock, RunLockedError
 from largessl.run.precision import PrecisionPolicy, resolve_device, resolve_precision
 from largessl.run.progress import ProgressBar
+from largessl.run.restart import (
+    RestartDecision,
+    append_history,
+    check_restart,
+    describe,
+    history_record,
+    metrics_event,
+)
 from largessl.run.rng import capture_rng_state, restore_rng_state
 from largessl.run.signals import StopFlag
 from largessl.run.sinks import JsonlSink, MetricSink, TensorBoardSink
@@ -112,8 +129,22 @@ class Trainer:
     """Owns model, optimizer, checkpoints and sinks of one run; ``fit()`` trains to ``plan.num_steps``."""
 
     def __init__(self, cfg: Config, env: DistEnv, stream: TrainStream, num_train_samples: int,
-                 group: ProcessGroup | None = None, device: torch.device | None = None) -> None:
+                 group: ProcessGroup | None = None, device: torch.device | None = None,
+                 allow_change: Sequence[str] = (), restart_from_scratch: bool = False,
+                 run_lock: RunLock | None = None) -> None:
+        if not cfg.train.run_dir:
+            raise ValueError("train.run_dir is empty; name the run directory (largessl.config.resolve_run_dir "
+                             "derives a unique one for a single process)")
         self.cfg = cfg
+        self.allow_change = tuple(allow_change)
+        """Experiment-defining keys this run may change against its checkpoint (``--allow-change``)."""
+        self.restart_from_scratch = restart_from_scratch
+        """Start at step 0 when checkpoints exist but none verifies (``--restart-from-scratch``); else refuse."""
+        self.run_lock = run_lock
+        """The run directory's lock when the caller holds it (rank 0); else :meth:`fit` takes it."""
+        self._events: list[dict[str, Any]] = []
+        self._restart_decision: tuple[RestartDecision, str] | None = None
+        """metrics.jsonl records of this start (an allowed config change, a restart from scratch)."""
         self.env = env
         self.stream = stream
         self.group = group
@@ -202,7 +233,8 @@ class Trainer:
         return pos
 
     def check_finite_state(self) -> None:
-        """Collective: raise ``FloatingPointError`` (exit 4) unless the last loss and every parameter are finite.
+        """Collective: raise ``FloatingPointError`` (exit 4) unless the last loss and every parameter are finite,
+        and ``RuntimeError`` (exit 3) when rank 0 lost the run directory's lock.
 
         Runs at save time only, before anything is written, so a diverged run never turns a NaN model into
         the latest checkpoint: the previous good one stays latest. One fused norm pass over the
@@ -211,9 +243,17 @@ class Trainer:
         params = [p.detach() for p in self.module.parameters()]
         norms = torch.stack(torch._foreach_norm(params)) if params else torch.zeros(1, device=self.device)
         loss = self._last_loss if self._last_loss is not None else torch.zeros((), device=self.device)
-        bad = torch.stack([(~torch.isfinite(loss.float())).any(), (~torch.isfinite(norms.float())).any()]).double()
+        lock_lost = torch.tensor(bool(self.run_lock is not None and self.run_lock.lost), device=self.device)
+        bad = torch.stack([(~torch.isfinite(loss.float())).any(), (~torch.isfinite(norms.float())).any(),
+                           lock_lost]).double()
         all_reduce_sum_no_grad(bad, self.group)
-        bad_loss, bad_params = (v > 0 for v in bad.tolist())
+        bad_loss, bad_params, lost = (v > 0 for v in bad.tolist())
+        if lost:
+            # rank 0 raises the reason; the others learn it from the same all-reduce (no rank left waiting)
+            if self.run_lock is not None:
+                self.run_lock.check()
+            raise RuntimeError(f"rank 0 lost the lock of train.run_dir {self.run_dir} (another process took the run "
+                               "over); not saving")
         if bad_loss or bad_params:
             what = " and ".join(w for w, b in (("the loss", bad_loss), ("the parameters", bad_params)) if b)
             raise FloatingPointError(
@@ -250,7 +290,10 @@ class Trainer:
         """Load the newest verified checkpoint if there is one (every rank); returns whether it resumed.
 
         Each rank reads each byte it needs once, verifying hashes as they stream (see CheckpointManager.load):
-        training.pt, meta.json, its rank file, and model.safetensors (DDP) or its DeepSpeed files.
+        training.pt, meta.json, its rank file, and model.safetensors (DDP) or its DeepSpeed files. Before any
+        state is applied, the checkpoint's config is compared with this run's (:mod:`largessl.run.restart`): an
+        experiment-defining change that ``allow_change`` does not name raises ``ValueError``. When checkpoints
+        exist but none verifies, it raises too, unless ``restart_from_scratch``.
         """
         extra = None
         if self.engine is not None:
@@ -259,8 +302,14 @@ class Trainer:
             extra = functools.partial(files_for_rank, rank=self.rank)
         loaded = self.ckpt.load(read_model=self.engine is None, extra_files=extra)
         if loaded is None:
+            self._no_checkpoint()
             return False
         path, state, rank_state = loaded.path, loaded.training, loaded.rank_state
+        try:
+            decision = self._check_restart(path, state["meta"])
+        except BaseException:
+            loaded.close()
+            raise
         saved_world = int(state["meta"].get("world_size", self.world_size))
         if saved_world != self.world_size and self.engine is not None:
             loaded.close()
@@ -316,7 +365,53 @@ class Trainer:
                         "per-rank RNG streams differ from an uninterrupted run)", path, saved_world,
                         self.world_size, *expected)
         log.info("resumed from %s at step %d", path, self.step)
+        self._restart_decision = (decision, path)
         return True
+
+    def _check_restart(self, path: str, meta: dict[str, Any]) -> RestartDecision:
+        """Every rank (each read meta.json): compare the checkpoint's config with this run's."""
+        old = meta.get("config")
+        if not isinstance(old, dict):
+            log.warning("checkpoint %s records no config; its experiment cannot be compared with this run's", path)
+            return RestartDecision()
+        defaults = config_to_dict(load_config([], [f"method.name={self.cfg.method.name}"]))
+        decision = check_restart(old, config_to_dict(self.cfg), self.allow_change, defaults,
+                                 where=f"checkpoint {path}")
+        for unused in decision.unused_allows:
+            log.warning("--allow-change %s: nothing under that key changed", unused)
+        if decision.safe:
+            log.info("restart-safe changes since checkpoint %s: %s", path, describe(decision.safe))
+        if decision.allowed:
+            log.warning("experiment changed on purpose (--allow-change) from step %d: %s", int(meta.get("step", 0)),
+                        describe(decision.allowed))
+        return decision
+
+    def _no_checkpoint(self) -> None:
+        """No checkpoint loaded: fine for a new run; refused when step folders exist that all failed verification
+        (a silent restart from step 0 would throw the run away), unless ``restart_from_scratch``."""
+        found = [n for _, n in self.ckpt.store.list_steps()] if self.rank == 0 else None
+        found = broadcast_object(found, 0, self.group)
+        if not found:
+            return
+        if not self.restart_from_scratch:
+            raise ValueError(
+                f"train.run_dir {self.run_dir}: none of the checkpoints in {self.ckpt.dir} ({', '.join(found[:5])}"
+                f"{' ...' if len(found) > 5 else ''}) passed verification (see the warnings above), and starting over "
+                "at step 0 would silently discard the run. Restore a checkpoint, or rerun with "
+                "--restart-from-scratch to start again from step 0 (the failed checkpoints are set aside as "
+                "unverified-step-N and metrics.jsonl is kept as metrics.before-restart-<time>.jsonl)")
+        if self.rank == 0:
+            moved = self.ckpt.set_aside_unverified()
+            archived = ""
+            metrics = self.run_dir / METRICS_FILE
+            if metrics.exists():
+                archived = f"metrics.before-restart-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.jsonl"
+                os.replace(metrics, self.run_dir / archived)
+            log.warning("restarting from step 0 (--restart-from-scratch): no checkpoint verified; earlier metrics "
+                        "kept in %s", archived or "(none)")
+            self._events.append({"step": 0, "event": "restart_from_scratch", "unverified": moved,
+                                 "archived_metrics": archived})
+        barrier(self.group)
 
     # -------------------------------------------------------------------------------------------
     # the loop
@@ -324,7 +419,10 @@ class Trainer:
     def _sinks(self, resumed_step: int) -> list[MetricSink]:
         if self.rank != 0:
             return []
-        sinks: list[MetricSink] = [JsonlSink(self.run_dir / METRICS_FILE, resume_step=resumed_step)]
+        jsonl = JsonlSink(self.run_dir / METRICS_FILE, resume_step=resumed_step)
+        for event in self._events:  # after the truncation to the resumed step, before the first new record
+            jsonl.write(event)
+        sinks: list[MetricSink] = [jsonl]
         if self.cfg.log.tensorboard:
             sinks.append(TensorBoardSink(self.run_dir / "tb", purge_step=resumed_step + 1))
         return sinks
@@ -341,30 +439,105 @@ class Trainer:
                 collapse_metrics(out.embeddings[0].float(), group=self.group, z_other=z_other).items()}
 
     def fit(self) -> FitResult:
-        """Train until ``plan.num_steps`` or a stop request; resumes from the run directory first."""
+        """Train until ``plan.num_steps`` or a stop request; resumes from the run directory first.
+
+        Order, so that a refused run writes nothing: take the run directory's lock (a second run exits 2 here),
+        remove interrupted saves, resume (a changed experiment or an unverifiable checkpoint exits 2 here), and
+        only then write config.yaml and the config history. A run that reaches its last step writes the
+        completion marker the stage jobs wait for.
+        """
         cfg = self.cfg
-        if self.rank == 0:
-            # Before anything new is written: a save that was killed or hit a full disk may hold the space.
-            self.ckpt.cleanup_interrupted()
-            self._write_run_config()
-        log.info("run directory: %s", self.run_dir.resolve())
-        stop = StopFlag(cfg.train.max_minutes, self.group, self.device).install()
-        watchdog = self._start_watchdog()
-        result = None
+        own_lock = self.take_lock()
         try:
-            self.resume()
-            result = self._loop(stop)
-            return result
+            if self.rank == 0:
+                # Before anything new is written: a save that was killed or hit a full disk may hold the space.
+                self.ckpt.cleanup_interrupted()
+            log.info("run directory: %s", self.run_dir.resolve())
+            stop = StopFlag(cfg.train.max_minutes, self.group, self.device).install()
+            watchdog = self._start_watchdog()
+            result = None
+            try:
+                self.resume()
+                if self.rank == 0:
+                    self._record_start()
+                result = self._loop(stop)
+                if result.exit_code == exit_codes.OK and self.rank == 0:
+                    self._mark_complete()
+                return result
+            finally:
+                if watchdog is not None:
+                    watchdog.stop()
+                    self._watchdog = self.ckpt.watchdog = None
+                # After a stop request the handlers stay: more signals while the process winds down must not
+                # turn the requeue exit code into death-by-signal. A completed run restores the old handlers.
+                if result is None or result.exit_code == exit_codes.OK:
+                    stop.uninstall()
+                else:
+                    stop.ignore_further()
         finally:
-            if watchdog is not None:
-                watchdog.stop()
-                self._watchdog = self.ckpt.watchdog = None
-            # After a stop request the handlers stay: more signals while the process winds down must not
-            # turn the requeue exit code into death-by-signal. A completed run restores the old handlers.
-            if result is None or result.exit_code == exit_codes.OK:
-                stop.uninstall()
-            else:
-                stop.ignore_further()
+            if own_lock is not None:
+                own_lock.release()
+                self.run_lock = None
+
+    def take_lock(self) -> RunLock | None:
+        """Collective: rank 0 takes ``<run_dir>/run.lock`` unless the caller holds it; every rank raises
+        :class:`RunLockedError` (exit 2) when another live process owns the run. Returns the lock taken here."""
+        if self.run_lock is not None:
+            return None
+        lock, refusal = None, None
+        if self.rank == 0:
+            lock = RunLock(self.run_dir, self.cfg.train.lock_lease_seconds)
+            try:
+                lock.acquire()
+            except RunLockedError as e:
+                refusal = str(e)
+            except OSError as e:
+                refusal = f"rank 0 could not take the lock {lock.path}: {e}"
+                if self.world_size == 1:
+                    raise storage_error(e, lock.path) from e
+        refusal = broadcast_object(refusal, 0, self.group)
+        if refusal:
+            raise RunLockedError(refusal)
+        self.run_lock = lock
+        return lock
+
+    def _record_start(self) -> None:
+        """Rank 0, once the restart is accepted: config.yaml, the config history, and no completion marker while
+        the run trains again."""
+        decision_path = getattr(self, "_restart_decision", None)
+        if decision_path is not None:
+            decision, path = decision_path
+            if decision.changed:
+                record = history_record(decision, self.step, path, self.allow_change)
+                try:
+                    written = append_history(self.run_dir, record)
+                except OSError as e:
+                    raise storage_error(e, self.run_dir / "config_history.jsonl") from e
+                if written and decision.allowed:
+                    self._events.append(metrics_event(decision, self.step))
+        self._write_run_config()
+        if self.step < self.plan.num_steps:
+            for location, endpoint in self._marker_locations():
+                try:
+                    remove_marker(location, endpoint)
+                except OSError as e:
+                    raise storage_error(e, location) from e
+
+    def _marker_locations(self) -> list[tuple[str, str]]:
+        """Where the completion marker goes: the run directory, and the checkpoint directory when it is elsewhere
+        (stage jobs look where their --checkpoint points)."""
+        out = [(str(self.run_dir), "")]
+        if self.cfg.checkpoint.dir:
+            out.append((self.cfg.checkpoint.dir, self.cfg.checkpoint.endpoint_url or self.cfg.data.endpoint_url))
+        return out
+
+    def _mark_complete(self) -> None:
+        """Rank 0, after the last step's checkpoint: write ``pretrain-complete.json``."""
+        latest = self.ckpt.store.url_of(self.ckpt.store.list_steps()[0][1]) if self.ckpt.store.list_steps() else ""
+        record = {"step": self.step, "num_steps": self.plan.num_steps, "checkpoint": latest,
+                  "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        for location, endpoint in self._marker_locations():
+            write_marker(location, record, endpoint)
 
     def _start_watchdog(self) -> StallWatchdog | None:
         """With several ranks: exit 3 when no step completes for the collective timeout plus a margin (a dead
@@ -465,10 +638,17 @@ class Trainer:
                     raise RuntimeError(f"the data stream ended epoch {epoch} after batch "
                                        f"{self.step % plan.steps_per_epoch} but promised {plan.steps_per_epoch} "
                                        "batches per epoch")
-        finally:
+        except BaseException:
             bar.close()
             for s in sinks:
-                s.close()
+                try:
+                    s.close()
+                except OSError as e:  # the error in flight is the one to report (often the same full disk)
+                    log.warning("could not close a metrics sink: %s", e)
+            raise
+        bar.close()
+        for s in sinks:
+            s.close()
         minutes = (time.perf_counter() - t_start) / 60
         log.info("%s after %d step(s) (%d this run, %.1f min); final loss %s; run directory %s; "
                  "TensorBoard: tensorboard --logdir %s", reason, self.step, self.step - start_step, minutes,
@@ -509,7 +689,8 @@ class Trainer:
         return rec
 
 
-def build_trainer(cfg: Config, env: DistEnv, group: ProcessGroup | None = None) -> Trainer:
+def build_trainer(cfg: Config, env: DistEnv, group: ProcessGroup | None = None, allow_change: Sequence[str] = (),
+                  restart_from_scratch: bool = False) -> Trainer:
     """The real path: read the train manifest, build the shard stream, then the trainer."""
     from largessl.data.manifest import read_manifest
     from largessl.data.stream import build_train_stream
@@ -529,4 +710,5 @@ def build_trainer(cfg: Config, env: DistEnv, group: ProcessGroup | None = None) 
     # data.decode=gpu decodes and augments on this device; the CPU path ignores it
     stream = build_train_stream(cfg.data, manifest, cfg.train.global_batch_size // world, rank, world,
                                 cfg.train.seed, device=device)
-    return Trainer(cfg, env, stream, manifest.num_samples, group, device=device)
+    return Trainer(cfg, env, stream, manifest.num_samples, group, device=device, allow_change=allow_change,
+                   restart_from_scratch=restart_from_scratch)

@@ -80,7 +80,7 @@ def test_missing_s3_shard_fails_at_startup(aws_env, tmp_path: Path) -> None:
     manifest = read_manifest(dest + "/manifest.json")
     fs = aws_env.filesystem()
     fs.rm(manifest.shards[1].url[len("s3://"):])
-    with pytest.raises(RuntimeError, match=manifest.shards[1].url):
+    with pytest.raises(ValueError, match=manifest.shards[1].url):  # missing is bad input (2), not a server error
         read_manifest(dest + "/manifest.json")
 
 

@@ -127,4 +127,4 @@ def test_missing_or_bad_manifest_is_reported(tmp_path) -> None:
         e2e.e2e_config(load_config(None, TINY), "", 4, 1, str(tmp_path))
     missing = tmp_path / "nowhere" / "manifest.json"
     rc = main(["bench", "e2e", *TINY, "--data", str(missing), "--per-rank-batch-size", "4", "--steps", "1"])
-    assert rc == exit_codes.ENVIRONMENT  # a manifest that is not there is an environment problem, not a bad flag
+    assert rc == exit_codes.BAD_INPUT  # a manifest that is not there is bad input: no retry makes it appear

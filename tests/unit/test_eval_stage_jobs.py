@@ -52,8 +52,9 @@ def test_stages_config_takes_a_list_or_resources_per_stage(cfg_file: Path, tmp_p
 
 
 def _k8s_plan(cfg_file: Path, **kw) -> k8s.K8sPlan:
+    # offline: the s3:// manifests are not reachable here (the submit-time checks have their own tests)
     req = k8s.K8sRequest(config=[str(cfg_file)], nodes=4, image="reg.example/largessl:0.1", pvc="runs",
-                         overrides=["train.run_dir=runs/bt"], **kw)
+                         overrides=["train.run_dir=runs/bt"], offline=True, **kw)
     return k8s.plan_manifests(req)
 
 
@@ -117,7 +118,7 @@ def test_k8s_stage_pod_environment_gives_every_rank_its_place(cfg_file: Path, gp
 def test_slurm_dry_run_requests_the_configured_gpus_per_stage(cfg_file: Path,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["launch", "slurm", "--config", str(cfg_file), "--nodes", "4", "--gpus-per-node", "8",
-                 "--time", "24:00:00", "--dry-run"])
+                 "--time", "24:00:00", "--dry-run", "--offline"])
     out = capsys.readouterr().out
     assert code == 0
     scripts = out.split("#!/bin/bash")[1:]
@@ -139,7 +140,7 @@ def test_slurm_dry_run_requests_the_configured_gpus_per_stage(cfg_file: Path,
 
 
 def test_slurm_stage_jobs_run_the_cli_in_every_task_and_requeue(cfg_file: Path) -> None:
-    plan = slurm.plan_job(slurm.SlurmRequest(config=[str(cfg_file)], gpus_per_node=8))
+    plan = slurm.plan_job(slurm.SlurmRequest(config=[str(cfg_file)], gpus_per_node=8, offline=True))
     assert plan.stage_names == ["linear", "knn", "finetune", "push"]
     assert plan.stage_argv[0][:2] == ["eval", "linear"] and plan.stage_argv[3][:2] == ["hub", "push"]
     job = slurm.EvalStageJob(plan.stage_argv[0])
@@ -147,6 +148,7 @@ def test_slurm_stage_jobs_run_the_cli_in_every_task_and_requeue(cfg_file: Path) 
     again = pickle.loads(pickle.dumps(job))
     assert again.argv == plan.stage_argv[0] and job.checkpoint().function is job
     assert slurm.stage_parameters(plan, "push", "afterok:1")["ntasks_per_node"] == 1
-    cpu = slurm.plan_job(slurm.SlurmRequest(config=[str(cfg_file)], tasks_per_node=3))
+    cpu = slurm.plan_job(slurm.SlurmRequest(config=[str(cfg_file)], tasks_per_node=3, offline=True,
+                                            overrides=["train.global_batch_size=2046"]))
     knn = slurm.stage_parameters(cpu, "knn", "afterok:1")
     assert knn["ntasks_per_node"] == 3 and "gpus_per_node" not in knn

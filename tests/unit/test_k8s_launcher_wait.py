@@ -41,7 +41,7 @@ def _run(repo_root: Path, tmp_path: Path, states: list[str], **env: str) -> tupl
     res = subprocess.run(["bash", str(repo_root / "launchers" / "k8s_imagenet.sh")], capture_output=True, text=True,
                          timeout=300, cwd=tmp_path,
                          env={**os.environ, "PATH": path, "FAKE_DIR": str(fake), "IMAGE": "reg.example/largessl:1",
-                              "OUT": str(tmp_path / "out"), "POLL_S": "0.05", **env})
+                              "OUT": str(tmp_path / "out"), "POLL_S": "0.05", "OFFLINE": "1", **env})
     calls = (fake / "calls").read_text() if (fake / "calls").exists() else ""
     return res, calls
 

@@ -23,13 +23,15 @@ K8S_VERSIONS = ("1.30.0", "1.33.0")
 def cfg_file(tmp_path: Path) -> Path:
     p = tmp_path / "c.yaml"
     p.write_text("train: {run_dir: runs/bt-r50, num_steps: 100}\nstages: [knn]\n"
-                 "data: {train_manifest: s3://bucket/in1k/train/manifest.json}\n")
+                 "data: {train_manifest: s3://bucket/in1k/train/manifest.json, "
+                 "val_manifest: s3://bucket/in1k/val/manifest.json}\n")
     return p
 
 
 def _plan(cfg_file: Path, **kw) -> k8s.K8sPlan:
+    # offline: s3://bucket is not reachable here (the submit-time checks are tested in test_submit_checks.py)
     req = k8s.K8sRequest(config=[str(cfg_file)], nodes=kw.pop("nodes", 4), image="reg.example/largessl:0.1",
-                         pvc=kw.pop("pvc", "runs"), **kw)
+                         pvc=kw.pop("pvc", "runs"), offline=kw.pop("offline", True), **kw)
     return k8s.plan_manifests(req)
 
 
@@ -123,7 +125,7 @@ def test_resume_needs_a_volume_or_object_storage(cfg_file: Path) -> None:
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_pod_environment_contract(cfg_file: Path, nproc: int) -> None:
     """What each pod's ranks derive from exactly the manifest's env: ranks, world, master <job>-0.<svc>."""
-    plan = _plan(cfg_file, nodes=3, procs_per_node=nproc)
+    plan = _plan(cfg_file, nodes=3, procs_per_node=nproc, overrides=["train.global_batch_size=2046"])
     job = plan.pretrain[2]
     seen = []
     for index in range(3):

@@ -19,7 +19,7 @@ def _script(repo_root: Path, name: str, cwd: Path, **env: str) -> subprocess.Com
 
 
 def test_slurm_launcher_dry_run(repo_root: Path, tmp_path: Path) -> None:
-    res = _script(repo_root, "slurm_imagenet.sh", tmp_path, DRY_RUN="1", NODES="2", PARTITION="gpu")
+    res = _script(repo_root, "slurm_imagenet.sh", tmp_path, DRY_RUN="1", NODES="2", PARTITION="gpu", OFFLINE="1")
     assert res.returncode == 0, res.stderr
     for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
                  "#SBATCH --partition=gpu", "#SBATCH --requeue"):
@@ -30,7 +30,7 @@ def test_slurm_launcher_dry_run(repo_root: Path, tmp_path: Path) -> None:
 def test_k8s_launcher_render_only(repo_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     res = _script(repo_root, "k8s_imagenet.sh", tmp_path, RENDER_ONLY="1", IMAGE="reg.example/largessl:1",
-                  OUT=str(out), NODES="2")
+                  OUT=str(out), NODES="2", OFFLINE="1")
     assert res.returncode == 0, res.stderr
     manifests = [m for f in ("pretrain.yaml", "stages.yaml") for m in yaml.safe_load_all((out / f).read_text())]
     k8s.validate_manifests(manifests, "1.33.0")

@@ -28,14 +28,16 @@ def test_parse_time_rejects(bad: str) -> None:
 @pytest.fixture
 def cfg_file(tmp_path: Path) -> Path:
     p = tmp_path / "c.yaml"
-    p.write_text(f"train: {{run_dir: {tmp_path / 'run'}, num_steps: 10}}\nstages: [knn, linear]\n")
+    p.write_text(f"train: {{run_dir: {tmp_path / 'run'}, num_steps: 10}}\nstages: [knn, linear]\n"
+                 "data: {train_manifest: s3://b/train/manifest.json, val_manifest: s3://b/val/manifest.json}\n")
     return p
 
 
 def test_gpu_plan_one_task_per_gpu_and_stage_jobs(cfg_file: Path, tmp_path: Path) -> None:
+    # offline: s3://b is not reachable here (the submit-time checks are tested in test_submit_checks.py)
     plan = slurm.plan_job(slurm.SlurmRequest(config=[str(cfg_file)], overrides=["optim.base_lr=0.3"], nodes=2,
                                              gpus_per_node=8, cpus_per_task=10, partition="gpu", account="ssl",
-                                             qos="high", time_min=120, mem_gb=480))
+                                             qos="high", time_min=120, mem_gb=480, offline=True))
     script = slurm.render_sbatch(plan)
     for line in ("--nodes=2", "--ntasks-per-node=8", "--gpus-per-node=8", "--cpus-per-task=10",
                  "--partition=gpu", "--account=ssl", "--qos=high", "--time=120", "--mem=480GB", "--requeue",
@@ -51,7 +53,8 @@ def test_gpu_plan_one_task_per_gpu_and_stage_jobs(cfg_file: Path, tmp_path: Path
 
 
 def test_cpu_plan_and_no_stage_jobs(cfg_file: Path) -> None:
-    plan = slurm.plan_job(slurm.SlurmRequest(config=[str(cfg_file)], tasks_per_node=4, submit_stages=False))
+    plan = slurm.plan_job(slurm.SlurmRequest(config=[str(cfg_file)], tasks_per_node=4, submit_stages=False,
+                                             offline=True))
     script = slurm.render_sbatch(plan)
     assert "#SBATCH --ntasks-per-node=4\n" in script and "gpus" not in script
     assert plan.stage_commands == [] and "stages=[]" not in plan.pretrain_argv
@@ -68,7 +71,7 @@ def test_bad_requests_fail_before_anything_runs(cfg_file: Path) -> None:
 
 def test_dry_run_cli_prints_script(cfg_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["launch", "slurm", "--config", str(cfg_file), "--nodes", "1", "--gpus-per-node", "2",
-                 "--time", "1:00:00", "--dry-run"])
+                 "--time", "1:00:00", "--dry-run", "--offline"])
     out = capsys.readouterr().out
     assert code == 0 and out.startswith("#!/bin/bash") and "#SBATCH --time=60\n" in out
     assert "# then (afterok):" in out and "# each task runs: largessl pretrain" in out
@@ -76,7 +79,7 @@ def test_dry_run_cli_prints_script(cfg_file: Path, capsys: pytest.CaptureFixture
 
 def test_submit_without_slurm_is_an_environment_error(cfg_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", str(Path(sys.executable).parent))  # no sbatch here
-    assert main(["launch", "slurm", "--config", str(cfg_file)]) == exit_codes.ENVIRONMENT
+    assert main(["launch", "slurm", "--config", str(cfg_file), "--offline"]) == exit_codes.ENVIRONMENT
 
 
 def test_pretrain_job_pickles_and_checkpoint_resubmits_itself() -> None:

@@ -17,10 +17,10 @@ TINY = ["model.arch=resnet18", "model.small_input=true", "method.projector=32-32
         "train.deterministic=true", "optim.warmup_epochs=1", "log.progress=false", "data.num_workers=0"]
 
 
-def _fit(run_dir, *extra):
+def _fit(run_dir, *extra, **trainer_kw):
     torch.set_num_threads(1)
     cfg = load_config(None, [*TINY, f"train.run_dir={run_dir}", *extra])
-    return Trainer(cfg, DistEnv(), SyntheticStream(32, 8, 0, 1), 32).fit()
+    return Trainer(cfg, DistEnv(), SyntheticStream(32, 8, 0, 1), 32, **trainer_kw).fit()
 
 
 def test_run_directory_metrics_and_tensorboard(tmp_path):
@@ -60,12 +60,22 @@ def test_run_directory_metrics_and_tensorboard(tmp_path):
 def test_rerun_of_finished_run_does_nothing_and_extension_continues(tmp_path):
     run = tmp_path / "run"
     _fit(run, "train.num_steps=4", "train.log_every=1")
+    assert json.loads((run / "pretrain-complete.json").read_text())["step"] == 4
     again = _fit(run, "train.num_steps=4", "train.log_every=1")
     assert again.exit_code == 0 and again.step == 4
-    longer = _fit(run, "train.num_steps=6", "train.log_every=1")
+    # a longer schedule is another experiment: refused unless allowed, then recorded
+    with pytest.raises(ValueError, match=r"train.num_steps: 4 -> 6.*--allow-change train.num_steps"):
+        _fit(run, "train.num_steps=6", "train.log_every=1")
+    longer = _fit(run, "train.num_steps=6", "train.log_every=1", allow_change=["train.num_steps"])
     assert longer.step == 6
-    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4, 5, 6]
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert {"step": 4, "event": "config_change", "changes": {"train.num_steps": {"old": 4, "new": 6}}} in recs
+    history = [json.loads(line) for line in (run / "config_history.jsonl").read_text().splitlines()]
+    assert [h["changed"] for h in history] == [{"train.num_steps": [4, 6]}] and history[0]["step"] == 4
+    assert load_config(run / "config.yaml").train.num_steps == 6
+    assert json.loads((run / "pretrain-complete.json").read_text())["step"] == 6
+    assert not (run / "run.lock").exists()  # released at the end
 
 
 def test_resume_with_other_world_size_is_refused(tmp_path):

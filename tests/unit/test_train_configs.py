@@ -118,7 +118,8 @@ def test_the_doc_table_check_bites(tmp_path):
     """A config that drifts from the table fails the comparison above."""
     path = ROOT / "configs" / "vicreg_r50_in1k.yaml"
     drifted = tmp_path / "vicreg_r50_in1k.yaml"
-    drifted.write_text(path.read_text().replace("final_lr_ratio: 0.001", "final_lr_ratio: 0.01"))
+    drifted.write_text(path.read_text().replace("final_lr_ratio: 0.001", "final_lr_ratio: 0.01")
+                       .replace("base: eval_vicreg.yaml", f"base: {ROOT / 'configs' / 'eval_vicreg.yaml'}"))
     rows = {r["config key"].strip("`"): r for r in _doc_tables(METHODS_DOC.read_text())[path.name]}
     row = rows["optim.final_lr_ratio"]
     assert not _same(_documented(row["largessl default"]), _resolved(load_config(drifted), "optim.final_lr_ratio"))
@@ -134,6 +135,79 @@ def test_paper_hyperparameters():
     assert (vic.method.sim_coeff, vic.method.std_coeff, vic.method.cov_coeff) == (25.0, 25.0, 1.0)
     assert vic.optim.final_lr_ratio == 0.001 and vic.method.std_term == "paper"
     assert load_config(ROOT / "configs" / "simsiam_r50_in1k.yaml").optim.exclude_bias_norm_from_wd is False
+
+
+# --- docs/eval.md ⇄ the evaluation recipe each paper config names ----------------------------------------------
+
+EVAL_DOC = ROOT / "docs" / "eval.md"
+
+
+def _eval_table(text: str) -> list[dict[str, str]]:
+    """Rows of the linear-protocol table of docs/eval.md (the one whose header starts with 'recipe | pretraining')."""
+    header: list[str] = []
+    rows: list[dict[str, str]] = []
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| recipe | pretraining configs |"):
+            header = cells
+        elif header and line.startswith("|"):
+            if not set(line) <= set("|- "):
+                rows.append(dict(zip(header, cells)))
+        elif header:
+            break
+    assert rows, "docs/eval.md has no '| recipe | pretraining configs | ...' table"
+    return rows
+
+
+def _eval_values(row: dict[str, str]) -> dict[str, object]:
+    return {k.strip("`"): _yaml_load(v.strip("`")) for k, v in row.items() if k.startswith("`eval.")}
+
+
+def _check_eval(cfg, values: dict[str, object], where: str) -> None:
+    for key, doc in values.items():
+        value = getattr(cfg.eval, key.split(".", 1)[1])
+        assert _same(doc, value), f"{where}: {key} resolves to {value!r} but docs/eval.md says {doc!r}"
+
+
+def test_paper_recipes_name_their_eval_recipe_as_documented():
+    """Each paper config names (as its base) the evaluation recipe docs/eval.md gives it, and resolves to its values;
+    every evaluation file equals its row. So stages and `largessl eval` on a run use the paper's protocol."""
+    named: dict[str, str] = {}
+    for row in _eval_table(EVAL_DOC.read_text()):
+        eval_file = ROOT / row["file"].strip("`")
+        values = _eval_values(row)
+        assert len(values) >= 5, row
+        _check_eval(load_config(eval_file), values, eval_file.name)
+        for name in re.findall(r"`([\w.]+\.yaml)`", row["pretraining configs"]):
+            assert name not in named, f"{name} is in two rows of docs/eval.md"
+            named[name] = eval_file.name
+            path = ROOT / "configs" / name
+            bases = _yaml_load(path.read_text()).get("base", [])
+            bases = [bases] if isinstance(bases, str) else bases
+            assert eval_file.name in [Path(b).name for b in bases], f"{name} must name {eval_file.name} as its base"
+            _check_eval(load_config(path), values, name)
+    assert set(named) == {p.name for p in PAPER_CONFIGS}, "every paper config needs its evaluation recipe row"
+
+
+def test_the_eval_table_check_bites(tmp_path):
+    """An evaluation file drifting from docs/eval.md fails the comparison above."""
+    rows = {r["file"].strip("`"): r for r in _eval_table(EVAL_DOC.read_text())}
+    drifted = tmp_path / "eval_barlow_twins.yaml"
+    drifted.write_text((ROOT / "configs" / "eval_barlow_twins.yaml").read_text().replace("linear_lr: 0.3",
+                                                                                        "linear_lr: 0.02"))
+    with pytest.raises(AssertionError, match="linear_lr"):
+        _check_eval(load_config(drifted), _eval_values(rows["configs/eval_barlow_twins.yaml"]), "drifted")
+
+
+def test_a_stage_job_evaluates_with_the_recipe_of_the_run():
+    """`largessl eval` (what SLURM and Kubernetes stage jobs run) starts from the run's saved config: the Barlow Twins
+    run is probed with lr 0.3, not the default (VICReg's 0.02)."""
+    from largessl.config import config_to_dict
+    from largessl.eval.source import resolve_config
+
+    saved = config_to_dict(load_config(ROOT / "configs" / "barlow_twins_r50_in1k.yaml"))
+    assert resolve_config(saved, [], []).eval.linear_lr == 0.3
+    assert load_config(None).eval.linear_lr == 0.02
 
 
 # --- optim.exclude_bias_norm_from_wd ---------------------------------------------------------------------------
