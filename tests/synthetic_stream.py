@@ -63,7 +63,10 @@ def main(argv: list[str]) -> int:
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
-    num_samples, overrides = int(argv[0]), argv[1:]
+    num_samples, rest = int(argv[0]), argv[1:]
+    # `--allow-change=KEY` as `largessl pretrain` takes it (a rerun that extends train.num_steps)
+    allow = [a.split("=", 1)[1] for a in rest if a.startswith("--allow-change=")]
+    overrides = [a for a in rest if not a.startswith("--allow-change=")]
     cfg = load_config(None, overrides)
     env = detect_env()
     setup_logging(env, "INFO")
@@ -72,7 +75,7 @@ def main(argv: list[str]) -> int:
     try:
         per_rank = cfg.train.global_batch_size // env.world_size
         stream = SyntheticStream(num_samples, per_rank, env.rank, env.world_size, cfg.train.seed)
-        result = Trainer(cfg, env, probes.wrap(stream), num_samples).fit()
+        result = Trainer(cfg, env, probes.wrap(stream), num_samples, allow_change=allow).fit()
         code, reason = result.exit_code, result.reason
         logging.getLogger("synthetic").info("exit %d", result.exit_code)
         return result.exit_code

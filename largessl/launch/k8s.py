@@ -246,7 +246,11 @@ def config_delta(cfg: Config) -> dict[str, Any]:
 
 
 class _Dumper(yaml.SafeDumper):
-    """Multi-line strings (the config in the ConfigMap) as readable literal blocks."""
+    """Multi-line strings (the config in the ConfigMap) as readable literal blocks; no YAML anchors (an object
+    used twice, e.g. a mount of the init container, is written out twice, as kubectl users read it)."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
 
 
 def _str(dumper: yaml.SafeDumper, data: str) -> yaml.Node:

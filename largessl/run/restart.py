@@ -124,12 +124,15 @@ def check_restart(old: Mapping[str, Any], new: Mapping[str, Any], allow: Sequenc
         else:
             refused[key] = pair
     if refused:
-        keys = " ".join(refused)
+        keys = list(refused)
+        if "method.name" in refused:  # another method: its fields differ as a whole
+            keys = ["method", *[k for k in keys if not k.startswith("method.")]]
         raise ValueError(
             f"{where or 'the checkpoint'} was trained with another config; a run is one experiment and a restart "
             f"may not change it: {describe(refused)}. Start a new train.run_dir for a new experiment, or rerun "
-            f"with --allow-change {keys} to change it on purpose (recorded in {CONFIG_HISTORY_FILE} and "
-            "metrics.jsonl). Keys a restart may change freely: " + ", ".join(RESTART_SAFE))
+            f"with --allow-change {' '.join(keys)} to change it on purpose (recorded in {CONFIG_HISTORY_FILE} "
+            "and metrics.jsonl). What a restart may change freely (workers, cadences, time limits, endpoints, "
+            "timeouts, stages, eval settings) is listed in docs/operations.md")
     used = [a for a in allow if any(matches(k, [a]) for k in decision.allowed)]
     decision.unused_allows = [a for a in allow if a not in used]
     return decision

@@ -58,7 +58,7 @@ def test_survivor_exits_3_within_the_bound_then_a_rerun_resumes(tmp_path: Path, 
     ckpt = find_latest_checkpoint(run / "checkpoints")
     assert ckpt is not None
     saved = int(ckpt.rsplit("-", 1)[1])
-    procs = cli_runs.start([*args, f"train.num_steps={saved + 2}"], logs, world=2)
+    procs = cli_runs.start([*args, "--allow-change=train.num_steps", f"train.num_steps={saved + 2}"], logs, world=2)
     assert cli_runs.wait(procs) == [exit_codes.OK] * 2, cli_runs.logs(logs)
     assert f"resumed from {ckpt} at step {saved}" in cli_runs.logs(logs)
     assert max(cli_runs.steps(run)) == saved + 2

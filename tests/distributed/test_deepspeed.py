@@ -82,7 +82,7 @@ def test_zero2_pretraining_smoke_and_resume(tmp_path):
     args = [*TINY, f"train.run_dir={run}", "train.global_batch_size=8", "dist.strategy=deepspeed",
             "dist.zero_stage=2", "checkpoint.every_steps=2"]
     assert wait_all(launch(2, 64, [*args, "train.num_steps=3"], logs)) == [0, 0], dump_logs(logs)
-    assert wait_all(launch(2, 64, [*args, "train.num_steps=5"], logs)) == [0, 0], dump_logs(logs)
+    assert wait_all(launch(2, 64, [*args, "--allow-change=train.num_steps", "train.num_steps=5"], logs)) == [0, 0], dump_logs(logs)
     recs = logged_steps(run)
     assert [r["step"] for r in recs] == [1, 2, 3, 4, 5]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in recs)

@@ -20,7 +20,7 @@ def test_zero2_lars_on_one_rank_trains_and_resumes(tmp_path):
     args = [*TINY, f"train.run_dir={run}", "train.global_batch_size=8", "dist.strategy=deepspeed",
             "dist.zero_stage=2", "optim.name=lars", "checkpoint.every_steps=2"]
     assert wait_all(launch(1, 32, [*args, "train.num_steps=2"], logs)) == [0], dump_logs(logs)
-    assert wait_all(launch(1, 32, [*args, "train.num_steps=3"], logs)) == [0], dump_logs(logs)
+    assert wait_all(launch(1, 32, [*args, "--allow-change=train.num_steps", "train.num_steps=3"], logs)) == [0], dump_logs(logs)
     recs = logged_steps(run)
     assert [r["step"] for r in recs] == [1, 2, 3]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in recs)

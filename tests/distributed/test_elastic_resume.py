@@ -131,7 +131,7 @@ def test_deepspeed_refuses_a_world_size_change_before_any_step(tmp_path: Path) -
     args = ["64", *TINY, f"train.run_dir={run}", "train.global_batch_size=8", "dist.strategy=deepspeed",
             "dist.zero_stage=2", "train.num_steps=4"]
     assert wait_all(_launch(2, [*args, "train.num_steps=2"], logs, "synthetic_stream.py")) == [0, 0], dump_logs(logs)
-    codes = wait_all(_launch(4, args, logs, "synthetic_stream.py"))
+    codes = wait_all(_launch(4, [*args, "--allow-change=train.num_steps"], logs, "synthetic_stream.py"))
     text = dump_logs(logs)
     assert all(c != 0 for c in codes) and "written by DeepSpeed on 2 rank(s), this run has 4" in text, text
     assert "Relaunch on 2 rank(s)" in text

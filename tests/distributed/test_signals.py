@@ -68,7 +68,7 @@ def test_signal_on_one_rank_saves_on_all_and_requeues(tmp_path):
         assert load_rank_state(ckpt, rank)["rank"] == rank
 
     # The same command (with a reachable end) continues from the saved step.
-    assert wait_all(launch(2, 64, [*args, f"train.num_steps={last + 3}"], logs, env=probe_env(rec)),
+    assert wait_all(launch(2, 64, [*args, "--allow-change=train.num_steps", f"train.num_steps={last + 3}"], logs, env=probe_env(rec)),
                     timeout=300) == [0, 0], dump_logs(logs)
     steps = [r["step"] for r in logged_steps(run)]
     assert steps == list(range(1, last + 4))

@@ -85,7 +85,7 @@ def test_group_sigterm_with_loader_workers_saves_and_exits_75(tmp_path: Path, di
     assert ckpt is not None and ckpt.endswith(f"step-{last:08d}")
     verify_checkpoint(ckpt)
     # the same command continues from there
-    (proc,) = cli_runs.start([*args, f"train.num_steps={last + 2}"], logs)
+    (proc,) = cli_runs.start([*args, "--allow-change=train.num_steps", f"train.num_steps={last + 2}"], logs)
     assert cli_runs.wait([proc]) == [exit_codes.OK], cli_runs.logs(logs)
     assert cli_runs.steps(run)[-2:] == [last + 1, last + 2]
 
@@ -148,7 +148,7 @@ def test_full_disk_is_3_names_the_path_and_a_rerun_cleans_up_first(tmp_path: Pat
 
     # Someone else's file fills the disk: config.yaml cannot be written; the message names it, nothing is left.
     _fill(small_disk / "other-data.bin")
-    code, last, log = _run([*args, "train.num_steps=6"], tmp_path)
+    code, last, log = _run([*args, "--allow-change=train.num_steps", "train.num_steps=6"], tmp_path)
     assert code == exit_codes.ENVIRONMENT, log.read_text()
     assert "disk full (no space left on device)" in last and f"{run}/config.yaml" in last
     assert (run / "config.yaml").read_text() == config_before  # the atomic write left the old one intact

@@ -162,7 +162,7 @@ def test_pretrain_checkpoints_on_s3_with_only_data_endpoint_url(s3_server, tmp_p
     # an upload cut short by a killed process: no marker; the next run removes it before writing anything
     fs.pipe(f"{root}/step-00000004/model.safetensors", b"partial upload")
 
-    assert cli_runs.wait(cli_runs.start([*args, "train.num_steps=5"], logs, world=2)) == [0, 0], cli_runs.logs(logs)
+    assert cli_runs.wait(cli_runs.start([*args, "--allow-change=train.num_steps", "train.num_steps=5"], logs, world=2)) == [0, 0], cli_runs.logs(logs)
     text = cli_runs.logs(logs)
     assert f"removed interrupted save {ckpt_url}/step-00000004" in text
     assert f"resumed from {ckpt_url}/step-00000003 at step 3" in text

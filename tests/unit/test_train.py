@@ -94,4 +94,4 @@ def test_resume_with_other_world_size_is_refused(tmp_path):
     marker["sizes"]["meta.json"] = meta_file.stat().st_size
     (meta_file.parent / ck.MARKER).write_text(json.dumps(marker))
     with pytest.raises(ValueError, match="allow_resplit"):
-        _fit(run, "train.num_steps=4")
+        _fit(run, "train.num_steps=4", allow_change=["train.num_steps"])

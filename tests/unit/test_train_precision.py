@@ -30,7 +30,8 @@ RESNET = ["model.arch=resnet18", "model.small_input=true"]
 def _trainer(run_dir, *extra) -> Trainer:
     torch.set_num_threads(1)
     cfg = load_config(None, [*BASE, f"train.run_dir={run_dir}", *extra])
-    return Trainer(cfg, DistEnv(), SyntheticStream(32, 8, 0, 1), 32)
+    # these tests extend a run to more steps: a schedule change, allowed explicitly as `--allow-change` would
+    return Trainer(cfg, DistEnv(), SyntheticStream(32, 8, 0, 1), 32, allow_change=["train.num_steps"])
 
 
 class _Probe:

@@ -35,7 +35,8 @@ def _fit(run: Path, manifest_url: str, steps: int):
                              "train.log_every=4", f"train.num_steps={steps}", f"train.run_dir={run}"])
     manifest = read_manifest(manifest_url)
     stream = build_train_stream(cfg.data, manifest, 8, 0, 1, cfg.train.seed)
-    return Trainer(cfg, DistEnv(), stream, manifest.num_samples).fit()
+    # the second run extends the first: a schedule change, allowed explicitly (as `--allow-change` would)
+    return Trainer(cfg, DistEnv(), stream, manifest.num_samples, allow_change=["train.num_steps"]).fit()
 
 
 def test_skip_counters_are_logged_saved_and_continue_after_resume(tmp_path: Path) -> None:
