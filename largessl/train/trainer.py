@@ -319,6 +319,10 @@ class Trainer:
                              f"{self.world_size}: DeepSpeed's partitioned optimizer state resumes only on the same "
                              f"world size. Relaunch on {saved_world} rank(s), or use dist.strategy=ddp, which "
                              "resumes on any world size that divides train.global_batch_size")
+        # The optimizer's state (momentum buffers) comes from the checkpoint; its hyperparameters (peak lr, weight
+        # decay, momentum, ...) come from this run's config: loading a state_dict would bring back the old ones, so
+        # an allowed optim.* change would be logged but not used.
+        configured = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         if self.engine is not None:
             from largessl.train.deepspeed_engine import load_engine
 
@@ -329,6 +333,8 @@ class Trainer:
         else:
             self.module.load_state_dict(strip_compile_prefix(loaded.model), strict=True)
             self.optimizer.load_state_dict(state["optimizer"])
+        for group, values in zip(self.optimizer.param_groups, configured):
+            group.update(values)
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         if self.probe is not None and state.get("probe"):

@@ -54,5 +54,5 @@ def test_http_missing_shard_fails_at_startup(http_server) -> None:
     manifest = read_manifest(str(root / "d" / "val" / "manifest.json"))
     victim = Path(manifest.shards[0].url)
     victim.unlink()
-    with pytest.raises(RuntimeError, match=f"{http_server.url}/d/val/{victim.name}"):
+    with pytest.raises(ValueError, match=f"{http_server.url}/d/val/{victim.name}"):  # missing: bad input (2)
         read_manifest(f"{http_server.url}/d/val/manifest.json")
