@@ -265,3 +265,52 @@ def test_failed_local_save_removes_its_staging(tmp_path):
     with pytest.raises(RuntimeError, match="writer failed"):
         mgr.save(2, payload)
     assert not list(tmp_path.glob(".tmp-*")) and find_latest_checkpoint(tmp_path).endswith("step-00000001")
+
+
+KILLED_SAVE = """
+import sys, time
+sys.path.insert(0, sys.argv[2])
+from test_checkpoint import _model, _payload
+from largessl.run.checkpoint import CheckpointManager
+
+mgr = CheckpointManager(sys.argv[1], keep=2)
+def stuck_upload(lpath, rpath, **kw):  # the object store stops answering mid-upload
+    print("uploading", flush=True)
+    time.sleep(600)
+mgr.store.fs.put_file = stuck_upload
+mgr.save(1, _payload(1, _model(0)))
+"""
+
+
+def test_a_killed_remote_save_leaves_no_share_in_tmpdir(tmp_path, monkeypatch):
+    """A remote save writes this rank's share under TMPDIR first; when the process is SIGKILLed there, the next
+    manager of the same checkpoint directory (any rank, at start) removes it. Live processes' folders stay."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmpdir))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    url = "memory://killed-save/checkpoints"
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_SAVE, url, str(root / "tests" / "unit")],
+                            env={**os.environ, "PYTHONPATH": str(root)}, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "uploading"
+    left = [p for p in tmpdir.iterdir() if p.name.startswith("largessl-save-")]
+    assert len(left) == 1 and any(left[0].rglob("*.pt")), list(tmpdir.iterdir())  # its share, written
+    live = CheckpointManager(url, keep=2)  # the killed process is still alive: its folder stays
+    assert left[0].exists()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert left[0].exists()  # a SIGKILL cleans nothing up
+    other = tmpdir / "largessl-save-0123456789ab-r00000-p1-step-00000001-x"  # another run's: not ours
+    other.mkdir()
+    CheckpointManager(url, keep=2)  # the next start (every rank builds its manager) cleans up
+    assert not left[0].exists() and other.exists()
+    assert live.cleanup_scratch() == []

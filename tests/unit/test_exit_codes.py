@@ -99,3 +99,26 @@ def test_watchdog_ends_a_stuck_process_with_exit_code_3() -> None:
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == exit_codes.ENVIRONMENT, res.stderr
     assert "no training step completed" in res.stderr and "(exit code 3)" in res.stderr
+
+
+def test_a_full_disk_under_metrics_jsonl_names_the_file(tmp_path) -> None:
+    """A write to metrics.jsonl on a full volume (here /dev/full, which answers every write with ENOSPC) is exit 3
+    naming metrics.jsonl; the OSError of a buffered write carries no path by itself ("path not reported")."""
+    from pathlib import Path
+
+    from largessl.run.sinks import JsonlSink
+
+    if not Path("/dev/full").exists():
+        pytest.skip("this machine has no /dev/full to fill")
+    sink = JsonlSink(tmp_path / "metrics.jsonl")
+    sink._f.close()
+    sink._f = open("/dev/full", "w", encoding="utf-8")  # the volume fills up under the open file
+    with pytest.raises(OSError) as e:
+        sink.write({"step": 1, "loss": 1.0})
+    code, message = exit_code_for(e.value)
+    assert code == exit_codes.ENVIRONMENT
+    assert message.startswith("disk full") and message.endswith(str(tmp_path / "metrics.jsonl")), message
+    assert "path not reported" not in message
+    with pytest.raises(OSError) as e:  # closing flushes the same bytes into the same full volume
+        sink.close()
+    assert e.value.filename == str(tmp_path / "metrics.jsonl")
