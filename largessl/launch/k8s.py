@@ -24,7 +24,12 @@ several pods every pod writes the shared checkpoint folder: the PVC must be Read
 Filestore, EFS...), or use ``checkpoint.dir=s3://...`` (then only pod 0 writes the run directory).
 
 Pods run hardened: non-root UID/GID 1000 (the image's user) with ``fsGroup`` so a root-owned volume is
-writable, no privilege escalation, every capability dropped, the runtime's default seccomp profile.
+writable, no privilege escalation, every capability dropped (``IPC_LOCK`` added back with ``ib_resources``), the
+runtime's default seccomp profile; equal CPU and memory requests and limits (QoS Guaranteed) with defaults from the
+process count. Stage Jobs wait in an init container (``largessl launch wait``) for the pretraining's completion
+marker (:func:`stage_gate`). ``node_selector``, ``tolerations``, ``priority_class``, ``data_pvc``, ``kueue_queue``
+(Jobs created suspended with the queue label) fit the pods to a cluster. :func:`plan_manifests` runs the
+submit-time checks (``largessl.run.preflight``) first.
 """
 
 from __future__ import annotations

@@ -6,8 +6,15 @@ from __future__ import annotations
 import pytest
 
 from largessl.config import config_to_dict, load_config
-from largessl.run.restart import RESTART_SAFE, check_restart, config_diff, matches, read_history
-from largessl.run.restart import append_history, history_record
+from largessl.run.restart import (
+    RESTART_SAFE,
+    append_history,
+    check_restart,
+    config_diff,
+    history_record,
+    matches,
+    read_history,
+)
 
 
 def _cfg(*overrides: str) -> dict:
