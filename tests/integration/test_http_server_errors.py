@@ -77,12 +77,18 @@ def flaky(tmp_path: Path) -> Iterator[tuple[str, Path, type[_Flaky]]]:
         thread.join(timeout=10)
 
 
-def _read_all(url: str) -> tuple[int, dict[str, int]]:
+def _read_all(url: str, handler: type[_Flaky]) -> int:
+    """Samples read by three ranks: ranks 1 and 2 start inside a shard (the digits val set has shards of 179, 179
+    and 1 samples), so their first request is a ranged GET without a HEAD, where fsspec raises aiohttp's
+    ClientResponseError itself (at offset 0 it wraps the error into a FileNotFoundError, an OSError)."""
     manifest = read_manifest(url, check_shards=False)
     cfg = DataConfig(augment="none", image_size=16, num_workers=0, retries=4, retry_backoff_s=0.01)
-    stream = build_eval_stream(cfg, manifest, batch_size=64, rank=0, world_size=1)
-    n = sum(len(b.keys) for b in stream.iterate(0))
-    return n, stream.skip_counts() if hasattr(stream, "skip_counts") else {}
+    n = 0
+    for rank in range(3):
+        handler.seen.clear()  # each rank meets the failing answers on its own first requests
+        stream = build_eval_stream(cfg, manifest, batch_size=30, rank=rank, world_size=3)
+        n += sum(len(b.keys) for b in stream.iterate(0))
+    return n
 
 
 @pytest.mark.parametrize("status", [503, 500, 429])
@@ -92,30 +98,29 @@ def test_shard_reads_retry_server_errors(flaky, status: int, caplog: pytest.LogC
     url = f"{base}/d/val/manifest.json"
     expected = read_manifest(str(root / "d" / "val" / "manifest.json")).num_samples
     with caplog.at_level(logging.WARNING):
-        n, skips = _read_all(url)
+        n = _read_all(url, handler)
     assert n == expected  # nothing skipped, nothing lost
-    assert not skips or skips.get("skipped_shards", 0) == 0
-    assert f"HTTP {status}" in caplog.text and "retry 1/3" in caplog.text
+    assert "skipping shard" not in caplog.text and "retry 1/3" in caplog.text
     tars = [count for path, count in handler.seen.items() if path.endswith(".tar")]
-    assert tars and all(count >= 3 for count in tars)  # two failed answers, then the bytes
+    assert tars and all(count >= 3 for count in tars)  # rank 1's shards: two failed answers, then the bytes
 
 
 def test_startup_check_tells_missing_from_server_error(flaky) -> None:
     base, root, handler = flaky
     url = f"{base}/d/val/manifest.json"
     handler.status, handler.fail_first = 503, 1
-    assert read_manifest(url, retries=3, backoff_s=0.01).num_samples > 0  # a blip is retried
+    assert read_manifest(url).num_samples > 0  # a blip is retried (3 attempts, 1 s backoff by default)
     handler.status, handler.fail_first = 500, -1  # the server is broken: every answer is 500
     with pytest.raises(RuntimeError, match=r"cannot tell whether .*\.tar exists: the server failed 3 time\(s\), "
                                            r"last with HTTP 500") as e:
-        read_manifest(url, retries=3, backoff_s=0.01)
+        read_manifest(url)
     assert "does not exist" not in str(e.value)
     assert exit_code_for(e.value)[0] == exit_codes.ENVIRONMENT  # retry later
     handler.fail_first = 0  # the server is fine; one shard really is gone
     victim = read_manifest(str(root / "d" / "val" / "manifest.json")).shards[0].url
     Path(victim).unlink()
     with pytest.raises(ValueError, match=f"{Path(victim).name} listed in manifest .* does not exist") as e:
-        read_manifest(url, retries=3, backoff_s=0.01)
+        read_manifest(url)
     assert exit_code_for(e.value)[0] == exit_codes.BAD_INPUT
 
 
