@@ -60,12 +60,14 @@ def wait(procs: list[subprocess.Popen], timeout: float = 600) -> list[int]:
 
 
 def steps(run_dir: Path) -> list[int]:
-    """Logged steps of metrics.jsonl (torn lines skipped)."""
+    """Logged steps of metrics.jsonl (torn lines and ``event`` records, e.g. an allowed config change, skipped)."""
     path = run_dir / "metrics.jsonl"
     out = []
     for line in path.read_text().splitlines() if path.exists() else []:
         try:
-            out.append(int(json.loads(line)["step"]))
+            rec = json.loads(line)
+            if "event" not in rec:
+                out.append(int(rec["step"]))
         except (json.JSONDecodeError, KeyError):
             pass
     return out

@@ -90,16 +90,19 @@ def wait_all(procs: list[subprocess.Popen], timeout: float = 600) -> list[int]:
 
 
 def logged_steps(run_dir: Path) -> list[dict]:
-    """Records of metrics.jsonl (torn lines skipped)."""
+    """Logged-step records of metrics.jsonl (torn lines and ``event`` records, e.g. an allowed config change,
+    skipped)."""
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return []
     out = []
     for line in path.read_text().splitlines():
         try:
-            out.append(json.loads(line))
+            rec = json.loads(line)
         except json.JSONDecodeError:
-            pass
+            continue
+        if "event" not in rec:
+            out.append(rec)
     return out
 
 

@@ -148,7 +148,7 @@ def test_full_disk_is_3_names_the_path_and_a_rerun_cleans_up_first(tmp_path: Pat
 
     # Someone else's file fills the disk: config.yaml cannot be written; the message names it, nothing is left.
     _fill(small_disk / "other-data.bin")
-    code, last, log = _run([*args, "--allow-change=train.num_steps", "train.num_steps=6"], tmp_path)
+    code, last, log = _run(args, tmp_path)  # the same run: it resumes at step 2, then writes config.yaml first
     assert code == exit_codes.ENVIRONMENT, log.read_text()
     assert "disk full (no space left on device)" in last and f"{run}/config.yaml" in last
     assert (run / "config.yaml").read_text() == config_before  # the atomic write left the old one intact

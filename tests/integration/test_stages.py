@@ -81,7 +81,7 @@ def test_failed_stage_is_rerun_alone_with_its_command(digits, tmp_path):
     cfg = load_config(run_dir / "config.yaml")
     ckpt = find_latest_checkpoint(run_dir / "checkpoints")
     before = _tree(run_dir / "checkpoints")
-    with pytest.raises(RuntimeError, match="missing.json"):
+    with pytest.raises(ValueError, match="missing.json"):  # a missing manifest is bad input (exit 2)
         run_stages(cfg, run_dir)
     status = json.loads((run_dir / "eval" / "stages.json").read_text())
     assert status["stages"] == {"knn": "failed", "push": "pending"}

@@ -75,7 +75,7 @@ def test_bf16_autocast_and_channels_last_on_cpu(tmp_path):
     again = _trainer(run, *RESNET, "train.precision=bf16", "train.channels_last=true", "train.num_steps=6",
                      "model.sync_bn=true").fit()
     assert again.exit_code == 0 and again.step == 6
-    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
@@ -96,7 +96,7 @@ def test_compiled_checkpoints_load_without_compile_and_back(tmp_path):
     assert not [k for k in state if "_orig_mod" in k], "a compiled run must save plain keys"
     assert _trainer(run, *small, "train.compile=false", "train.num_steps=4").fit().step == 4
     assert _trainer(run, *small, "train.compile=true", "train.num_steps=6").fit().step == 6
-    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    recs = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert [r["step"] for r in recs] == [1, 2, 3, 4, 5, 6]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in recs)
 
