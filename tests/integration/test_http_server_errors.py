@@ -60,10 +60,19 @@ class _Flaky(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def flaky(tmp_path: Path) -> Iterator[tuple[str, Path, type[_Flaky]]]:
-    root = tmp_path / "www"
+@pytest.fixture(scope="module")
+def digits_www(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("www")
     assert main(["shards", "digits", str(root / "d"), "--image-size", "16"]) == 0
+    return root
+
+
+@pytest.fixture
+def flaky(digits_www: Path, tmp_path: Path) -> Iterator[tuple[str, Path, type[_Flaky]]]:
+    import shutil
+
+    root = tmp_path / "www"
+    shutil.copytree(digits_www, root)  # a test may delete a shard
     handler = type("Handler", (_Flaky,), {"seen": Counter()})
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(root)))
     srv.daemon_threads = True
