@@ -144,6 +144,8 @@ class Trainer:
         """The run directory's lock when the caller holds it (rank 0); else :meth:`fit` takes it."""
         self._events: list[dict[str, Any]] = []
         self._restart_decision: tuple[RestartDecision, str] | None = None
+        self._lock_agreed = False
+        """Every rank: the lock was taken (on rank 0) and agreed on; :meth:`fit` must not take it again."""
         """metrics.jsonl records of this start (an allowed config change, a restart from scratch)."""
         self.env = env
         self.stream = stream
@@ -453,6 +455,7 @@ class Trainer:
         completion marker the stage jobs wait for.
         """
         cfg = self.cfg
+        took_here = not self._lock_agreed and self.run_lock is None
         own_lock = self.take_lock()
         try:
             if self.rank == 0:
@@ -481,15 +484,17 @@ class Trainer:
                 else:
                     stop.ignore_further()
         finally:
-            if own_lock is not None:
-                own_lock.release()
+            if took_here:  # else the caller (the CLI, holding it through the stages) gives it back
+                if own_lock is not None:
+                    own_lock.release()
                 self.run_lock = None
+                self._lock_agreed = False
 
     def take_lock(self) -> RunLock | None:
         """Collective: rank 0 takes ``<run_dir>/run.lock`` unless the caller holds it; every rank raises
         :class:`RunLockedError` (exit 2) when another live process owns the run. Returns the lock taken here."""
-        if self.run_lock is not None:
-            return None
+        if self.run_lock is not None or self._lock_agreed:
+            return None  # held by the caller, or taken earlier on every rank (rank 0 holds it)
         lock, refusal = None, None
         if self.rank == 0:
             lock = RunLock(self.run_dir, self.cfg.train.lock_lease_seconds)
@@ -505,6 +510,7 @@ class Trainer:
         if refusal:
             raise RunLockedError(refusal)
         self.run_lock = lock
+        self._lock_agreed = True
         return lock
 
     def _record_start(self) -> None:
