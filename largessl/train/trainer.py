@@ -143,10 +143,10 @@ class Trainer:
         self.run_lock = run_lock
         """The run directory's lock when the caller holds it (rank 0); else :meth:`fit` takes it."""
         self._events: list[dict[str, Any]] = []
+        """metrics.jsonl records of this start (an allowed config change, a restart from scratch)."""
         self._restart_decision: tuple[RestartDecision, str] | None = None
         self._lock_agreed = False
         """Every rank: the lock was taken (on rank 0) and agreed on; :meth:`fit` must not take it again."""
-        """metrics.jsonl records of this start (an allowed config change, a restart from scratch)."""
         self.env = env
         self.stream = stream
         self.group = group
