@@ -271,14 +271,17 @@ class StallWatchdog:
     """
 
     def __init__(self, timeout_s: float, exit_code: int = 3, what: str = "training step",
-                 poll_s: float | None = None, on_expire: Callable[[str], None] | None = None) -> None:
+                 poll_s: float | None = None, on_expire: Callable[[str], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.timeout_s = timeout_s
+        self.clock = clock  # injectable so tests drive time instead of sleeping against it
         self.exit_code = exit_code
         self.what = what
         self.poll_s = poll_s if poll_s is not None else max(0.05, min(5.0, timeout_s / 10))
         self.on_expire = on_expire or self._exit
         self._last: float | None = None
         self._paused = 0
+        self.polls = 0  # checks made so far (tests wait on it instead of sleeping)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -290,7 +293,7 @@ class StallWatchdog:
 
     def beat(self) -> None:
         """Report progress (cheap: one attribute store, no lock)."""
-        self._last = time.monotonic()
+        self._last = self.clock()
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -301,7 +304,7 @@ class StallWatchdog:
         finally:
             self._paused -= 1
             if self._last is not None:
-                self._last = time.monotonic()
+                self._last = self.clock()
 
     def stop(self) -> None:
         """Stop watching."""
@@ -311,10 +314,11 @@ class StallWatchdog:
 
     def _run(self) -> None:
         while not self._stop.wait(self.poll_s):
+            self.polls += 1
             last = self._last
             if last is None or self._paused:
                 continue
-            idle = time.monotonic() - last
+            idle = self.clock() - last
             if idle > self.timeout_s:
                 self.on_expire(f"no {self.what} completed for {idle:.0f} s (limit {self.timeout_s:.0f} s): a peer "
                                "rank died or hangs; exiting so the job can be restarted from the last checkpoint")

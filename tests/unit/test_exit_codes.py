@@ -67,23 +67,34 @@ def test_stall_timeout_default_is_five_minutes() -> None:
 
 
 def test_watchdog_beats_pause_and_expiry() -> None:
-    fired: list[str] = []
-    wd = StallWatchdog(0.3, poll_s=0.02, on_expire=fired.append).start()
+    """Driven by a fake clock: the test sets the time and waits for the watchdog thread to have checked it, so a
+    loaded machine (a late thread, a long sleep) cannot make it pass or fail by accident."""
     import time
 
-    time.sleep(0.5)
+    now = [0.0]
+    fired: list[str] = []
+    wd = StallWatchdog(0.3, poll_s=0.001, on_expire=fired.append, clock=lambda: now[0]).start()
+
+    def at(t: float) -> None:  # move the clock to t, then wait for two checks that start after the move (or a fire)
+        now[0] = t
+        target, deadline = wd.polls + 2, time.monotonic() + 60
+        while wd.polls < target and not fired:
+            assert time.monotonic() < deadline, "the watchdog thread stopped checking"
+            time.sleep(0.001)
+
+    at(100.0)
     assert not fired  # not armed before the first beat (start-up, resume, the first compile)
-    for _ in range(10):
-        wd.beat()
-        time.sleep(0.05)
+    wd.beat()
+    at(100.25)
+    assert not fired  # within the limit
     with wd.paused():
-        time.sleep(0.5)  # checkpoint I/O does not count
+        at(200.0)  # checkpoint I/O does not count
     assert not fired
-    deadline = time.monotonic() + 10
-    while not fired and time.monotonic() < deadline:
-        time.sleep(0.05)
+    at(200.25)
+    assert not fired  # the limit counts from the end of the pause
+    at(200.35)
     wd.stop()
-    assert fired and "peer rank died or hangs" in fired[0]
+    assert len(fired) == 1 and "peer rank died or hangs" in fired[0]
 
 
 def test_watchdog_ends_a_stuck_process_with_exit_code_3() -> None:

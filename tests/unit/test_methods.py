@@ -390,10 +390,23 @@ def test_simsiam_loss_value():
 
 
 def test_mirror_predictor_sees_detached_input():
+    """Mirror SimSiam (seed 004, App. Alg. 2) computes P = h(sg(Z)): the predictor learns, but the encoder gets
+    gradient only through Z's own slot in D(Z_a, P_b), never back through the predictor. The encoder's gradient
+    must equal the one where the predictions are constants; a missing ``.detach()`` adds the predictor path."""
+    views = _views(2)
     _, model = _build("simsiam", variant="mirror")
-    out = model(_views(2), step=0)
-    out.loss.backward()
-    assert all(p.grad is not None for p in model.predictor.parameters())
+    model(views, step=0).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.predictor.parameters())
+    got = {n: p.grad.clone() for n, p in model.backbone.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    z = [model.projector(model.backbone(v)) for v in views]
+    if model.cfg.normalises_z():
+        z = [F.normalize(t, dim=1) for t in z]
+    with torch.no_grad():
+        p = [model.predictor(t) for t in z]  # constants: no path back to the encoder
+    simsiam.loss(p[0], p[1], z[0], z[1], "mirror")[0].backward()
+    for n, q in model.backbone.named_parameters():
+        torch.testing.assert_close(got[n], q.grad, msg=f"{n}: encoder gradient flows through the predictor")
 
 
 @pytest.mark.parametrize("pred", ["mlp", "fc_fc_bias", "tanh_fc", "bias"])
