@@ -35,6 +35,8 @@ DEMO_OVERRIDES = [
     "eval.linear_weight_decay=0.0", "eval.linear_normalize=true",
 ]
 """The embedded demo recipe (configs/demo_digits.yaml holds the same values for reading)."""
+DATASETS = ("digits", "photodigits")
+"""Embedded datasets the demo can pretrain on (largessl.data.digits / largessl.data.photodigits)."""
 DEMO_MODEL = "demo-bt-resnet18-digits"
 """Hub name of the demo's backbone (each run pushes a new timestamped version)."""
 
@@ -45,6 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=150, help="pretraining steps (default 150, about 1.5 min on 2 cores)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads for training (default 2)")
     p.add_argument("--linear-epochs", type=int, default=100, help="linear-probe epochs on cached features")
+    p.add_argument("--data", choices=DATASETS, default="digits",
+                   help="embedded dataset (docs/data.md): digits, or photodigits (digits over photographs)")
     p.add_argument("overrides", nargs="*", help="extra dotted config overrides")
 
 
@@ -89,10 +93,22 @@ def evaluate_encoder(cfg, backbone: torch.nn.Module, description: dict, out_dir:
     return {"knn_top1": float(knn["top1"][k]), "linear_top1": float(lin["top1"])}
 
 
+def embedded_shards(data: str, dest: str) -> tuple[str, str]:
+    """Write (or reuse) the embedded dataset ``data`` at 32 px under ``dest``; its train and val manifest URLs."""
+    if data == "digits":
+        from largessl.data.digits import write_digits_shards
+
+        return write_digits_shards(dest, image_size=32)
+    if data == "photodigits":
+        from largessl.data.photodigits import write_photodigits_shards
+
+        return write_photodigits_shards(dest, image_size=32)
+    raise ValueError(f"unknown demo dataset {data!r}; choose one of {', '.join(DATASETS)}")
+
+
 def run_demo(out: str, steps: int, threads: int = 2, linear_epochs: int = 100,
-             overrides: list[str] | None = None, push: bool = True) -> dict:
+             overrides: list[str] | None = None, push: bool = True, data: str = "digits") -> dict:
     """Build shards, pretrain, evaluate both encoders, push to a local hub; returns the results (also printed)."""
-    from largessl.data.digits import write_digits_shards
     from largessl.hub.export import push_run
     from largessl.hub.weights import load_backbone_from_checkpoint
     from largessl.train.trainer import build_trainer
@@ -100,7 +116,7 @@ def run_demo(out: str, steps: int, threads: int = 2, linear_epochs: int = 100,
     torch.set_num_threads(threads)
     out_p = Path(out).resolve()
     t0 = time.perf_counter()
-    train_url, val_url = write_digits_shards(str(out_p / "data"), image_size=32)
+    train_url, val_url = embedded_shards(data, str(out_p / "data" if data == "digits" else out_p / f"data-{data}"))
     cfg = demo_config(out_p, steps, linear_epochs, overrides, train_url, val_url)
     run_dir = Path(cfg.train.run_dir)
     result = build_trainer(cfg, DistEnv()).fit()
@@ -147,5 +163,5 @@ def run(args: argparse.Namespace) -> int:
     """Entry point of ``largessl demo``."""
     logging.getLogger().handlers.clear()  # replace the CLI's default handler by the rank-aware one
     setup_logging(DistEnv(), "INFO")
-    run_demo(args.out, args.steps, args.threads, args.linear_epochs, args.overrides)
+    run_demo(args.out, args.steps, args.threads, args.linear_epochs, args.overrides, data=args.data)
     return 0

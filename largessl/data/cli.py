@@ -1,9 +1,10 @@
-"""``largessl shards``: write WebDataset shards + indexes + manifest, verify or index them, or write the digits set.
+"""``largessl shards``: write WebDataset shards + indexes + manifest, verify or index them, or write an embedded set.
 
     largessl shards write SRC DEST [--shard-size 256MB] [--workers 8] [--overwrite]
     largessl shards verify MANIFEST
     largessl shards index MANIFEST
     largessl shards digits DEST [--image-size 32]
+    largessl shards photodigits DEST [--image-size 32] [--copies 1]
     largessl shards subset SRC_MANIFEST DEST (--percent 10 [--seed 0] | --list 10percent.txt) [--verify]
 """
 
@@ -65,6 +66,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--image-size", type=int, default=32)
     d.add_argument("--val-fraction", type=float, default=0.2)
     d.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("photodigits", help="write the digits blended with patches of photographs (MNIST-M's "
+                                           "construction; no download) as train/val shards: docs/data.md")
+    p.add_argument("dest", help="destination folder URL")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--val-fraction", type=float, default=0.2, help="glyphs held out for val (per class)")
+    p.add_argument("--copies", type=int, default=1, help="draws of every glyph on independent random patches")
+    p.add_argument("--seed", type=int, default=0)
     s = sub.add_parser("subset", help="write a label subset (1%%/10%%: seeded class-balanced draw or an image list) "
                                       "as its own shards + manifest; rerun to reuse or --verify it")
     s.add_argument("src", help="manifest URL of the labelled dataset to draw from")
@@ -132,6 +140,14 @@ def run(args: argparse.Namespace) -> int:
         from largessl.data.digits import write_digits_shards
 
         train, val = write_digits_shards(args.dest, args.image_size, args.val_fraction, args.seed, progress=True)
+        print(train)
+        print(val)
+        return 0
+    if args.shards_command == "photodigits":
+        from largessl.data.photodigits import write_photodigits_shards
+
+        train, val = write_photodigits_shards(args.dest, args.image_size, args.val_fraction, args.copies, args.seed,
+                                              progress=True)
         print(train)
         print(val)
         return 0
