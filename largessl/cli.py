@@ -2,7 +2,7 @@
 
 A sub-command module provides ``add_arguments(parser)`` and ``run(args) -> int``; it is imported only
 when its command is used, so one area's heavy imports never slow another. Exceptions become exit codes
-here (library code never calls ``sys.exit``), see :func:`exit_code_for`: ValueError → 2 (bad input),
+here (library code never calls ``sys.exit``), see :func:`largessl.run.exit_codes.exit_code_for`: ValueError → 2 (bad input),
 OSError and storage-client errors (fsspec, botocore, s3fs, gcsfs) → 3, RuntimeError → 3 (environment),
 FloatingPointError → 4 (diverged), anything else → 1 (a bug). The error is printed as one line; the
 traceback goes to the log above it (for a bug) or at DEBUG level.
@@ -11,7 +11,6 @@ traceback goes to the log above it (for a bug) or at DEBUG level.
 from __future__ import annotations
 
 import argparse
-import errno
 import importlib
 import logging
 import os
@@ -20,7 +19,7 @@ import sys
 from largessl import __version__
 from largessl.distributed.env import DistEnv, setup_logging
 from largessl.run import exit_codes
-from largessl.run.exit_codes import is_storage_error
+from largessl.run.exit_codes import exit_code_for, is_storage_error
 
 __all__ = ["COMMANDS", "build_parser", "end_process", "exit_code_for", "is_storage_error", "main"]
 
@@ -32,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("largessl.eval.cli", "linear and kNN evaluation of a checkpoint or hub model"),
     "hub": ("largessl.hub.cli", "push, list, show, pull, export, yank and page pretrained backbones"),
     "launch": ("largessl.launch.cli", "submit pretraining to SLURM or render Kubernetes jobs"),
+    "status": ("largessl.run.cli", "where each run is: state, step, loss, images/s, ETA, checkpoint, collapse"),
     "repro": ("largessl.repro.cli", "reproduce the seed papers' collapse tables at small scale"),
     "bench": ("largessl.bench.cli", "benchmarks: training step, data loading, end to end"),
 }
@@ -107,33 +107,6 @@ def end_process(code: int) -> None:
         except Exception:
             pass
     os._exit(code)
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
-def exit_code_for(e: BaseException) -> tuple[int, str]:
-    """(exit code, one-line message) for an exception that escaped a command."""
-    if isinstance(e, KeyboardInterrupt):
-        return 130, "interrupted"
-    if isinstance(e, FloatingPointError):
-        return exit_codes.DIVERGED, _one_line(f"training diverged: {e}")
-    if is_storage_error(e):
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            what = e.strerror if e.strerror and "disk full" in e.strerror else "disk full (no space left on device)"
-            return exit_codes.ENVIRONMENT, _one_line(f"{what}: {e.filename or 'path not reported'}")
-        if isinstance(e, OSError) and e.strerror and e.filename:
-            detail = f"{e.strerror}: {e.filename}"
-        else:
-            detail = str(e) or type(e).__name__
-        return exit_codes.ENVIRONMENT, _one_line(f"storage error ({type(e).__name__}): {detail}")
-    if isinstance(e, ValueError):
-        return exit_codes.BAD_INPUT, _one_line(str(e))
-    if isinstance(e, RuntimeError):
-        return exit_codes.ENVIRONMENT, _one_line(str(e))
-    return exit_codes.UNEXPECTED, _one_line(f"unexpected error (a bug; the traceback is above): "
-                                            f"{type(e).__name__}: {e}")
 
 
 if __name__ == "__main__":

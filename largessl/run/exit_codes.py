@@ -1,7 +1,10 @@
 """Process exit codes shared by the CLI and the launchers (SLURM requeue, Kubernetes podFailurePolicy).
 
-The CLI (:func:`largessl.cli.exit_code_for`) maps the exception that ended a command to one of these.
+:func:`exit_code_for` maps the exception that ended a command to one of these (the CLI prints it and exits with
+it; the trainer records it in ``state.json`` for ``largessl status``).
 """
+
+import errno
 
 OK = 0
 """Finished."""
@@ -34,3 +37,30 @@ def is_storage_error(e: BaseException) -> bool:
     if isinstance(e, OSError):
         return True
     return any(c.__module__ == m or c.__module__.startswith(m + ".") for c in type(e).__mro__ for m in STORAGE_MODULES)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def exit_code_for(e: BaseException) -> tuple[int, str]:
+    """(exit code, one-line message) for an exception that escaped a command."""
+    if isinstance(e, KeyboardInterrupt):
+        return 130, "interrupted"
+    if isinstance(e, FloatingPointError):
+        return DIVERGED, _one_line(f"training diverged: {e}")
+    if is_storage_error(e):
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            what = e.strerror if e.strerror and "disk full" in e.strerror else "disk full (no space left on device)"
+            return ENVIRONMENT, _one_line(f"{what}: {e.filename or 'path not reported'}")
+        if isinstance(e, OSError) and e.strerror and e.filename:
+            detail = f"{e.strerror}: {e.filename}"
+        else:
+            detail = str(e) or type(e).__name__
+        return ENVIRONMENT, _one_line(f"storage error ({type(e).__name__}): {detail}")
+    if isinstance(e, ValueError):
+        return BAD_INPUT, _one_line(str(e))
+    if isinstance(e, RuntimeError):
+        return ENVIRONMENT, _one_line(str(e))
+    return UNEXPECTED, _one_line(f"unexpected error (a bug; the traceback is above): "
+                                            f"{type(e).__name__}: {e}")

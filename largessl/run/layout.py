@@ -7,6 +7,7 @@
     <run_dir>/metrics.jsonl      one record per logged step (and one ``event`` record per accepted change)
     <run_dir>/run.lock           the lease of the process that owns the run (largessl.run.lock)
     <run_dir>/pretrain-complete.json  written when pretraining reached its last step (stage jobs wait on it)
+    <run_dir>/state.json         how the last process is doing or how it ended (largessl.run.state)
     <run_dir>/checkpoints/       step-N/ folders (largessl.run.checkpoint)
     <run_dir>/eval/knn.json      results of the evaluation stages, read by the hub's model card
     <run_dir>/eval/linear.json
@@ -22,6 +23,7 @@ CONFIG_HISTORY_FILE = "config_history.jsonl"
 METRICS_FILE = "metrics.jsonl"
 LOCK_FILE = "run.lock"
 COMPLETE_FILE = "pretrain-complete.json"
+STATE_FILE = "state.json"
 CHECKPOINTS_DIR = "checkpoints"
 EVAL_DIR = "eval"
 LINEAR_JSON = "linear.json"

@@ -147,4 +147,11 @@ class LogConfig:
     tensorboard: bool = True
     """Write TensorBoard scalars to <run_dir>/tb."""
     progress: bool = True
-    """Show a progress bar with ETA and throughput on rank 0."""
+    """Show progress with ETA and throughput on rank 0: a bar on a terminal, else plain log lines."""
+    progress_every_s: float = 30.0
+    """Seconds between plain progress lines when stderr is not a terminal (SLURM, Kubernetes logs)."""
+
+    def validate(self) -> None:
+        """Check the progress interval."""
+        if not self.progress_every_s > 0:
+            raise ValueError(f"log.progress_every_s must be > 0 (got {self.progress_every_s})")

@@ -44,6 +44,7 @@ from largessl.run.checkpoint import (
     storage_error,
 )
 from largessl.run.completion import remove_marker, write_marker
+from largessl.run.exit_codes import exit_code_for
 from largessl.run.layout import CHECKPOINTS_DIR, CONFIG_FILE, METRICS_FILE
 from largessl.run.lock import RunLock, RunLockedError
 from largessl.run.precision import PrecisionPolicy, resolve_device, resolve_precision
@@ -59,6 +60,7 @@ from largessl.run.restart import (
 from largessl.run.rng import capture_rng_state, restore_rng_state
 from largessl.run.signals import StopFlag
 from largessl.run.sinks import JsonlSink, MetricSink, TensorBoardSink
+from largessl.run.state import start_record, state_for_exit, write_state
 from largessl.train.online_probe import OnlineProbe
 from largessl.train.optim import build_optimizer
 from largessl.train.schedules import apply_lr
@@ -464,15 +466,27 @@ class Trainer:
             log.info("run directory: %s", self.run_dir.resolve())
             stop = StopFlag(cfg.train.max_minutes, self.group, self.device).install()
             watchdog = self._start_watchdog()
-            result = None
+            result, started = None, False
             try:
                 self.resume()
                 if self.rank == 0:
                     self._record_start()
+                    write_state(self.run_dir, **start_record(self.step, self.plan.num_steps,
+                                                             self.plan.global_batch_size))
+                    started = True
                 result = self._loop(stop)
                 if result.exit_code == exit_codes.OK and self.rank == 0:
                     self._mark_complete()
+                if self.rank == 0:
+                    write_state(self.run_dir, state=state_for_exit(result.exit_code), exit_code=result.exit_code,
+                                reason=result.reason, step=result.step)
                 return result
+            except BaseException as e:
+                if started:  # a refused start (changed config, no verified checkpoint) leaves the record alone
+                    code, message = exit_code_for(e)
+                    write_state(self.run_dir, state=state_for_exit(code), exit_code=code, reason=message,
+                                step=self.step)
+                raise
             finally:
                 if watchdog is not None:
                     watchdog.stop()
@@ -577,7 +591,8 @@ class Trainer:
     def _loop(self, stop: StopFlag) -> FitResult:
         cfg, plan = self.cfg, self.plan
         sinks = self._sinks(self.step)
-        bar = ProgressBar(plan.num_steps, self.step, enabled=cfg.log.progress and self.rank == 0)
+        bar = ProgressBar(plan.num_steps, self.step, enabled=cfg.log.progress and self.rank == 0,
+                          interval_s=cfg.log.progress_every_s)
         skips = self.skips
         self.model.train()
         # On GPU, .item() on the agreed flag would sync the stream every step: check on log steps there.
