@@ -20,6 +20,7 @@ import logging
 import os
 import sys
 
+from largessl.hub.records import human_number as _num
 from largessl.hub.weights import DEFAULT_HUB_ENV
 
 log = logging.getLogger(__name__)
@@ -47,9 +48,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                  "of the run's config, else 'unspecified')")
     p.add_argument("--full-checkpoint", action="store_true",
                    help="also publish the full training checkpoint (converted to safetensors + JSON)")
-    sub.add_parser("list", parents=[common], help="published models and versions")
-    p = sub.add_parser("show", parents=[common], help="print a version's verified model card")
+    p = sub.add_parser("list", parents=[common], help="published models and versions (filter and sort)")
+    p.add_argument("--method", default="", help="only this method (e.g. barlow_twins)")
+    p.add_argument("--arch", default="", help="only this backbone (e.g. resnet50)")
+    p.add_argument("--dataset", default="", help="only models trained on this data set (e.g. imagenet)")
+    p.add_argument("--sort", default="", metavar="METRIC",
+                   help=f"order by a metric, best first: {', '.join(SORT_KEYS)} (default: name, then version)")
+    p = sub.add_parser("show", parents=[common], help="a version's verified model card: a summary (--json: all)")
     p.add_argument("ref", help="NAME[@VERSION]; no version = latest")
+    p.add_argument("--json", action="store_true", help="the whole verified card as JSON")
     p = sub.add_parser("pull", parents=[common, yanked], help="download a version after verifying every sha256")
     p.add_argument("ref", help="NAME[@VERSION]; no version = latest")
     p.add_argument("dest", help="new local directory")
@@ -66,20 +73,108 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub.add_parser("pages", parents=[common, writer], help="rewrite index.html and every model page")
 
 
+SORT_KEYS = ("linear", "knn", "finetune", "created", "loss")
+"""``hub list --sort``: linear top-1, best kNN top-1 over k, best fine-tune top-1, newest first, lowest loss."""
+
+
 def _print(text: str) -> None:
     sys.stdout.write(text + "\n")
 
 
 def _list_line(r: dict) -> str:
     m = r["summary"].get("metrics", {})
-    lin = m.get("linear_top1")
     knn = m.get("knn_top1") or {}
-    lin_text = f"{lin:.2f}" if isinstance(lin, (int, float)) else "-"
     flags = (" (latest)" if r["latest"] else "") + (f" (yanked: {r['yanked'].get('reason', '')})" if r["yanked"] else "")
     return (f"{r['name']}@{r['version']}{flags}  {r['created']}  "
             f"{r['summary'].get('method', '?')} {r['summary'].get('arch', '?')}  "
-            f"data {r['summary'].get('dataset') or '?'}  linear {lin_text}  "
-            f"knn {', '.join(f'k={k}: {v:.2f}' for k, v in knn.items()) or '-'}")
+            f"data {r['summary'].get('dataset') or '?'}  epochs {_num(r['summary'].get('epochs'))}  "
+            f"linear {_num(m.get('linear_top1'), 2)}  "
+            f"knn {', '.join(f'k={k}: {_num(v, 2)}' for k, v in knn.items()) or '-'}")
+
+
+def _best(value: object) -> float | None:
+    """A metric as one number: itself, or the best of a per-k dict (kNN)."""
+    if isinstance(value, dict):
+        nums = [v for v in value.values() if isinstance(v, (int, float))]
+        return max(nums) if nums else None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def sort_key(metric: str, row: dict) -> tuple:
+    """Best first for ``hub list --sort``; rows without the metric go last."""
+    m = row["summary"].get("metrics", {})
+    if metric == "created":
+        return (0, "".join(chr(0x10FFFF - ord(c)) for c in row["created"]))  # newest first
+    if metric == "loss":
+        v = _best(m.get("final_loss"))
+        return (1, 0.0) if v is None else (0, v)
+    key = {"linear": "linear_top1", "knn": "knn_top1"}.get(metric)
+    if key is None:  # finetune: the best of the finetune_*pct_top1 stages
+        vals = [_best(v) for k, v in m.items() if k.startswith("finetune") and k.endswith("_top1")]
+        v = max((x for x in vals if x is not None), default=None)
+    else:
+        v = _best(m.get(key))
+    return (1, 0.0) if v is None else (0, -v)
+
+
+def filter_rows(rows: list[dict], method: str = "", arch: str = "", dataset: str = "") -> list[dict]:
+    """Rows whose summary matches every given field (method exact, arch and dataset as substrings)."""
+    out = []
+    for r in rows:
+        s = r["summary"]
+        if method and s.get("method") != method:
+            continue
+        if arch and arch.lower() not in str(s.get("arch", "")).lower():
+            continue
+        if dataset and dataset.lower() not in str(s.get("dataset", "")).lower():
+            continue
+        out.append(r)
+    return out
+
+
+def card_summary(card: dict, hub_url: str) -> str:
+    """What a person wants first from a card: the evaluation, what was trained on what, how to load it."""
+    ref = f"{card.get('name', '?')}@{card.get('version', '?')}"
+    lines = [ref + (f"  (YANKED: {card['yanked'].get('reason', '')})" if card.get("yanked") else "")]
+    m = card.get("metrics", {})
+    evals = []
+    for key in sorted(m):
+        if key.endswith("_top1"):
+            stage = key[:-len("_top1")]
+            v = m[key]
+            text = (", ".join(f"k={k} {_num(x, 2)}" for k, x in v.items()) if isinstance(v, dict) else _num(v, 2))
+            top5 = m.get(f"{stage}_top5")
+            evals.append(f"{stage} top-1 {text}" + (f" (top-5 {_num(top5, 2)})" if top5 is not None else ""))
+    arch = card.get("architecture", {})
+    data = card.get("dataset", {})
+    paper = card.get("paper", {})
+    rows = [("evaluation", "; ".join(evals) or "none recorded"),
+            ("method", f"{card.get('method', '?')}" + (f" — {paper['citation']}" if paper.get("citation") else "")),
+            ("backbone", f"{arch.get('arch', '?')}" + (" (small input)" if arch.get("small_input") else "")
+             + f", {arch.get('num_features', '?')} features"),
+            ("data", str(data.get("name") or data.get("manifest_url") or "?")
+             + (f", {data['num_samples']} images" if data.get("num_samples") else "")),
+            ("trained", f"{_num(card.get('epochs'))} epochs, {card.get('step', '?')} steps"
+             + (f", final loss {_num(m['final_loss'], 4)}" if "final_loss" in m else ""))]
+    collapse = m.get("collapse") or {}
+    if collapse:
+        rows.append(("collapse", ", ".join(f"{k.removeprefix('collapse/')} {_num(v, 3)}"
+                                           for k, v in sorted(collapse.items()))))
+    diffs = paper.get("differences")
+    if paper.get("recipe"):
+        if diffs:
+            shown = "; ".join(f"{d.get('key')} {d.get('paper')} → {d.get('run')}" for d in diffs[:8])
+            more = f" (+{len(diffs) - 8} more)" if len(diffs) > 8 else ""
+            rows.append(("recipe", f"{paper['recipe']}, differs in {shown}{more}"))
+        else:
+            rows.append(("recipe", f"{paper['recipe']} (no differences)"))
+    rows.append(("license", f"{card.get('license', '?')}, git {str(card.get('git_revision', '?'))[:12]}"))
+    rows.append(("load", f"from largessl.hub import load_backbone; "
+                         f"net, transform = load_backbone({ref!r}, hub={hub_url!r}, with_transform=True)"))
+    width = max(len(k) for k, _ in rows)
+    lines += [f"{k.ljust(width)}  {v}" for k, v in rows]
+    lines.append(f"(the whole card: largessl hub show {ref} --hub {hub_url} --json)")
+    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -97,15 +192,27 @@ def run(args: argparse.Namespace) -> int:
         _print(f"published {ref} to {args.hub}")
         _print(f"load it with: largessl.hub.load_backbone({ref!r}, hub={args.hub!r})")
         return 0
+    from_folder = args.hub_command == "export" and os.path.isdir(args.ref)  # a `hub pull` folder needs no hub
+    if args.hub_command != "push" and not from_folder and not hub.exists_at_all():
+        raise ValueError(f"no hub at {args.hub} (no index.json there): check the path or --hub "
+                         f"(${DEFAULT_HUB_ENV}); a hub is created by its first `largessl hub push`")
     if args.hub_command == "list":
-        rows = hub.list()
+        if args.sort and args.sort not in SORT_KEYS:
+            raise ValueError(f"unknown --sort {args.sort!r}; one of: {', '.join(SORT_KEYS)}")
+        every = hub.list()
+        if not every:
+            raise ValueError(f"hub {args.hub} has no models")
+        rows = filter_rows(every, args.method, args.arch, args.dataset)
+        if args.sort:
+            rows = sorted(rows, key=lambda r: sort_key(args.sort, r))
         if not rows:
-            _print(f"no models in {args.hub}")
+            _print(f"none of the {len(every)} versions in {args.hub} match the filters")
         for r in rows:
             _print(_list_line(r))
         return 0
     if args.hub_command == "show":
-        _print(json.dumps(hub.show(args.ref), indent=1, sort_keys=True))
+        card = hub.show(args.ref)
+        _print(json.dumps(card, indent=1, sort_keys=True) if args.json else card_summary(card, hub.url))
         return 0
     if args.hub_command == "export":
         from largessl.hub.formats import export_model

@@ -35,6 +35,7 @@ import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save_file
 
+from largessl.hub.records import human_number
 from largessl.hub.weights import default_hub, read_backbone
 
 FORMATS = ("torchvision", "timm", "hf", "detectron2")
@@ -244,7 +245,7 @@ def readme(card: dict[str, Any], fmt: str, hub_url: str) -> str:
               f"{card.get('method')} by largessl" + (f" ({paper['citation']})" if paper.get("citation") else "") + ".",
               "", f"- Dataset: {ds.get('name', '?')} (manifest id `{ds.get('manifest_id')}`, "
               f"sha256 `{ds.get('manifest_sha256')}`)",
-              f"- Trained for {card.get('epochs')} epochs ({card.get('step')} steps), git revision "
+              f"- Trained for {human_number(card.get('epochs'))} epochs ({card.get('step')} steps), git revision "
               f"`{card.get('git_revision')}`", f"- License: {card.get('license', 'unspecified')}"]
     for key, val in sorted(card.get("metrics", {}).items()):
         if isinstance(val, (int, float)) and key.endswith(("top1", "top5")):

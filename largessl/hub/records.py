@@ -62,3 +62,28 @@ def latest_version(model: Mapping[str, Any]) -> str | None:
     """The newest version of a model's index entry that is not yanked (None if every one is)."""
     live = [(version_order(e), v) for v, e in model.get("versions", {}).items() if not e.get("yanked")]
     return max(live)[1] if live else None
+
+
+_HUB_ARG = re.compile(r"""hub=(?:'[^'\n]*'|"[^"\n]*")""")
+_HUB_FLAG = re.compile(r"--hub (?:'[^'\n]*'|\S+)")
+
+
+def rehome_snippets(snippets: Mapping[str, str], hub_url: str) -> dict[str, str]:
+    """The card's load snippets pointing at ``hub_url``, the hub the reader opened, instead of the one the model
+    was pushed to (a copied or mirrored hub, a mounted bucket): every ``hub='...'`` argument and ``--hub URL``
+    flag is replaced."""
+    import shlex
+
+    out = {}
+    for fmt, code in snippets.items():
+        code = _HUB_ARG.sub(lambda _: f"hub={hub_url!r}", code)
+        out[fmt] = _HUB_FLAG.sub(lambda _: f"--hub {shlex.quote(hub_url)}", code)
+    return out
+
+
+def human_number(v: Any, digits: int = 1) -> str:
+    """A number for people: ``13.636363636363637`` → ``'13.6'``, ``100.0`` → ``'100'``; None → ``'-'``."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return "-" if v is None else str(v)
+    text = f"{v:.{digits}f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text

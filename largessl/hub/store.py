@@ -60,6 +60,7 @@ from largessl.hub.records import (
     ModelRef,
     check_name,
     latest_version,
+    rehome_snippets,
     version_order,
 )
 from largessl.hub.storage import LocalStorage, PlainStorage, S3Storage, Storage
@@ -265,7 +266,17 @@ class Hub:
         card = self._card(name, version, entry)
         if entry.get("yanked"):
             card["yanked"] = entry["yanked"]
+        if isinstance(card.get("snippets"), dict):
+            card["snippets"] = rehome_snippets(card["snippets"], self.url)
         return card
+
+    def exists_at_all(self) -> bool:
+        """True when a hub index is stored at this URL (False for a mistyped path or a hub never pushed to)."""
+        try:
+            raw, _ = self.storage.read_versioned(INDEX)
+        except OSError as e:
+            raise RuntimeError(f"cannot read {INDEX} from hub {self.url}: {e}") from e
+        return raw is not None
 
     def _card_raw(self, name: str, version: str, entry: Mapping[str, Any]) -> bytes:
         try:
@@ -549,7 +560,10 @@ class Hub:
         cards: dict[str, dict[str, Any] | str] = {}
         for version, entry in model.get("versions", {}).items():
             try:
-                cards[version] = self._card(name, version, entry)
+                card = self._card(name, version, entry)
+                if isinstance(card.get("snippets"), dict):
+                    card["snippets"] = rehome_snippets(card["snippets"], self.url)
+                cards[version] = card
             except (IntegrityError, RuntimeError, ValueError) as e:
                 log.warning("model page of %s: %s", name, e)
                 cards[version] = str(e)

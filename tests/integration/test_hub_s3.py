@@ -49,7 +49,7 @@ def test_s3_hub_round_trip_immutability_and_integrity(aws_env, tmp_path: Path, c
     assert main(["hub", "list", "--hub", hub_url]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("bt-r18@v1 ") and out[1].startswith("bt-r18@v2 (latest)")
-    assert main(["hub", "show", "bt-r18", "--hub", hub_url]) == 0
+    assert main(["hub", "show", "bt-r18", "--hub", hub_url, "--json"]) == 0
     card = json.loads(capsys.readouterr().out)
     assert card["version"] == "v2" and card["architecture"]["arch"] == "resnet18"
     assert "<svg" in fs.cat_file(f"{root}/index.html").decode()

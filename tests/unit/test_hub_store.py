@@ -236,11 +236,10 @@ def test_hub_cli_local(run_dir, tmp_path, capsys):
     from largessl.cli import main
 
     hub_dir = str(tmp_path / "hub")
-    assert main(["hub", "list", "--hub", hub_dir]) == 0
-    assert "no models" in capsys.readouterr().out
+    assert main(["hub", "list", "--hub", hub_dir]) == 2  # no hub there yet: a mistyped path must not look empty
     assert main(["hub", "push", str(run_dir), "--hub", hub_dir, "--version", "v1"]) == 0
     assert "published barlow_twins-resnet18@v1" in capsys.readouterr().out  # default name: method-arch
-    assert main(["hub", "show", "barlow_twins-resnet18@v1", "--hub", hub_dir]) == 0
+    assert main(["hub", "show", "barlow_twins-resnet18@v1", "--hub", hub_dir, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["name"] == "barlow_twins-resnet18"
     assert main(["hub", "show", "missing", "--hub", hub_dir]) == 2
     assert main(["hub", "push", str(tmp_path / "no-run"), "--hub", hub_dir, "--version", "v2"]) == 2
