@@ -12,6 +12,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 pytest.importorskip("deepspeed", reason="DeepSpeed is an optional extra (pip install 'largessl[deepspeed]')")
 
 
+@pytest.mark.slow  # > 20 s on 2 cores: CI runs it (make test-slow), make test does not
 def test_zero2_lars_on_one_rank_trains_and_resumes(tmp_path):
     """Without a group DeepSpeed asserts ("Distributed backend is not initialized"); the engine starts a 1-member one."""
     logs = tmp_path / "logs"

@@ -133,7 +133,7 @@ def knn_reference() -> dict[int, list[int]]:
     return {k: v.tolist() for k, v in preds.items()}
 
 
-@pytest.mark.parametrize("world", [1, 2, 4])
+@pytest.mark.parametrize("world", [1, 2, pytest.param(4, marks=pytest.mark.slow)])  # 4 ranks: > 20 s on 2 cores
 def test_sharded_knn_equals_one_process_ties_included(world, knn_reference, monkeypatch):
     """Each rank holds N/W train rows; predictions (rank-ordered) equal one process exactly.
 

@@ -94,6 +94,7 @@ def test_concurrent_pushes_on_s3(s3_server, run_dirs, tmp_path, monkeypatch):
     assert [p for p in fs.find(f"{root}/{CLAIMS_DIR}") if p.endswith(".json")] == []
 
 
+@pytest.mark.slow  # > 20 s on 2 cores: CI runs it (make test-slow), make test does not
 def test_concurrent_pushes_on_a_local_directory(run_dirs, tmp_path):
     hub_dir = tmp_path / "hub"
     pushes, reads = _run(str(hub_dir), run_dirs, tmp_path)

@@ -84,6 +84,7 @@ def test_auto_precision_on_cpu_stays_fp32(tmp_path):
     assert trainer.policy.dtype == torch.float32 and not trainer.policy.channels_last
 
 
+@pytest.mark.slow  # > 20 s on 2 cores: CI runs it (make test-slow), make test does not
 def test_compiled_checkpoints_load_without_compile_and_back(tmp_path):
     """compile=true → resume with compile=false → resume with compile=true: keys stay plain throughout."""
     run = tmp_path / "run"
