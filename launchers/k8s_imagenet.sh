@@ -12,11 +12,11 @@
 # Barlow Twins' linear protocol for the stages). `largessl launch k8s` checks at render time what can fail
 # before the queue (batch vs 32 ranks, manifests, the stages' val set, object-storage write access) and exits 2.
 # Exit codes: each pod runs `largessl launch node` (not torchrun), which keeps the ranks' codes, so the Job's
-# podFailurePolicy sees 75 (ignored: requeue) apart from 1/2/4 (fail the Job).
+# podFailurePolicy sees 75 (ignored: requeue) apart from 1/2/4/5 (fail the Job).
 #
 # Pods that are preempted or evicted, and ranks that saved and exited 75, are replaced without counting
 # against backoffLimit and resume from the run directory on the PVC (with NODES > 1 it must be
-# ReadWriteMany; else add checkpoint.dir=s3://... as an extra argument); bug exit codes (1, 2, 4) fail the
+# ReadWriteMany; else add checkpoint.dir=s3://... as an extra argument); bug exit codes (1, 2, 4, 5) fail the
 # Job at once. The script follows the Job until it completes (then applies the evaluation stages, exit 0),
 # fails (exit 1, with the Job's reason) or WAIT_TIMEOUT_S passes (exit 124; the Job keeps running).
 set -euo pipefail

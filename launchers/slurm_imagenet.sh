@@ -15,7 +15,7 @@
 # submitted as afterok jobs. Follow with: tail -f "$RUN_DIR/slurm/<job id>/<job id>_0_log.err"
 #
 # Exit codes: every SLURM task is one rank running the trainer in-process (submitit), no torchrun, so a task's
-# code is the trainer's: 75 requeues the job itself (scontrol requeue), 1/2/4 end it (docs/operations.md).
+# code is the trainer's: 75 requeues the job itself (scontrol requeue), 1/2/4/5 end it (docs/operations.md).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "$0")/.." && pwd)"

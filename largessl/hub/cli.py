@@ -46,6 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--version", default="", help="version (default: v<UTC timestamp>); versions are immutable")
     p.add_argument("--license", default="", help="license of the weights, e.g. apache-2.0 (default: hub.license "
                                                  "of the run's config, else 'unspecified')")
+    p.add_argument("--force", action="store_true", help="publish a run the collapse guard stopped (exit 5)")
     p.add_argument("--full-checkpoint", action="store_true",
                    help="also publish the full training checkpoint (converted to safetensors + JSON)")
     p = sub.add_parser("list", parents=[common], help="published models and versions (filter and sort)")
@@ -187,7 +188,8 @@ def run(args: argparse.Namespace) -> int:
         from largessl.hub.export import push_run
 
         card = push_run(args.run_dir, name=args.name, version=args.version,
-                        include_full_checkpoint=args.full_checkpoint, license=args.license, hub=hub)
+                        include_full_checkpoint=args.full_checkpoint, license=args.license, hub=hub,
+                        force=args.force)
         ref = f"{card['name']}@{card['version']}"
         _print(f"published {ref} to {args.hub}")
         _print(f"load it with: largessl.hub.load_backbone({ref!r}, hub={args.hub!r})")

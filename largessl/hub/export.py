@@ -116,14 +116,22 @@ def make_pickle_free(folder: Path) -> dict[str, Any]:
 
 def push_run(path_or_run_dir: str | Path, hub_url: str = "hub", name: str = "", version: str = "",
              endpoint_url: str = "", include_full_checkpoint: bool = False, license: str = "",
-             hub: Hub | None = None) -> dict[str, Any]:
+             hub: Hub | None = None, force: bool = False) -> dict[str, Any]:
     """Export a run's backbone and publish it as ``name@version``; returns the published card.
 
     ``license`` defaults to the run config's ``hub.license``. ``hub`` overrides ``hub_url``/``endpoint_url``
-    (e.g. a single-writer hub).
+    (e.g. a single-writer hub). A run the collapse guard stopped is refused unless ``force``.
     """
     from largessl.hub.formats import load_snippets
+    from largessl.run.layout import STATE_FILE
+    from largessl.run.state import COLLAPSED, read_state
 
+    given = Path(str(path_or_run_dir))  # a run dir, its checkpoints/ folder or a step-N/ folder
+    run_dir = next((c for c in (given, given.parent, given.parent.parent) if (c / STATE_FILE).is_file()), None)
+    state = read_state(run_dir) if run_dir is not None and "://" not in str(path_or_run_dir) else None
+    if state and state.get("state") == COLLAPSED and not force:
+        raise ValueError(f"{run_dir} was stopped by the collapse guard ({state.get('reason', 'collapsed')}); its "
+                         "backbone is not worth publishing. Pass --force (force=True) to push it anyway")
     hub = hub or Hub(hub_url, endpoint_url)
     version = check_name(version, "version") if version else default_version()
     if name and hub.exists(check_name(name, "model name"), version):  # fail before exporting anything

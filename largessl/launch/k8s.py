@@ -18,7 +18,7 @@ Restarts: ``restartPolicy: Never`` with a podFailurePolicy whose rules, first ma
 disruptions (preemption, eviction, node drain: the ``DisruptionTarget`` condition), ignore exit code 75 (a
 rank that saved a checkpoint on a stop request: when one pod is preempted, every rank agrees to stop, saves
 and exits 75, and none of that counts against ``backoffLimit``), and fail the Job at once on the trainer's
-bug exit codes (1, 2, 4). Code 3 (storage, a dead peer) counts against ``backoffLimit`` and is retried.
+bug exit codes (1, 2, 4, 5). Code 3 (storage, a dead peer) counts against ``backoffLimit`` and is retried.
 The run directory lives on a PVC, or checkpoints on object storage, so a replacement pod resumes. With
 several pods every pod writes the shared checkpoint folder: the PVC must be ReadWriteMany (NFS, CephFS,
 Filestore, EFS...), or use ``checkpoint.dir=s3://...`` (then only pod 0 writes the run directory).

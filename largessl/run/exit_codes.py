@@ -19,10 +19,13 @@ s3fs, gcsfs or botocore errors), a dead or hung peer rank (collective timeout, c
 watchdog), rendezvous, a missing shard (RuntimeError). A retry may help; it resumes from the last checkpoint."""
 DIVERGED = 4
 """The loss or embeddings became NaN/Inf (FloatingPointError): retrying the same run cannot help."""
+COLLAPSED = 5
+"""The collapse guard stopped the run (train.collapse_guard): its embeddings collapsed; a checkpoint was saved and
+state.json says why. Retrying the same run cannot help."""
 REQUEUE = 75
 """Stopped on a signal after saving a checkpoint: requeue/restart the same command to resume (EX_TEMPFAIL)."""
 
-FAIL_FAST = (UNEXPECTED, BAD_INPUT, DIVERGED)
+FAIL_FAST = (UNEXPECTED, BAD_INPUT, DIVERGED, COLLAPSED)
 """Codes a scheduler should not retry."""
 RETRY_FREE = (REQUEUE,)
 """Codes a scheduler should restart without counting a failure (Kubernetes podFailurePolicy: Ignore)."""

@@ -3,7 +3,7 @@
 Rank 0 writes it (temp file + rename, so a reader never sees half a file) when training starts and when
 :meth:`Trainer.fit <largessl.train.trainer.Trainer.fit>` ends::
 
-    {"state": "running" | "finished" | "requeued" | "failed", "exit_code": 0 | 75 | 2 | 3 | ... | null,
+    {"state": "running" | "finished" | "requeued" | "failed" | "collapsed", "exit_code": 0 | 75 | 5 | 2 | ... | null,
      "reason": "...", "step": 1200, "num_steps": 500400, "global_batch_size": 2048, "started_at": "...",
      "updated_at": "...", "host": "node12", "pid": 4242, "scheduler": {"slurm_job_id": "...", ...}}
 
@@ -26,7 +26,7 @@ from largessl.run.layout import STATE_FILE
 
 log = logging.getLogger(__name__)
 
-RUNNING, FINISHED, REQUEUED, FAILED = "running", "finished", "requeued", "failed"
+RUNNING, FINISHED, REQUEUED, FAILED, COLLAPSED = "running", "finished", "requeued", "failed", "collapsed"
 
 _SCHEDULER_ENV = {"slurm_job_id": "SLURM_JOB_ID", "slurm_array_job_id": "SLURM_ARRAY_JOB_ID",
                   "slurm_array_task_id": "SLURM_ARRAY_TASK_ID", "slurm_restart_count": "SLURM_RESTART_COUNT",
@@ -50,6 +50,8 @@ def state_for_exit(code: int) -> str:
     """The state a process that exits with ``code`` leaves behind."""
     if code == exit_codes.OK:
         return FINISHED
+    if code == exit_codes.COLLAPSED:
+        return COLLAPSED
     return REQUEUED if code == exit_codes.REQUEUE else FAILED
 
 

@@ -7,7 +7,8 @@ and the newest ``checkpoints/step-N/``. ``metrics.jsonl`` is read backwards from
 file costs a few kilobytes, not its size.
 
 States: ``running`` (the lock is live), ``finished``, ``requeued`` (stopped on a signal after a save: exit 75,
-the scheduler restarts it), ``failed`` (with the exit code and the one-line reason), ``died`` (the last process
+the scheduler restarts it), ``failed`` (with the exit code and the one-line reason), ``collapsed`` (stopped by the
+collapse guard, exit 5), ``died`` (the last process
 left ``running`` behind but holds no live lock: SIGKILL, OOM or node loss; a requeue resumes it), ``not started``.
 """
 
@@ -25,7 +26,7 @@ from largessl.run.completion import read_marker
 from largessl.run.layout import CHECKPOINTS_DIR, CONFIG_FILE, METRICS_FILE, STATE_FILE
 from largessl.run.lock import lock_status
 from largessl.run.progress import format_duration
-from largessl.run.state import FAILED, FINISHED, REQUEUED, RUNNING, read_state
+from largessl.run.state import COLLAPSED, FAILED, FINISHED, REQUEUED, RUNNING, read_state
 
 COLLAPSE_PREFIX = "collapse/"
 _TAIL_CHUNK = 64 * 1024
@@ -142,7 +143,7 @@ def run_status(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
         shown = RUNNING
     elif recorded == RUNNING:
         shown = "died"
-    elif recorded in (FINISHED, REQUEUED, FAILED):
+    elif recorded in (FINISHED, REQUEUED, FAILED, COLLAPSED):
         shown = recorded
     elif marker is not None:
         shown = FINISHED
@@ -187,7 +188,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     header = ["run", "state", "step", "epoch", "loss", "img/s", "ETA", "checkpoint", "wait", "skipped", "collapse"]
     body = []
     for r in rows:
-        state = r["state"] + (f" ({r['exit_code']})" if r["state"] in (FAILED, REQUEUED) else "")
+        state = r["state"] + (f" ({r['exit_code']})" if r["state"] in (FAILED, REQUEUED, COLLAPSED) else "")
         step = f"{r['step']}/{r['num_steps']}" if r["num_steps"] else str(r["step"])
         ck = r["checkpoint"]
         if ck is None:
@@ -206,7 +207,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     widths = [max(len(str(x[i])) for x in [header, *body]) for i in range(len(header))]
     lines = ["  ".join(str(c).ljust(widths[i]) for i, c in enumerate(row)).rstrip() for row in [header, *body]]
     for r in rows:
-        if r["state"] in (FAILED, "died") and (r["reason"] or r["state"] == "died"):
+        if r["state"] in (FAILED, COLLAPSED, "died") and (r["reason"] or r["state"] == "died"):
             why = r["reason"] or "the last process ended without a word (SIGKILL, OOM or node loss); a restart resumes"
             lines.append(f"{r['run_dir']}: {why}")
     return "\n".join(lines)

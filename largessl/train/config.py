@@ -83,6 +83,12 @@ class TrainConfig:
     """Log metrics (metrics.jsonl, TensorBoard) every this many steps."""
     collapse_every: int = 50
     """Compute collapse metrics (std, corr, rank, RankMe, m_o/m_r) every this many steps."""
+    collapse_guard: bool = True
+    """Stop a run whose collapse metrics stay collapsed (m_o > 0.95 or RankMe < 2.5) for
+    ``collapse_guard_patience`` measurements in a row after the warm-up: save, record why, exit 5 (never retried).
+    false = train on (largessl repro does so for rows meant to collapse). largessl/train/collapse_guard.py."""
+    collapse_guard_patience: int = 3
+    """Consecutive collapsed measurements (every ``collapse_every`` steps) before the guard stops the run."""
     max_minutes: float = 0.0
     """Stop (with a checkpoint) after this many minutes of training; 0 = no limit."""
     grad_clip: float = 0.0
@@ -113,6 +119,8 @@ class TrainConfig:
             raise ValueError(f"train.lock_lease_seconds must be > 0 (got {self.lock_lease_seconds})")
         if self.log_every < 1 or self.collapse_every < 1:
             raise ValueError("train.log_every and train.collapse_every must be >= 1")
+        if self.collapse_guard_patience < 1:
+            raise ValueError(f"train.collapse_guard_patience must be >= 1 (got {self.collapse_guard_patience})")
 
 
 @dataclass

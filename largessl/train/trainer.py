@@ -61,6 +61,7 @@ from largessl.run.rng import capture_rng_state, restore_rng_state
 from largessl.run.signals import StopFlag
 from largessl.run.sinks import JsonlSink, MetricSink, TensorBoardSink
 from largessl.run.state import start_record, state_for_exit, write_state
+from largessl.train.collapse_guard import CollapseGuard
 from largessl.train.online_probe import OnlineProbe
 from largessl.train.optim import build_optimizer
 from largessl.train.schedules import apply_lr
@@ -187,6 +188,9 @@ class Trainer:
                 self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=cfg.dist.find_unused_parameters, process_group=group)
         self.probe = self._build_probe(backbone)
+        self.guard = (CollapseGuard(cfg.method.name, cfg.train.collapse_guard_patience, self.plan.warmup_steps)
+                      if cfg.train.collapse_guard else None)
+        """Stops a collapsed run (exit 5) after the warm-up; None when ``train.collapse_guard=false``."""
         self.step = 0
         self._last_loss: torch.Tensor | None = None
         self._watchdog: StallWatchdog | None = None
@@ -639,17 +643,23 @@ class Trainer:
                         for s in sinks:
                             s.write(last)
                         t_window, wait_window, steps_window = time.perf_counter(), 0.0, 0
+                    collapse = self.guard.observe(self.step, last) if is_collapse and self.guard else ""
                     if "loss" in last:  # nothing to show before the first logged step
                         bar.update(1, loss=f"{last['loss']:.4g}", img_s=f"{last.get('images_per_s', 0.0):.0f}")
                     else:
                         bar.update(1)
                     done = self.step >= plan.num_steps
-                    if (self.step % cfg.checkpoint.every_steps == 0 or done
+                    if (self.step % cfg.checkpoint.every_steps == 0 or done or collapse
                             or (end_of_epoch and cfg.checkpoint.at_epoch_end)):
                         self.save(last)
                         saved_at = self.step
                     else:
                         saved_at = -1
+                    if collapse and not done:
+                        log.error("%s; checkpoint saved at step %d", collapse, self.step)
+                        reason, code = collapse, exit_codes.COLLAPSED
+                        stopped = True
+                        break
                     if not done and (self.step % check_every == 0) and stop.agreed():
                         if saved_at != self.step:
                             self.save(last)

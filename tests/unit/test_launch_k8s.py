@@ -67,9 +67,9 @@ def test_job_policy_and_pod_shape(cfg_file: Path, tmp_path: Path) -> None:
     assert rules == [
         {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
         {"action": "Ignore", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [75]}},
-        {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [1, 2, 4]}},
+        {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [1, 2, 4, 5]}},
     ]
-    assert exit_codes.REQUEUE == 75 and sorted(exit_codes.FAIL_FAST) == [1, 2, 4]
+    assert exit_codes.REQUEUE == 75 and sorted(exit_codes.FAIL_FAST) == [1, 2, 4, 5]
     c = pod["containers"][0]
     assert c["resources"]["limits"]["nvidia.com/gpu"] == "8" == c["resources"]["requests"]["nvidia.com/gpu"]
     assert c["args"][:4] == ["launch", "node", "--nproc-per-node", "8"]
