@@ -10,12 +10,17 @@ States: ``running`` (the lock is live), ``finished``, ``requeued`` (stopped on a
 the scheduler restarts it), ``failed`` (with the exit code and the one-line reason), ``collapsed`` (stopped by the
 collapse guard, exit 5), ``died`` (the last process
 left ``running`` behind but holds no live lock: SIGKILL, OOM or node loss; a requeue resumes it), ``not started``.
+A run started under SLURM also shows its job's state (``scontrol show job``, else ``sacct``): a requeued run
+``PENDING`` in the queue, a ``died`` one whose job is ``NODE_FAIL``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -119,8 +124,35 @@ def newest_checkpoint(run_dir: Path, config: dict[str, Any]) -> dict[str, Any] |
     return {"step": step, "path": str(path), "age_s": max(0.0, time.time() - (path / "COMPLETE.json").stat().st_mtime)}
 
 
-def run_status(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """Everything ``largessl status`` shows of one run, as a JSON-ready dict."""
+def slurm_job(job_id: str, timeout_s: float = 20.0) -> dict[str, Any] | None:
+    """The SLURM job's state and restart count from ``scontrol show job`` (no accounting database needed; SLURM
+    keeps a finished job for ``MinJobAge``, 300 s by default), else ``sacct``; None without SLURM's commands."""
+    if shutil.which("scontrol"):
+        try:
+            res = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True,
+                                 timeout=timeout_s)
+        except (OSError, subprocess.TimeoutExpired):
+            res = None
+        if res is not None and res.returncode == 0:
+            state = re.search(r"\bJobState=(\S+)", res.stdout)
+            restarts = re.search(r"\bRestarts=(\d+)", res.stdout)
+            return {"job_id": str(job_id), "state": state.group(1) if state else "UNKNOWN",
+                    "restarts": int(restarts.group(1)) if restarts else None, "source": "scontrol"}
+    if shutil.which("sacct"):
+        try:
+            res = subprocess.run(["sacct", "-n", "-X", "-P", "-j", str(job_id), "-o", "State"], capture_output=True,
+                                 text=True, timeout=timeout_s)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        lines = [x for x in res.stdout.split() if x]
+        if res.returncode == 0 and lines:
+            return {"job_id": str(job_id), "state": lines[-1], "restarts": None, "source": "sacct"}
+    return None
+
+
+def run_status(run_dir: str | os.PathLike[str], scheduler: bool = True) -> dict[str, Any]:
+    """Everything ``largessl status`` shows of one run, as a JSON-ready dict (``scheduler``: also ask SLURM about
+    the job recorded in state.json, when its commands are here)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ValueError(f"{run_dir} is not a directory")
@@ -175,6 +207,8 @@ def run_status(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
         "collapse_step": collapse_rec.get("step"),
         "updated_at": state.get("updated_at"),
         "scheduler": state.get("scheduler", {}),
+        "slurm": (slurm_job(state["scheduler"]["slurm_job_id"])
+                  if scheduler and (state.get("scheduler") or {}).get("slurm_job_id") else None),
         "lock": lock,
     }
 
@@ -189,6 +223,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     body = []
     for r in rows:
         state = r["state"] + (f" ({r['exit_code']})" if r["state"] in (FAILED, REQUEUED, COLLAPSED) else "")
+        if r.get("slurm"):
+            state += f", slurm {r['slurm']['job_id']} {r['slurm']['state']}"
         step = f"{r['step']}/{r['num_steps']}" if r["num_steps"] else str(r["step"])
         ck = r["checkpoint"]
         if ck is None:

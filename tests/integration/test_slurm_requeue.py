@@ -99,3 +99,14 @@ def test_requeue_and_preemption_resume_without_lost_or_repeated_steps(slurm_clus
     assert f"requeued SLURM job {job}" in logs  # rank 0's own requeue after the preemption signal
     steps = _steps(run_dir)
     assert steps == list(range(1, NUM_STEPS + 1)), f"steps lost or repeated: {steps}"
+    # `largessl status` names the job (the run recorded SLURM_JOB_ID) and asks SLURM about it
+    status = subprocess.run([sys.executable, "-m", "largessl", "status", "--json", str(run_dir)],
+                            capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0, status.stderr
+    (row,) = json.loads(status.stdout)
+    assert row["state"] == "finished" and row["scheduler"]["slurm_job_id"] == job, row
+    assert row["slurm"] == {"job_id": job, "state": "COMPLETED", "restarts": 2, "source": "scontrol"}, row
+    table = subprocess.run([sys.executable, "-m", "largessl", "status", str(run_dir)], capture_output=True,
+                           text=True, timeout=120).stdout
+    print(table)
+    assert f"finished, slurm {job} COMPLETED" in table
