@@ -6,13 +6,17 @@ import contextlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch import nn
 
 from largessl.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
+_AUTOCAST_HOOKED = "_largessl_autocast_inside"
+"""Attribute set on a module whose forward enters the policy's autocast itself (see autocast_inside)."""
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -43,6 +47,34 @@ class PrecisionPolicy:
         else:
             with torch.autocast(device_type=self.device_type, dtype=self.dtype):
                 yield
+
+    def autocast_inside(self, module: nn.Module) -> None:
+        """Make ``module``'s own call enter :meth:`autocast` (idempotent; the state_dict keys do not change).
+
+        DeepSpeed runs its module under ``deepspeed/runtime/torch_autocast.py:autocast_if_enabled``: when
+        ``torch.is_autocast_enabled()`` is true (on a GPU: CUDA autocast is on) and the DeepSpeed config has no
+        ``torch_autocast`` section, it enters ``torch.autocast(device_type=..., enabled=False)`` around the
+        module, so an autocast region outside ``engine(...)`` never reaches the backbone. A forward pre-hook
+        enters the region inside the module DeepSpeed wraps, below DeepSpeed's context; the matching forward
+        hook (``always_call``: it runs when the forward raises too) leaves it. A hook pair instead of a wrapper
+        module keeps the parameter names, so DeepSpeed checkpoints keep their keys.
+        """
+        if self.dtype == torch.float32 or getattr(module, _AUTOCAST_HOOKED, False):
+            return
+        stack: list[contextlib.AbstractContextManager[None]] = []
+
+        def enter(mod: nn.Module, args: Any) -> None:
+            ctx = torch.autocast(device_type=self.device_type, dtype=self.dtype)
+            ctx.__enter__()
+            stack.append(ctx)
+
+        def leave(mod: nn.Module, args: Any, out: Any) -> None:
+            if stack:
+                stack.pop().__exit__(None, None, None)
+
+        module.register_forward_pre_hook(enter)
+        module.register_forward_hook(leave, always_call=True)
+        setattr(module, _AUTOCAST_HOOKED, True)
 
     def make_scaler(self) -> torch.amp.GradScaler | None:
         """A GradScaler for fp16, else None."""

@@ -156,6 +156,8 @@ def build_engine(module: nn.Module, optimizer: Optimizer, zero_stage: int, per_r
     # DeepSpeed asserts LOCAL_RANK exists; SLURM/Kubernetes launches may only have our detected value.
     os.environ.setdefault("LOCAL_RANK", str(device.index or 0) if device.type == "cuda" else "0")
     config = deepspeed_config(zero_stage, per_rank_batch_size, world_size, grad_clip, policy)
+    # Our autocast must start inside the module DeepSpeed wraps: DeepSpeed switches an outer one off.
+    policy.autocast_inside(module)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=config,
                                            dist_init_required=False)
     if zero_stage in (1, 2):
