@@ -87,6 +87,8 @@ class EncodedBatch:
         self.params = self.params.pin_memory()
         self.labels = self.labels.pin_memory()
         self.cpu_images = [t.pin_memory() for t in self.cpu_images]
+        if self.spare is not None:
+            self.spare.image = self.spare.image.pin_memory()
         return self
 
 
@@ -206,6 +208,13 @@ class DeviceStage:
         if pending is not None:
             yield self.finish(*pending)
 
+    def _on_device(self, src: _Source | None) -> _Source | None:
+        """The worker's look-ahead sample (decoded on the CPU in the worker) moved to the training device."""
+        if src is None or src.image.device == self.device:
+            return src
+        return _Source(src.image.to(self.device, non_blocking=True), src.gid, src.label, src.key, src.width,
+                       src.height)
+
     def _make(self, eb: EncodedBatch, worker: int) -> Batch:
         n = len(eb.ids)
         encoded = list(torch.split(eb.data, eb.lengths)) if eb.lengths else []
@@ -231,7 +240,7 @@ class DeviceStage:
                     j = good[i % len(good)]
                     return _Source(images[j], eb.ids[j], int(eb.labels[j]), eb.keys[j], *eb.sizes[j])  # type: ignore[arg-type]
             else:
-                fb = self.fallback.get(worker) or eb.spare
+                fb = self.fallback.get(worker) or self._on_device(eb.spare)
                 if fb is None:
                     raise RuntimeError(f"no decodable sample left in this worker's {n}-sample batch or after it; the "
                                        "shards are unreadable: check them with `largessl shards verify`")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -81,13 +82,34 @@ class PrecisionPolicy:
         return torch.amp.GradScaler(self.device_type) if self.use_scaler else None
 
 
+def local_cuda_index(local_rank: int, device_count: int, visible: str | None = None) -> int:
+    """The CUDA ordinal for the process with node-local rank ``local_rank`` when it sees ``device_count`` devices.
+
+    One visible device (``--gpus-per-task=1``, ``--gpu-bind``, a per-rank ``CUDA_VISIBLE_DEVICES``) is
+    ordinal 0 whatever the local rank; more devices than local ranks map rank i to device i; fewer (ranks
+    oversubscribe the node's devices) wrap around, with a warning, instead of failing with "invalid device
+    ordinal".
+    """
+    if device_count < 1:
+        raise RuntimeError("CUDA is available but no CUDA device is visible "
+                           f"(CUDA_VISIBLE_DEVICES={visible!r}); check the job's GPU binding")
+    if device_count == 1:
+        return 0
+    if local_rank >= device_count:
+        log.warning("local rank %d but only %d visible CUDA devices (CUDA_VISIBLE_DEVICES=%r): using cuda:%d; "
+                    "several processes share a device", local_rank, device_count, visible, local_rank % device_count)
+    return local_rank % device_count
+
+
 def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
-    """cuda:<local_rank> when CUDA is requested or available (auto), else cpu."""
+    """cuda:<ordinal of local_rank> (see :func:`local_cuda_index`) when CUDA is requested or available
+    (auto), else cpu."""
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise RuntimeError("train.device=cuda but CUDA is not available; use train.device=cpu or auto")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
+        index = local_cuda_index(local_rank, torch.cuda.device_count(), os.environ.get("CUDA_VISIBLE_DEVICES"))
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     return torch.device("cpu")
 
 

@@ -344,3 +344,27 @@ def test_every_recipe_agrees_between_the_modes(shards: str, recipe: str) -> None
     # none: whole-image crops >= 2x the 32-px output, so the CPU path decodes at 1/2 in the DCT (docs/data.md)
     bound = 3.0 if recipe == "none" else 1.5
     assert diffs.mean() < bound, (recipe, float(diffs.mean()))
+
+
+def test_the_look_ahead_spare_image_is_moved_to_the_training_device(monkeypatch) -> None:
+    """A worker whose first batch is all unreadable substitutes its look-ahead sample, decoded on the CPU in the
+    worker: it must reach the training device before the batched augmentation (on CUDA a CPU image made
+    BatchedViews run on the CPU and ``record_stream`` raise). The ``meta`` device stands in for CUDA here."""
+    specs = recipe_specs("barlow_twins", 32, 2)
+    stage = device_batch.DeviceStage(specs, torch.device("meta"), lambda e, g, s: _rng("aug", 3, e, g, s))
+    seen: list[torch.device] = []
+
+    def views(images, params):
+        seen.extend(img.device for img in images)
+        return [torch.empty(len(images), 3, 32, 32, device="meta") for _ in specs]
+
+    monkeypatch.setattr(stage, "views", views)
+    spare = device_batch._Source(torch.zeros(3, 60, 80, dtype=torch.uint8), 7, 1, "s0007", 80, 60)
+    eb = device_batch.EncodedBatch(
+        data=torch.empty(0, dtype=torch.uint8), lengths=[], jpeg_rows=[], cpu_images=[], cpu_rows=[],
+        sizes=[(0, 0)] * 2, params=torch.zeros(2, 2, 16, dtype=torch.float64), ids=[0, 1],
+        labels=torch.tensor([-1, -1]), keys=["", ""], urls=["", ""], epoch=0, spare=spare)
+    batch = stage._make(eb, 0)
+    assert seen == [torch.device("meta")] * 2, f"augmentation got images on {seen}"
+    assert batch.keys == ["s0007", "s0007"] and batch.labels.device.type == "meta"
+    assert stage.fallback[0].image.device.type == "meta"  # later batches of the worker borrow the moved copy
