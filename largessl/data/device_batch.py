@@ -32,6 +32,7 @@ from largessl.data.augment import ViewSpec, draw_params
 from largessl.data.batch import Batch
 from largessl.data.batched_augment import NUM_PARAMS, BatchedViews, pack_params
 from largessl.data.decode import DecodeError, decode_cpu, decode_jpegs, probe
+from largessl.nn.host_sync import host_side, to_device
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +213,7 @@ class DeviceStage:
         """The worker's look-ahead sample (decoded on the CPU in the worker) moved to the training device."""
         if src is None or src.image.device == self.device:
             return src
-        return _Source(src.image.to(self.device, non_blocking=True), src.gid, src.label, src.key, src.width,
+        return _Source(to_device(src.image, self.device), src.gid, src.label, src.key, src.width,
                        src.height)
 
     def _make(self, eb: EncodedBatch, worker: int) -> Batch:
@@ -225,12 +226,13 @@ class DeviceStage:
                 log.warning("skipping undecodable sample %s in %s: JPEG decoding failed", eb.keys[row], eb.urls[row])
                 self.skipped[worker] = self.skipped.get(worker, 0) + 1
         for row, img in zip(eb.cpu_rows, eb.cpu_images):
-            images[row] = img.to(self.device, non_blocking=True)
+            images[row] = to_device(img, self.device)
         good = [i for i in range(n) if images[i] is not None]
-        params, labels, keys, sizes = eb.params, eb.labels, list(eb.keys), list(eb.sizes)
+        params, keys, sizes = eb.params, list(eb.keys), list(eb.sizes)
+        host_labels: list[int] = eb.labels.tolist()  # host data: labels and parameters never wait for the device
         if good:
             j = good[-1]
-            self.fallback[worker] = _Source(images[j], eb.ids[j], int(labels[j]), keys[j], *sizes[j])
+            self.fallback[worker] = _Source(images[j], eb.ids[j], host_labels[j], keys[j], *sizes[j])
         if len(good) < n:
             # the CPU path's rule (stream._ShardDataset._make_batch): bad row i takes good[i mod len(good)],
             # else the worker's last good sample, else its look-ahead; views from the generator salted with id + 1
@@ -238,7 +240,7 @@ class DeviceStage:
             if good:
                 def src_of(i: int) -> _Source:
                     j = good[i % len(good)]
-                    return _Source(images[j], eb.ids[j], int(eb.labels[j]), eb.keys[j], *eb.sizes[j])  # type: ignore[arg-type]
+                    return _Source(images[j], eb.ids[j], host_labels[j], eb.keys[j], *eb.sizes[j])  # type: ignore[arg-type]
             else:
                 fb = self.fallback.get(worker) or self._on_device(eb.spare)
                 if fb is None:
@@ -248,15 +250,17 @@ class DeviceStage:
 
                 def src_of(i: int) -> _Source:
                     return fb
-            params, labels = params.clone(), labels.clone()
+            params = params.clone()
             for i in range(n):
                 if images[i] is None:
                     src = src_of(i)
                     images[i] = src.image
-                    params[i] = torch.tensor(self.encoder.draw(eb.epoch, src.gid, eb.ids[i] + 1, src.width,
-                                                               src.height), dtype=torch.float64)
-                    labels[i], keys[i] = src.label, src.key
+                    with host_side():
+                        params[i] = torch.tensor(self.encoder.draw(eb.epoch, src.gid, eb.ids[i] + 1, src.width,
+                                                                   src.height), dtype=torch.float64)
+                    host_labels[i], keys[i] = src.label, src.key
         views = self.views([img for img in images if img is not None], params)
         stats = dict(eb.stats)
         stats["skipped_samples"] = int(stats.get("skipped_samples", 0)) + self.skipped.get(worker, 0)
-        return Batch(views=views, labels=labels.to(self.device, non_blocking=True), keys=keys, stats=stats)
+        labels = eb.labels if len(good) == n else torch.tensor(host_labels, dtype=torch.long)
+        return Batch(views=views, labels=to_device(labels, self.device), keys=keys, stats=stats)
