@@ -3,7 +3,7 @@
 Worker side (:class:`BatchEncoder`, inside each DataLoader worker): read the header of every sample
 (no decoding), draw its views' parameters with the same per-sample generator as the CPU path, and
 pack the encoded JPEGs into one contiguous ``uint8`` tensor (pinned by the loader). Samples the device
-decoder cannot take (PNG & co., CMYK JPEGs, JPEGs without an end marker) are decoded here on the CPU.
+decoder cannot take (PNG & co., CMYK JPEGs, JPEGs whose marker structure is broken or truncated) are decoded here on the CPU.
 Samples without an image, with an unreadable label or that are not images are counted and logged as
 the CPU path does.
 
@@ -166,6 +166,9 @@ class DeviceStage:
         self.views = BatchedViews(specs)
         self.device = device
         self.side = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.decode_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        """The stream that is current while nvJPEG allocates its outputs; no kernel of ours is ever queued on it
+        (see :meth:`_decode`)."""
         self.fallback: dict[int, _Source] = {}  # per worker, as each CPU worker keeps its own
         self.skipped: dict[int, int] = {}  # decode failures found here, per worker, cumulative
         self.gpu_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] | None = None
@@ -216,11 +219,40 @@ class DeviceStage:
         return _Source(to_device(src.image, self.device), src.gid, src.label, src.key, src.width,
                        src.height)
 
+    def _decode(self, encoded: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """Decode on the device so that nvJPEG never writes into memory that queued kernels still use.
+
+        What torchvision 0.29 does (torchvision/csrc/io/image/cuda/decode_jpegs_cuda.cpp):
+        ``CUDAJpegDecoder::prepare_buffers`` allocates each output with ``torch::empty(..., device(target_device))``,
+        i.e. from the caching allocator's pool of the *caller's current stream*; ``decode_images`` then runs on
+        the decoder's own stream (``getStreamFromPool`` in its constructor) after
+        ``cudaStreamSynchronize(stream)`` of that stream only; ``decode_jpegs_cuda`` finally makes the caller's
+        stream wait (``event.record(cudaJpegDecoder->stream); event.block(current_stream)``). Nothing makes the
+        decoder wait for the caller's stream. Called on our side stream, the allocator could hand the decoder
+        blocks just freed there (the previous batch's augmentation temporaries) whose kernels are still queued:
+        nvJPEG would overwrite them, or they it.
+
+        So the call runs with ``decode_stream`` current, a stream on which nothing of ours is queued: a block of
+        its pool is reused only once everything that used it has finished, because the decoded images are
+        recorded on the side stream that consumes them (``record_stream``: the allocator then waits for the
+        side stream's event before reusing the block, checked on the host without blocking). The side stream
+        waits for the decoder through ``decode_stream`` (torchvision's ``event.block``) before using them.
+        """
+        if self.decode_stream is None or self.side is None or not encoded:
+            return decode_jpegs(encoded, self.device)
+        with torch.cuda.stream(self.decode_stream):
+            images = decode_jpegs(encoded, self.device)
+        self.side.wait_stream(self.decode_stream)
+        for img in images:
+            if img is not None:
+                img.record_stream(self.side)
+        return images
+
     def _make(self, eb: EncodedBatch, worker: int) -> Batch:
         n = len(eb.ids)
         encoded = list(torch.split(eb.data, eb.lengths)) if eb.lengths else []
         images: list[torch.Tensor | None] = [None] * n
-        for row, img in zip(eb.jpeg_rows, decode_jpegs(encoded, self.device)):
+        for row, img in zip(eb.jpeg_rows, self._decode(encoded)):
             images[row] = img
             if img is None:
                 log.warning("skipping undecodable sample %s in %s: JPEG decoding failed", eb.keys[row], eb.urls[row])
