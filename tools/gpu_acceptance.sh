@@ -6,7 +6,8 @@
 #
 # Steps (each writes OUT_DIR/<step>.log and, where the command has one, a JSON report):
 #   1. gpu-test       make gpu-test (pytest -m gpu tests/gpu); skipped in --dry-run (no CUDA: all would skip)
-#   2. step           bench step, BT-R50 (ours / reference / floor), then train.compile=true
+#   2. step           bench step, BT-R50 (ours / reference / floor), then train.compile=true; the DBN step with
+#                     whitening=eigh (one host sync per view) against newton_schulz (none): the cost of that sync
 #   3. shards         real-size (~500x375, ~110 kB) JPEG shards written here, on the device's machine
 #   4. data           bench data in every mode (GPU decode included when CUDA is there)
 #   5. e2e-gpu/-cpu   bench e2e on those shards with data.decode=gpu and with the CPU path
@@ -36,7 +37,7 @@ if [ $DRY = 1 ]; then
   STEP_ARGS=(--per-rank-batch-size 4 --steps 1 --warmup 1 --no-loss-timing model.arch=resnet18
              model.small_input=true method.projector=32-32 data.image_size=16 train.device=cpu)
   COMPILE=()
-  IMAGES=8; DATA_ARGS=(--images 16 --batch-size 4 --image-size 32 --rounds 1)
+  IMAGES=16; DATA_ARGS=(--images 16 --batch-size 4 --image-size 32 --rounds 1)
   E2E_ARGS=(--per-rank-batch-size 4 --steps 1 --warmup 1 --no-step model.arch=resnet18 model.small_input=true
             method.projector=32-32 data.image_size=32 data.num_workers=0 train.device=cpu)
   SYNC_ARGS=(--methods barlow_twins,decorrelation --batch-size 4 --steps 1 model.arch=resnet18
@@ -80,6 +81,12 @@ if [ ${#COMPILE[@]} -gt 0 ]; then
   run step-compile "$PY" -m largessl bench step "${STEP_ARGS[@]}" --warmup 15 "${COMPILE[@]}" \
     --json "$OUT/step-bt-r50-compile.json"
 fi
+
+# the one sync left in a step: DBN's linalg.eigh (one per view); Newton-Schulz whitening has none
+for whitening in eigh newton_schulz; do
+  run "step-dbn-$whitening" "$PY" -m largessl bench step "${STEP_ARGS[@]}" --variants ours method.name=decorrelation \
+    "method.whitening=$whitening" --json "$OUT/step-dbn-$whitening.json"
+done
 
 SHARDS="$OUT/shards"
 run shards "$PY" -c "

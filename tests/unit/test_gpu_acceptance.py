@@ -32,7 +32,8 @@ def test_the_dry_run_writes_every_report(tmp_path):
     summary = (out_dir / "summary.txt").read_text()
     assert out.returncode == 0, summary + out.stdout[-2000:] + out.stderr[-2000:]
     assert "FAILED" not in summary and "gpu-test: skipped in --dry-run" in summary
-    for name in ("step-bt-r50", "data", "e2e-gpu", "e2e-cpu", "syncs", "syncs-decode-gpu"):
+    for name in ("step-bt-r50", "step-dbn-eigh", "step-dbn-newton_schulz", "data", "e2e-gpu", "e2e-cpu", "syncs",
+                 "syncs-decode-gpu"):
         json.loads((out_dir / f"{name}.json").read_text())
     assert (out_dir / "shards" / "manifest.json").is_file()
     e2e = json.loads((out_dir / "e2e-gpu.json").read_text())
