@@ -1,7 +1,8 @@
 """DeepSpeed wrapping (ZeRO stage 0/1/2), on GPU with NCCL or on CPU with gloo.
 
-The model weights stay fp32 inside DeepSpeed; bf16 comes from the same torch autocast region as with DDP,
-so the SSL loss and batch statistics stay fp32 exactly as in the DDP path (DeepSpeed's own bf16/fp16 modes
+The model weights stay fp32 inside DeepSpeed; bf16 comes from the same torch autocast policy as with DDP,
+entered inside the module DeepSpeed wraps (DeepSpeed switches an autocast around ``engine(...)`` off, see
+:meth:`largessl.run.precision.PrecisionPolicy.autocast_inside`), so the SSL loss and batch statistics stay fp32 exactly as in the DDP path (DeepSpeed's own bf16/fp16 modes
 would cast the whole module, batch-norm statistics included). LARS keeps per-layer trust ratios under
 ZeRO-1/2 through :func:`largessl.train.optim.attach_zero_layout`.
 """
