@@ -5,7 +5,8 @@
 3. The look-ahead spare image of a worker whose first batch is all unreadable, on the device.
 4. Grayscale, progressive and CMYK JPEGs through the ``data.decode=gpu`` path against the CPU decode.
 5. ``model.sync_bn`` and ``train.compile`` together, on 2 ranks.
-6. A training step and the GPU data stage make no host sync, counted on CUDA (pageable copies included).
+6. A training step makes no host sync, counted on CUDA (pageable copies included).
+7. The nvJPEG stage under allocator churn equals a serialised run (decode outputs never reuse busy memory).
 """
 
 from __future__ import annotations
@@ -180,3 +181,40 @@ def test_a_training_step_makes_no_host_sync_on_cuda(tmp_path, method):
     (per_step,) = run_on_one_gpu(_count_on_cuda, 1, method, str(tmp_path / "run"))
     print(f"{method}: host syncs per step on CUDA {per_step}")
     assert per_step == ([{"linalg_eigh": 2}] * 2 if method == "decorrelation" else [{}, {}])
+
+
+# 7 ------------------------------------------------------------------------------------------------------
+
+
+def test_gpu_decode_under_allocator_churn_equals_a_serialised_run(tmp_path):
+    """nvJPEG writes on its own stream. With a consumer that keeps freeing and allocating on the current stream
+    and the stage running one batch ahead, every batch must equal a run where the host waits after each batch
+    (no overlap, so no block can be reused early). A decode that reused memory still in use by queued kernels
+    would differ here."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_data_gpu import _shards
+
+    from largessl.data.config import DataConfig
+    from largessl.data.manifest import read_manifest
+    from largessl.data.stream import build_train_stream
+
+    m = read_manifest(_shards(tmp_path / "d", 96))
+    cfg = DataConfig(augment="barlow_twins", image_size=96, num_workers=2, shuffle_buffer=8, decode="gpu",
+                     pin_memory=True)
+
+    def run(serialise: bool) -> list[list[torch.Tensor]]:
+        out = []
+        for b in build_train_stream(cfg, m, 16, 0, 1, seed=2, device="cuda").iterate(0):
+            if serialise:
+                torch.cuda.synchronize()
+            else:  # churn: allocate, write and free on the consumer's stream while the next batch is queued
+                for _ in range(4):
+                    junk = torch.full((8 << 20,), 255, dtype=torch.uint8, device="cuda")
+                    del junk
+            out.append([v.cpu() for v in b.views])
+        return out
+
+    calm, busy = run(True), run(False)
+    assert len(calm) == len(busy) == 6
+    for x, y in zip(calm, busy):
+        assert all(torch.allclose(u, v, atol=1e-5) for u, v in zip(x, y))
