@@ -23,6 +23,7 @@ from typing import Any
 
 from largessl.config import EVAL_STAGES, STAGES, Config
 from largessl.distributed.collectives import barrier, broadcast_object, get_rank
+from largessl.distributed.env import local_rank_from_env
 from largessl.run import exit_codes
 
 __all__ = ["EVAL_STAGES", "run_stages", "stage_commands", "stages_exit_code"]
@@ -135,7 +136,7 @@ def run_stages(cfg: Config, run_dir: str | os.PathLike[str], stages: list[str] |
             if stage in EVAL_STAGES:
                 if source is None:
                     source = load_source(ckpt, cfg)[0]
-                    source.backbone.to(resolve_device(cfg.train.device, int(os.environ.get("LOCAL_RANK", 0))))
+                    source.backbone.to(resolve_device(cfg.train.device, local_rank_from_env()))
                 device = next(source.backbone.parameters()).device
                 fn = {"linear": evaluate_linear, "knn": evaluate_knn, "finetune": evaluate_finetune}[stage]
                 results[stage] = fn(cfg, source, run_dir, device)

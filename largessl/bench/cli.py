@@ -14,6 +14,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "e2e": ("largessl.bench.e2e", "shards -> loader -> step: images/s, data-wait fraction, CPU utilisation"),
     "resume": ("largessl.bench.resume", "time to the first batch resuming at 90% of an epoch vs at its start"),
     "knn": ("largessl.bench.knn", "sharded kNN at ImageNet shape (1/20 run, extrapolated): time and peak memory per rank"),
+    "syncs": ("largessl.bench.syncs", "host-device syncs per training step for every method (CPU or CUDA)"),
 }
 
 

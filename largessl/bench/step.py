@@ -17,8 +17,10 @@ sync before and one after the timed loop (none inside it):
   the compute floor the SSL step is compared with.
 
 Images are SSL images: one image = ``data.num_views`` views. ``images_per_s`` is per rank. On CUDA each
-variant also reports ``host_syncs_per_step``: synchronizing calls in one extra step, counted with CUDA's
-sync debug mode (the hot path of *ours* should have none; the reference's GradScaler has at least one).
+variant also reports ``host_syncs_per_step``: host-blocking calls in one extra step, counted by
+:class:`largessl.nn.host_sync.HostSyncCounter` on any device (on CUDA also by CUDA's sync debug mode; the
+larger count is kept). The hot path of *ours* should have none (bar DBN's ``linalg.eigh``, see
+docs/benchmarks.md); the reference's GradScaler has at least one.
 Also measured: the loss+collective share of the *ours* step — forward and backward of the method's
 loss on fixed embeddings (its all-reduces/all-gathers included), timed on its own and divided by the
 step time. The issue's goals (≥ 1.5× reference, ≤ 1.15× floor, loss share < 10 %) are judged only
@@ -84,7 +86,7 @@ class Measurement:
     """CUDA max allocated during warm-up and timed steps; None on CPU (see the report's host_peak_rss_mb)."""
     notes: str = ""
     host_syncs_per_step: int | None = None
-    """Synchronizing CUDA calls in one step after the timed ones (see :func:`count_host_syncs`); None on CPU."""
+    """Host syncs in one step after the timed ones (see :func:`count_host_syncs`), on CPU too."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -135,23 +137,29 @@ def time_steps(fn: Callable[[int], Any], steps: int, warmup: int, device: torch.
     return time.perf_counter() - t0
 
 
-def count_host_syncs(fn: Callable[[int], Any], device: torch.device, i: int = 0) -> int | None:
-    """Synchronizing CUDA calls made by one ``fn(i)`` (CUDA's sync debug mode); None on CPU.
+def count_host_syncs(fn: Callable[[int], Any], device: torch.device, i: int = 0) -> int:
+    """Host syncs made by one ``fn(i)``, on any device: :class:`~largessl.nn.host_sync.HostSyncCounter` (the
+    ops that block the host on CUDA, counted on the CPU too); on CUDA the larger of that and CUDA's own
+    sync debug mode (a prototype that may miss some syncs, e.g. inside library kernels, but never over-counts).
 
     The hot path should make none: each one stalls the host until the GPU drains its queue, so the next
-    kernels are launched late. CUDA's detector is a prototype and may miss some syncs (never over-counts).
+    kernels are launched late.
     """
-    if device.type != "cuda":
-        return None
-    previous = torch.cuda.get_sync_debug_mode()
-    with warnings.catch_warnings(record=True) as caught:
+    from largessl.nn.host_sync import HostSyncCounter
+
+    cuda = device.type == "cuda"
+    previous = torch.cuda.get_sync_debug_mode() if cuda else 0
+    with warnings.catch_warnings(record=True) as caught, HostSyncCounter(device) as counter:
         warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
+        if cuda:
+            torch.cuda.set_sync_debug_mode("warn")
         try:
             fn(i)
         finally:
-            torch.cuda.set_sync_debug_mode(previous)
-    return sum(1 for w in caught if "synchroniz" in str(w.message))
+            if cuda:
+                torch.cuda.set_sync_debug_mode(previous)
+    cuda_count = sum(1 for w in caught if "synchroniz" in str(w.message))
+    return max(counter.total, cuda_count)
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -674,3 +682,25 @@ def run(args: argparse.Namespace) -> int:
                                 not args.no_loss_timing, env)
         emit_report(report, format_step_report(report), args.json)
     return 0
+
+
+def count_step_host_syncs(trainer: Any, batches: Iterator[Any], steps: int, warmup: int = 1,
+                     count_data: bool = True) -> list[dict[str, int]]:
+    """Host syncs (see :mod:`largessl.nn.host_sync`) of each of ``steps`` training steps after ``warmup``:
+    :meth:`~largessl.train.trainer.Trainer.hot_step` plus, with ``count_data``, taking the next batch from
+    ``batches`` (the main process's share of the data path, e.g. the ``data.decode=gpu`` stage). Log and save
+    steps' extras are not part of it. The first steps may sync (lazy set-up such as a DBN's group size)."""
+    from largessl.nn.host_sync import HostSyncCounter
+
+    trainer.model.train()
+    per_step: list[dict[str, int]] = []
+    for i in range(warmup + steps):
+        with HostSyncCounter(trainer.device) as counter:
+            counter.enabled = count_data
+            batch = next(batches)
+            counter.enabled = True
+            trainer.hot_step(batch)
+        trainer.step += 1
+        if i >= warmup:
+            per_step.append(dict(counter.counts))
+    return per_step

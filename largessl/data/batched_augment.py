@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from largessl.data.augment import HUE, IMAGENET_MEAN, IMAGENET_STD, SOLARIZE_THRESHOLD, ViewParams, ViewSpec
+from largessl.nn.host_sync import host_side, to_device
 
 NUM_PARAMS = 16
 """Columns of a view's packed parameters: box (4), flip, blur sigma, 4 op codes, 4 op factors, gray, solarize."""
@@ -125,14 +126,19 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
-    """Separable Gaussian blur of (n, C, H, W) with a per-sample sigma and radius (edge-replicated border)."""
+    """Separable Gaussian blur of (n, C, H, W) with a per-sample sigma and radius (edge-replicated border).
+
+    ``radius`` lives on the host (the kernel width is a host decision); it reaches the device through pinned
+    memory without blocking the host (a pageable ``radius.to(device)`` waited for the GPU on every batch).
+    """
     n, c, h, w = x.shape
-    r_max = int(radius.max())
+    with host_side():
+        r_max = int(radius.max())
     if r_max == 0:
         return x
     k = torch.arange(-r_max, r_max + 1, device=x.device, dtype=x.dtype)
     sig = sigma.to(x.dtype)[:, None]
-    kern = torch.exp(-(k[None] ** 2) / (2 * sig * sig)) * (k[None].abs() <= radius.to(x.device)[:, None])
+    kern = torch.exp(-(k[None] ** 2) / (2 * sig * sig)) * (k[None].abs() <= to_device(radius, x.device)[:, None])
     kern = (kern / kern.sum(1, keepdim=True)).repeat_interleave(c, 0)  # one kernel per sample and channel
     y = x.reshape(1, n * c, h, w)
     y = F.conv2d(F.pad(y, (r_max, r_max, 0, 0), mode="replicate"), kern[:, None, None, :], groups=n * c)
@@ -187,11 +193,14 @@ class BatchedViews:
         if params.shape != (b, m, NUM_PARAMS):
             raise ValueError(f"params must have shape ({b}, {m}, {NUM_PARAMS}), got {tuple(params.shape)}")
         device = images[0].device
-        dev = params.to(device, torch.float32, non_blocking=True)
-        sizes = torch.tensor([[t.shape[2], t.shape[1]] for t in images], dtype=torch.long)
+        # float64 to the device first (pinned, no host wait), converted there
+        dev = to_device(params, device).to(torch.float32)
+        with host_side():  # sizes and buckets are host bookkeeping
+            sizes = torch.tensor([[t.shape[2], t.shape[1]] for t in images], dtype=torch.long)
+            buckets = self.buckets(sizes)
         outs = [torch.empty(b, 3, s.size, s.size, device=device) for s in self.specs]
-        for idx in self.buckets(sizes):
-            idx_dev = idx.to(device, non_blocking=True)
+        for idx in buckets:
+            idx_dev = to_device(idx, device)
             canvas = _canvas([images[i] for i in idx.tolist()]).float()
             _, _, hc, wc = canvas.shape
             p = dev[idx_dev]
@@ -211,31 +220,36 @@ class BatchedViews:
     def _pixels(self, x: torch.Tensor, host: torch.Tensor, dev: torch.Tensor) -> torch.Tensor:
         """Colour jitter, grayscale, blur and solarize of one view batch (x in [0, 1])."""
         device = x.device
-        codes_h = host[:, _OPS].round().long()
+        # Which operations run is decided on the host copy of the parameters (``host``): no host waits.
+        with host_side():
+            codes_h = host[:, _OPS].round().long()
         codes, factors = dev[:, _OPS].round().long(), dev[:, _FACTORS]
         for pos in range(4):
             ch, c, f = codes_h[:, pos], codes[:, pos], factors[:, pos]
-            if ((ch >= 1) & (ch <= 3)).any():
+            with host_side():
+                any_linear, any_contrast, any_saturation = (bool(((ch >= 1) & (ch <= 3)).any()),
+                                                            bool((ch == 2).any()), bool((ch == 3).any()))
+                hue = (ch == HUE + 1).nonzero().flatten()
+            if any_linear:
                 lin = (c >= 1) & (c <= 3)
                 fl = torch.where(lin, f, torch.ones_like(f))[:, None, None, None]
                 target = torch.zeros_like(x[:, :1])
-                if (ch == 2).any():  # contrast: blend with the image's mean grey
+                if any_contrast:  # contrast: blend with the image's mean grey
                     target = target + (c == 2)[:, None, None, None] * _grey(x).mean((1, 2, 3), keepdim=True)
-                if (ch == 3).any():  # saturation: blend with the grey image
+                if any_saturation:  # saturation: blend with the grey image
                     target = target + (c == 3)[:, None, None, None] * _grey(x)
                 x = (fl * x + (1 - fl) * target).clamp_(0, 1)
-            hue = (ch == HUE + 1).nonzero().flatten()
             if len(hue):
-                hue = hue.to(device, non_blocking=True)
+                hue = to_device(hue, device)
                 x[hue] = adjust_hue(x[hue], f[hue]).to(x.dtype)
         gray = dev[:, _GRAY, None, None, None] > 0.5
         x = torch.where(gray, _grey(x).expand_as(x), x)
-        blurred = (host[:, _SIGMA] > 0).nonzero().flatten()
-        if len(blurred):
-            sig_h = host[blurred, _SIGMA]
-            radius = blur_radius(sig_h)
-            if int(radius.max()) > 0:
-                sel = blurred.to(device, non_blocking=True)
-                x[sel] = gaussian_blur(x[sel], dev[sel, _SIGMA], radius)
+        with host_side():
+            blurred = (host[:, _SIGMA] > 0).nonzero().flatten()
+            radius = blur_radius(host[blurred, _SIGMA])
+            blur = len(blurred) > 0 and int(radius.max()) > 0
+        if blur:
+            sel = to_device(blurred, device)
+            x[sel] = gaussian_blur(x[sel], dev[sel, _SIGMA], radius)
         sol = dev[:, _SOLARIZE, None, None, None] > 0.5
         return torch.where(sol & (x >= SOLARIZE_THRESHOLD / 255), 1 - x, x)

@@ -3,7 +3,7 @@
 Worker side (:class:`BatchEncoder`, inside each DataLoader worker): read the header of every sample
 (no decoding), draw its views' parameters with the same per-sample generator as the CPU path, and
 pack the encoded JPEGs into one contiguous ``uint8`` tensor (pinned by the loader). Samples the device
-decoder cannot take (PNG & co., CMYK JPEGs, JPEGs without an end marker) are decoded here on the CPU.
+decoder cannot take (PNG & co., CMYK JPEGs, JPEGs whose marker structure is broken or truncated) are decoded here on the CPU.
 Samples without an image, with an unreadable label or that are not images are counted and logged as
 the CPU path does.
 
@@ -32,6 +32,7 @@ from largessl.data.augment import ViewSpec, draw_params
 from largessl.data.batch import Batch
 from largessl.data.batched_augment import NUM_PARAMS, BatchedViews, pack_params
 from largessl.data.decode import DecodeError, decode_cpu, decode_jpegs, probe
+from largessl.nn.host_sync import host_side, to_device
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,8 @@ class EncodedBatch:
         self.params = self.params.pin_memory()
         self.labels = self.labels.pin_memory()
         self.cpu_images = [t.pin_memory() for t in self.cpu_images]
+        if self.spare is not None:
+            self.spare.image = self.spare.image.pin_memory()
         return self
 
 
@@ -163,6 +166,9 @@ class DeviceStage:
         self.views = BatchedViews(specs)
         self.device = device
         self.side = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.decode_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        """The stream that is current while nvJPEG allocates its outputs; no kernel of ours is ever queued on it
+        (see :meth:`_decode`)."""
         self.fallback: dict[int, _Source] = {}  # per worker, as each CPU worker keeps its own
         self.skipped: dict[int, int] = {}  # decode failures found here, per worker, cumulative
         self.gpu_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] | None = None
@@ -206,22 +212,59 @@ class DeviceStage:
         if pending is not None:
             yield self.finish(*pending)
 
+    def _on_device(self, src: _Source | None) -> _Source | None:
+        """The worker's look-ahead sample (decoded on the CPU in the worker) moved to the training device."""
+        if src is None or src.image.device == self.device:
+            return src
+        return _Source(to_device(src.image, self.device), src.gid, src.label, src.key, src.width,
+                       src.height)
+
+    def _decode(self, encoded: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """Decode on the device so that nvJPEG never writes into memory that queued kernels still use.
+
+        What torchvision 0.29 does (torchvision/csrc/io/image/cuda/decode_jpegs_cuda.cpp):
+        ``CUDAJpegDecoder::prepare_buffers`` allocates each output with ``torch::empty(..., device(target_device))``,
+        i.e. from the caching allocator's pool of the *caller's current stream*; ``decode_images`` then runs on
+        the decoder's own stream (``getStreamFromPool`` in its constructor) after
+        ``cudaStreamSynchronize(stream)`` of that stream only; ``decode_jpegs_cuda`` finally makes the caller's
+        stream wait (``event.record(cudaJpegDecoder->stream); event.block(current_stream)``). Nothing makes the
+        decoder wait for the caller's stream. Called on our side stream, the allocator could hand the decoder
+        blocks just freed there (the previous batch's augmentation temporaries) whose kernels are still queued:
+        nvJPEG would overwrite them, or they it.
+
+        So the call runs with ``decode_stream`` current, a stream on which nothing of ours is queued: a block of
+        its pool is reused only once everything that used it has finished, because the decoded images are
+        recorded on the side stream that consumes them (``record_stream``: the allocator then waits for the
+        side stream's event before reusing the block, checked on the host without blocking). The side stream
+        waits for the decoder through ``decode_stream`` (torchvision's ``event.block``) before using them.
+        """
+        if self.decode_stream is None or self.side is None or not encoded:
+            return decode_jpegs(encoded, self.device)
+        with torch.cuda.stream(self.decode_stream):
+            images = decode_jpegs(encoded, self.device)
+        self.side.wait_stream(self.decode_stream)
+        for img in images:
+            if img is not None:
+                img.record_stream(self.side)
+        return images
+
     def _make(self, eb: EncodedBatch, worker: int) -> Batch:
         n = len(eb.ids)
         encoded = list(torch.split(eb.data, eb.lengths)) if eb.lengths else []
         images: list[torch.Tensor | None] = [None] * n
-        for row, img in zip(eb.jpeg_rows, decode_jpegs(encoded, self.device)):
+        for row, img in zip(eb.jpeg_rows, self._decode(encoded)):
             images[row] = img
             if img is None:
                 log.warning("skipping undecodable sample %s in %s: JPEG decoding failed", eb.keys[row], eb.urls[row])
                 self.skipped[worker] = self.skipped.get(worker, 0) + 1
         for row, img in zip(eb.cpu_rows, eb.cpu_images):
-            images[row] = img.to(self.device, non_blocking=True)
+            images[row] = to_device(img, self.device)
         good = [i for i in range(n) if images[i] is not None]
-        params, labels, keys, sizes = eb.params, eb.labels, list(eb.keys), list(eb.sizes)
+        params, keys, sizes = eb.params, list(eb.keys), list(eb.sizes)
+        host_labels: list[int] = eb.labels.tolist()  # host data: labels and parameters never wait for the device
         if good:
             j = good[-1]
-            self.fallback[worker] = _Source(images[j], eb.ids[j], int(labels[j]), keys[j], *sizes[j])
+            self.fallback[worker] = _Source(images[j], eb.ids[j], host_labels[j], keys[j], *sizes[j])
         if len(good) < n:
             # the CPU path's rule (stream._ShardDataset._make_batch): bad row i takes good[i mod len(good)],
             # else the worker's last good sample, else its look-ahead; views from the generator salted with id + 1
@@ -229,9 +272,9 @@ class DeviceStage:
             if good:
                 def src_of(i: int) -> _Source:
                     j = good[i % len(good)]
-                    return _Source(images[j], eb.ids[j], int(eb.labels[j]), eb.keys[j], *eb.sizes[j])  # type: ignore[arg-type]
+                    return _Source(images[j], eb.ids[j], host_labels[j], eb.keys[j], *eb.sizes[j])  # type: ignore[arg-type]
             else:
-                fb = self.fallback.get(worker) or eb.spare
+                fb = self.fallback.get(worker) or self._on_device(eb.spare)
                 if fb is None:
                     raise RuntimeError(f"no decodable sample left in this worker's {n}-sample batch or after it; the "
                                        "shards are unreadable: check them with `largessl shards verify`")
@@ -239,15 +282,17 @@ class DeviceStage:
 
                 def src_of(i: int) -> _Source:
                     return fb
-            params, labels = params.clone(), labels.clone()
+            params = params.clone()
             for i in range(n):
                 if images[i] is None:
                     src = src_of(i)
                     images[i] = src.image
-                    params[i] = torch.tensor(self.encoder.draw(eb.epoch, src.gid, eb.ids[i] + 1, src.width,
-                                                               src.height), dtype=torch.float64)
-                    labels[i], keys[i] = src.label, src.key
+                    with host_side():
+                        params[i] = torch.tensor(self.encoder.draw(eb.epoch, src.gid, eb.ids[i] + 1, src.width,
+                                                                   src.height), dtype=torch.float64)
+                    host_labels[i], keys[i] = src.label, src.key
         views = self.views([img for img in images if img is not None], params)
         stats = dict(eb.stats)
         stats["skipped_samples"] = int(stats.get("skipped_samples", 0)) + self.skipped.get(worker, 0)
-        return Batch(views=views, labels=labels.to(self.device, non_blocking=True), keys=keys, stats=stats)
+        labels = eb.labels if len(good) == n else torch.tensor(host_labels, dtype=torch.long)
+        return Batch(views=views, labels=to_device(labels, self.device), keys=keys, stats=stats)

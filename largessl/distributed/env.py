@@ -96,6 +96,16 @@ def _slurm_port(env: Mapping[str, str]) -> int:
     return 20000 + int(job) % 20000 if job.isdigit() else DEFAULT_PORT
 
 
+def local_rank_from_env(environ: Mapping[str, str] | None = None) -> int:
+    """This process's index among the processes of its node: ``LOCAL_RANK`` (torchrun, submitit), else
+    ``SLURM_LOCALID`` (plain ``srun`` sets no ``LOCAL_RANK``), else 0."""
+    env = os.environ if environ is None else environ
+    for key in ("LOCAL_RANK", "SLURM_LOCALID"):
+        if key in env:
+            return _int(env, key)
+    return 0
+
+
 def detect_env(environ: Mapping[str, str] | None = None) -> DistEnv:
     """Read the process's place in the job from the environment (pure: pass ``environ`` to test).
 
@@ -114,7 +124,7 @@ def _detect(env: Mapping[str, str]) -> DistEnv:
         return DistEnv(
             rank=_int(env, "RANK"),
             world_size=world,
-            local_rank=_int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0,
+            local_rank=local_rank_from_env(env),
             local_world_size=_int(env, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in env else world,
             master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
             master_port=_int(env, "MASTER_PORT") if "MASTER_PORT" in env else DEFAULT_PORT,

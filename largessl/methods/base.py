@@ -17,6 +17,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from largessl.methods.heads import mlp, parse_dims
+from largessl.nn.host_sync import host_side
 from largessl.registry import Registry
 
 METHODS: Registry[type[nn.Module]] = Registry("method")
@@ -156,7 +157,8 @@ def method_output(method: str, total: torch.Tensor, terms: dict[str, torch.Tenso
                   z: Sequence[torch.Tensor], first_features: torch.Tensor) -> MethodOutput:
     """Pack a :class:`MethodOutput`; on CPU check the loss is finite here (on GPU the trainer does, on log steps)."""
     if not total.is_cuda:
-        check_loss(method, total, terms, step, z)
+        with host_side():  # free on the CPU, where nothing is queued; a GPU run never comes here
+            check_loss(method, total, terms, step, z)
     return MethodOutput(loss=total, metrics=terms, embeddings=[t.detach() for t in z],
                         features=first_features.detach())
 

@@ -29,6 +29,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from largessl.distributed.collectives import all_reduce_sum, get_world_size
+from largessl.nn.host_sync import to_device
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +132,9 @@ class DBN(nn.Module):
         # The covariance buffers are sized once G is known; with group_size=0 that is the first batch
         # (resize_ keeps the tensor objects, so DDP's buffer references stay valid).
         self.register_buffer("group_size", torch.tensor(0, dtype=torch.long))
+        self._g = 0
+        """G as a Python int, kept equal to the ``group_size`` buffer (the buffer is for checkpoints): reading
+        the buffer with ``int()`` in forward would make the host wait for the GPU three times per call."""
         self.register_buffer("running_cov", torch.zeros(0))
         self.register_buffer("running_cov_tail", torch.zeros(0))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
@@ -142,6 +146,7 @@ class DBN(nn.Module):
     def _materialise(self, group_size: int) -> None:
         g, h, r = _group_layout(self.num_features, group_size)
         self.group_size.fill_(g)
+        self._g = g
         self.running_cov.resize_(h, g, g).copy_(torch.eye(g).expand(h, g, g))
         self.running_cov_tail.resize_(r, r).copy_(torch.eye(r))
 
@@ -155,10 +160,11 @@ class DBN(nn.Module):
                 )
             self._materialise(int(stored))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._g = int(self.group_size)  # load time, not per step: the one read of the buffer
 
     def resolved_group_size(self, global_batch: int) -> int:
         """The effective G for a global batch of ``global_batch`` samples (≤ D)."""
-        g = int(self.group_size)
+        g = self._g
         if g == 0:
             g = self.requested_group_size or max(1, global_batch // 2)
         return min(g, self.num_features)
@@ -179,7 +185,7 @@ class DBN(nn.Module):
     def _whiten(self, xc: torch.Tensor, cov_full: torch.Tensor, cov_tail: torch.Tensor,
                 source_dtype: torch.dtype) -> torch.Tensor:
         """Apply the per-group Σ^{-1/2} to centred ``xc`` (N, D); Σ came from ``source_dtype`` data."""
-        h, g = cov_full.shape[0], int(self.group_size)
+        h, g = cov_full.shape[0], self._g
         n = xc.shape[0]
         parts = []
         if h:
@@ -191,7 +197,7 @@ class DBN(nn.Module):
 
     def _local_group_cov(self, xc: torch.Tensor) -> torch.Tensor:
         """Unnormalised group covariances of this rank's rows, packed flat (full groups, then the tail)."""
-        h, g = self.running_cov.shape[0], int(self.group_size)
+        h, g = self.running_cov.shape[0], self._g
         n = xc.shape[0]
         parts = []
         if h:
@@ -203,7 +209,7 @@ class DBN(nn.Module):
         return torch.cat(parts)
 
     def _unpack(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h, g = self.running_cov.shape[0], int(self.group_size)
+        h, g = self.running_cov.shape[0], self._g
         r = self.running_cov_tail.shape[0]
         return flat[: h * g * g].reshape(h, g, g), flat[h * g * g:].reshape(r, r)
 
@@ -224,11 +230,11 @@ class DBN(nn.Module):
 
     def _forward_train(self, x: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
         n_global = x.shape[0] * get_world_size(self.group)  # per-rank batches are equal by construction
-        if int(self.group_size) == 0:
+        if self._g == 0:
             self._materialise(self.resolved_group_size(n_global))
             log.info("%s group size resolved to %d (half the global batch %d)", type(self).__name__,
-                     int(self.group_size), n_global)
-        g = int(self.group_size)
+                     self._g, n_global)
+        g = self._g
         if n_global - 1 < g:
             raise ValueError(
                 f"{type(self).__name__} group size G={g} needs a global batch of at least G+1={g + 1} samples "
@@ -261,14 +267,14 @@ class DBN(nn.Module):
         return y
 
     def _forward_eval(self, x: torch.Tensor) -> torch.Tensor:
-        if int(self.group_size) == 0:
+        if self._g == 0:
             raise RuntimeError(f"{type(self).__name__} has no running statistics yet: run a training batch or "
                                "load a checkpoint before eval")
         xc = x - self.running_mean.to(x.dtype)
         return self._whiten(xc, self.running_cov.to(x.dtype), self.running_cov_tail.to(x.dtype), self.running_cov.dtype)
 
     def extra_repr(self) -> str:
-        g = int(self.group_size) or f"auto({self.requested_group_size or 'N/2'})"
+        g = self._g or f"auto({self.requested_group_size or 'N/2'})"
         return f"{self.num_features}, group_size={g}, eps={self.eps}, method={self.method}"
 
 
@@ -297,7 +303,9 @@ class ShuffledDBN(DBN):
         if not self.training:
             return super().forward(x)
         s = int(self.num_batches_tracked) if step is None else step
-        perm = permutation_for_step(self.num_features, self.seed, s).to(x.device)
+        # Drawn on the host (the same P on every device type, rank and resume), copied from pinned memory
+        # without blocking the host (a pageable copy would wait for the GPU).
+        perm = to_device(permutation_for_step(self.num_features, self.seed, s), x.device)
         return super().forward(x, perm)
 
     def extra_repr(self) -> str:

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch import nn
 
 from largessl.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
+_AUTOCAST_HOOKED = "_largessl_autocast_inside"
+"""Attribute set on a module whose forward enters the policy's autocast itself (see autocast_inside)."""
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -44,18 +49,67 @@ class PrecisionPolicy:
             with torch.autocast(device_type=self.device_type, dtype=self.dtype):
                 yield
 
+    def autocast_inside(self, module: nn.Module) -> None:
+        """Make ``module``'s own call enter :meth:`autocast` (idempotent; the state_dict keys do not change).
+
+        DeepSpeed runs its module under ``deepspeed/runtime/torch_autocast.py:autocast_if_enabled``: when
+        ``torch.is_autocast_enabled()`` is true (on a GPU: CUDA autocast is on) and the DeepSpeed config has no
+        ``torch_autocast`` section, it enters ``torch.autocast(device_type=..., enabled=False)`` around the
+        module, so an autocast region outside ``engine(...)`` never reaches the backbone. A forward pre-hook
+        enters the region inside the module DeepSpeed wraps, below DeepSpeed's context; the matching forward
+        hook (``always_call``: it runs when the forward raises too) leaves it. A hook pair instead of a wrapper
+        module keeps the parameter names, so DeepSpeed checkpoints keep their keys.
+        """
+        if self.dtype == torch.float32 or getattr(module, _AUTOCAST_HOOKED, False):
+            return
+        stack: list[contextlib.AbstractContextManager[None]] = []
+
+        def enter(mod: nn.Module, args: Any) -> None:
+            ctx = torch.autocast(device_type=self.device_type, dtype=self.dtype)
+            ctx.__enter__()
+            stack.append(ctx)
+
+        def leave(mod: nn.Module, args: Any, out: Any) -> None:
+            if stack:
+                stack.pop().__exit__(None, None, None)
+
+        module.register_forward_pre_hook(enter)
+        module.register_forward_hook(leave, always_call=True)
+        setattr(module, _AUTOCAST_HOOKED, True)
+
     def make_scaler(self) -> torch.amp.GradScaler | None:
         """A GradScaler for fp16, else None."""
         return torch.amp.GradScaler(self.device_type) if self.use_scaler else None
 
 
+def local_cuda_index(local_rank: int, device_count: int, visible: str | None = None) -> int:
+    """The CUDA ordinal for the process with node-local rank ``local_rank`` when it sees ``device_count`` devices.
+
+    One visible device (``--gpus-per-task=1``, ``--gpu-bind``, a per-rank ``CUDA_VISIBLE_DEVICES``) is
+    ordinal 0 whatever the local rank; more devices than local ranks map rank i to device i; fewer (ranks
+    oversubscribe the node's devices) wrap around, with a warning, instead of failing with "invalid device
+    ordinal".
+    """
+    if device_count < 1:
+        raise RuntimeError("CUDA is available but no CUDA device is visible "
+                           f"(CUDA_VISIBLE_DEVICES={visible!r}); check the job's GPU binding")
+    if device_count == 1:
+        return 0
+    if local_rank >= device_count:
+        log.warning("local rank %d but only %d visible CUDA devices (CUDA_VISIBLE_DEVICES=%r): using cuda:%d; "
+                    "several processes share a device", local_rank, device_count, visible, local_rank % device_count)
+    return local_rank % device_count
+
+
 def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
-    """cuda:<local_rank> when CUDA is requested or available (auto), else cpu."""
+    """cuda:<ordinal of local_rank> (see :func:`local_cuda_index`) when CUDA is requested or available
+    (auto), else cpu."""
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise RuntimeError("train.device=cuda but CUDA is not available; use train.device=cpu or auto")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
+        index = local_cuda_index(local_rank, torch.cuda.device_count(), os.environ.get("CUDA_VISIBLE_DEVICES"))
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     return torch.device("cpu")
 
 

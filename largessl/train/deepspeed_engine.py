@@ -1,7 +1,8 @@
 """DeepSpeed wrapping (ZeRO stage 0/1/2), on GPU with NCCL or on CPU with gloo.
 
-The model weights stay fp32 inside DeepSpeed; bf16 comes from the same torch autocast region as with DDP,
-so the SSL loss and batch statistics stay fp32 exactly as in the DDP path (DeepSpeed's own bf16/fp16 modes
+The model weights stay fp32 inside DeepSpeed; bf16 comes from the same torch autocast policy as with DDP,
+entered inside the module DeepSpeed wraps (DeepSpeed switches an autocast around ``engine(...)`` off, see
+:meth:`largessl.run.precision.PrecisionPolicy.autocast_inside`), so the SSL loss and batch statistics stay fp32 exactly as in the DDP path (DeepSpeed's own bf16/fp16 modes
 would cast the whole module, batch-norm statistics included). LARS keeps per-layer trust ratios under
 ZeRO-1/2 through :func:`largessl.train.optim.attach_zero_layout`.
 """
@@ -156,6 +157,8 @@ def build_engine(module: nn.Module, optimizer: Optimizer, zero_stage: int, per_r
     # DeepSpeed asserts LOCAL_RANK exists; SLURM/Kubernetes launches may only have our detected value.
     os.environ.setdefault("LOCAL_RANK", str(device.index or 0) if device.type == "cuda" else "0")
     config = deepspeed_config(zero_stage, per_rank_batch_size, world_size, grad_clip, policy)
+    # Our autocast must start inside the module DeepSpeed wraps: DeepSpeed switches an outer one off.
+    policy.autocast_inside(module)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=config,
                                            dist_init_required=False)
     if zero_stage in (1, 2):

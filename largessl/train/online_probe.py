@@ -46,14 +46,15 @@ class OnlineProbe(nn.Module):
         # the trainer may call this inside autocast; the probe is tiny, keep it fp32
         with torch.autocast(device_type=device_type, enabled=False):
             labels = labels.to(features.device).long()
-            valid = labels >= 0
+            valid = (labels >= 0).float()
             logits = self(features)
-            if valid.any():
-                loss = F.cross_entropy(logits[valid], labels[valid])
-                top1 = (logits[valid].argmax(1) == labels[valid]).float().mean() * 100.0
-            else:  # keep the collective below in step with the other ranks
-                loss = logits.sum() * 0.0
-                top1 = torch.zeros((), device=features.device)
+            # Masked arithmetic instead of `if valid.any()` and boolean indexing: both would make the host wait
+            # for the GPU every step. Unknown labels (-1) weigh 0; with none valid the loss is 0 (zero gradient,
+            # the collective below still runs in step with the other ranks) and top-1 is 0.
+            count = valid.sum().clamp_min(1.0)
+            per_sample = F.cross_entropy(logits, labels.clamp_min(0), reduction="none")
+            loss = (per_sample * valid).sum() / count
+            top1 = ((logits.argmax(1) == labels).float() * valid).sum() / count * 100.0
             self.optimizer.zero_grad(set_to_none=False)
             loss.backward()
             world = get_world_size(self.group)

@@ -21,8 +21,9 @@ def train_step(model: nn.Module, views: list[torch.Tensor], step: int, optimizer
     optimizer (it owns gradient reduction, partitioning and clipping).
     """
     if engine is not None:
-        with policy.autocast():
-            out = engine(views, step)
+        # No autocast out here: DeepSpeed would switch it off around the module (autocast_if_enabled);
+        # build_engine made the wrapped module enter the policy's autocast itself.
+        out = engine(views, step)
         engine.backward(out.loss)
         engine.step()
         return out

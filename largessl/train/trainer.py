@@ -619,16 +619,7 @@ class Trainer:
                         break
                     wait_window += time.perf_counter() - t0
                     skips.update(batch.stats)
-                    batch = batch.to(self.device, memory_format=torch.channels_last if self.policy.channels_last
-                                     else torch.contiguous_format)
-                    lr = apply_lr(self.optimizer, self.step, plan.warmup_steps, plan.num_steps,
-                                  cfg.optim.final_lr_ratio)
-                    out = train_step(self.model, batch.views, self.step, self.optimizer, self.policy, self.scaler,
-                                     cfg.train.grad_clip, self.engine)
-                    self._last_loss = out.loss.detach()
-                    probe_metrics: dict[str, torch.Tensor] = {}
-                    if self.probe is not None and out.features is not None:
-                        probe_metrics = self.probe.step(out.features, batch.labels)
+                    out, probe_metrics, lr = self.hot_step(batch)
                     self.step += 1
                     if self._watchdog is not None:
                         self._watchdog.beat()
@@ -692,6 +683,22 @@ class Trainer:
                  f"{last['loss']:.5g}" if "loss" in last else "n/a", self.run_dir.resolve(),
                  (self.run_dir / "tb").resolve())
         return FitResult(code, self.step, reason, str(self.run_dir), last)
+
+    def hot_step(self, batch: Batch) -> tuple[MethodOutput, dict[str, torch.Tensor], float]:
+        """Every step's work (not the log or save steps' extras): the batch to the device, the learning rate,
+        forward/backward/update and the online probe; returns the output, the probe's device metrics and the
+        lr. Nothing here waits for the device (``tests/unit/test_host_syncs.py`` counts it on every method)."""
+        cfg, plan = self.cfg, self.plan
+        batch = batch.to(self.device, memory_format=torch.channels_last if self.policy.channels_last
+                         else torch.contiguous_format)
+        lr = apply_lr(self.optimizer, self.step, plan.warmup_steps, plan.num_steps, cfg.optim.final_lr_ratio)
+        out = train_step(self.model, batch.views, self.step, self.optimizer, self.policy, self.scaler,
+                         cfg.train.grad_clip, self.engine)
+        self._last_loss = out.loss.detach()
+        probe_metrics: dict[str, torch.Tensor] = {}
+        if self.probe is not None and out.features is not None:
+            probe_metrics = self.probe.step(out.features, batch.labels)
+        return out, probe_metrics, lr
 
     def _record(self, out: MethodOutput, probe: dict[str, torch.Tensor], lr: float, steps: int, elapsed: float,
                 wait: float, skips: _SkipCounter, with_collapse: bool) -> dict[str, Any]:

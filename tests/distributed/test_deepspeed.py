@@ -139,3 +139,46 @@ def test_declared_deepspeed_range_is_the_tested_one_and_holds_the_installed_rele
     assert is_tested_deepspeed(version("deepspeed")), (version("deepspeed"), TESTED_DEEPSPEED)
     assert [is_tested_deepspeed(v) for v in ("0.19.0", "0.19.8+cpu", "0.18.9", "0.20.0", "1.19.0", "x")] == \
         [True, True, False, False, False, False]
+
+
+def _backbone_dtypes_under_deepspeed(rank: int, world: int, run_dir: str) -> dict[str, object]:
+    """Two bf16 ZeRO-2 training steps through the trainer's DeepSpeed engine, with
+    ``torch.is_autocast_enabled()`` (no argument) reporting the training device's autocast, as it does for
+    CUDA on a GPU: DeepSpeed's ``autocast_if_enabled`` then sees our autocast and, with no ``torch_autocast``
+    section in its config, switches the accelerator's autocast off around the module."""
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    os.environ["LOCAL_RANK"] = str(rank)
+    from synthetic_stream import SyntheticStream
+
+    from largessl.config import load_config
+    from largessl.distributed.env import DistEnv
+    from largessl.train.step import train_step
+    from largessl.train.trainer import Trainer
+
+    orig = torch.is_autocast_enabled
+    torch.is_autocast_enabled = lambda *a: orig("cpu") if not a else orig(*a)
+    try:
+        cfg = load_config(None, ["model.arch=resnet18", "model.small_input=true", "method.projector=32-32",
+                                 "train.global_batch_size=8", "train.device=cpu", "train.precision=bf16",
+                                 "dist.strategy=deepspeed", "dist.zero_stage=2", "eval.online_probe=false",
+                                 "log.progress=false", "data.num_workers=0", "optim.warmup_epochs=1",
+                                 f"train.run_dir={run_dir}"])
+        trainer = Trainer(cfg, DistEnv(), SyntheticStream(32, 8, 0, 1), 32)
+        assert trainer.engine is not None
+        seen: dict[str, set] = {"conv": set(), "loss": set()}
+        for conv in (m for m in trainer.module.backbone.modules() if isinstance(m, nn.Conv2d)):
+            conv.register_forward_hook(lambda m, i, o: seen["conv"].add(str(o.dtype)))
+        batch = next(iter(trainer.stream.iterate(0)))
+        for step in range(2):
+            out = train_step(trainer.model, batch.views, step, trainer.optimizer, trainer.policy, trainer.scaler,
+                             0.0, trainer.engine)
+            seen["loss"].add(str(out.loss.dtype))
+        return {k: sorted(v) for k, v in seen.items()}
+    finally:
+        torch.is_autocast_enabled = orig
+
+
+def test_bf16_autocast_reaches_the_backbone_inside_the_deepspeed_engine(tmp_path):
+    (seen,) = run_distributed(_backbone_dtypes_under_deepspeed, 1, str(tmp_path / "run"))
+    assert seen["conv"] == ["torch.bfloat16"], f"backbone convolutions ran in {seen['conv']} under DeepSpeed"
+    assert seen["loss"] == ["torch.float32"], seen

@@ -28,7 +28,7 @@ from largessl.data.batched_augment import (
     resample_weights,
 )
 from largessl.data.config import DataConfig
-from largessl.data.decode import decode_jpegs, probe
+from largessl.data.decode import DecodeError, decode_jpegs, probe
 from largessl.data.manifest import read_manifest, write_manifest
 from largessl.data.stream import _rng, build_train_stream
 from largessl.data.writer import SourceSample, write_shard
@@ -245,7 +245,8 @@ def test_corrupt_jpegs_are_skipped_and_counted_as_on_the_cpu_path(tmp_path: Path
     good = _jpeg(4)
     bad = {4: b"this is not a jpeg", 9: good[: len(good) // 2], 13: _corrupt_body(_jpeg(13)),
            17: _corrupt_body(_jpeg(17))}
-    assert probe(bad[13]).device_decodable  # only the decoder can find this one: the batch must survive it
+    # the structural check finds the broken bodies before nvJPEG (which parses only the header) sees them
+    assert not probe(bad[13]).device_decodable and not probe(bad[9]).device_decodable
     url = write_shards(tmp_path / "d", [7, 9, 5], bad)
     with caplog.at_level(logging.WARNING):
         cpu_stream, cpu = _run(url, "cpu")
@@ -255,7 +256,7 @@ def test_corrupt_jpegs_are_skipped_and_counted_as_on_the_cpu_path(tmp_path: Path
     bad_keys = {f"s{i:04d}" for i in bad}
     assert not bad_keys & {k for x in gpu for k in x.keys}
     assert cpu_stream.skip_counts() == gpu_stream.skip_counts() == {"skipped_samples": 4, "skipped_shards": 0}
-    assert "JPEG decoding failed" in caplog.text  # the two found on the device
+    # the two corrupt bodies were rejected by the CPU decoder in the workers (their logs stay there)
 
 
 def test_a_batch_of_only_bad_samples_borrows_the_look_ahead_sample(tmp_path: Path) -> None:
@@ -344,3 +345,74 @@ def test_every_recipe_agrees_between_the_modes(shards: str, recipe: str) -> None
     # none: whole-image crops >= 2x the 32-px output, so the CPU path decodes at 1/2 in the DCT (docs/data.md)
     bound = 3.0 if recipe == "none" else 1.5
     assert diffs.mean() < bound, (recipe, float(diffs.mean()))
+
+
+def test_the_look_ahead_spare_image_is_moved_to_the_training_device(monkeypatch) -> None:
+    """A worker whose first batch is all unreadable substitutes its look-ahead sample, decoded on the CPU in the
+    worker: it must reach the training device before the batched augmentation (on CUDA a CPU image made
+    BatchedViews run on the CPU and ``record_stream`` raise). The ``meta`` device stands in for CUDA here."""
+    specs = recipe_specs("barlow_twins", 32, 2)
+    stage = device_batch.DeviceStage(specs, torch.device("meta"), lambda e, g, s: _rng("aug", 3, e, g, s))
+    seen: list[torch.device] = []
+
+    def views(images, params):
+        seen.extend(img.device for img in images)
+        return [torch.empty(len(images), 3, 32, 32, device="meta") for _ in specs]
+
+    monkeypatch.setattr(stage, "views", views)
+    spare = device_batch._Source(torch.zeros(3, 60, 80, dtype=torch.uint8), 7, 1, "s0007", 80, 60)
+    eb = device_batch.EncodedBatch(
+        data=torch.empty(0, dtype=torch.uint8), lengths=[], jpeg_rows=[], cpu_images=[], cpu_rows=[],
+        sizes=[(0, 0)] * 2, params=torch.zeros(2, 2, 16, dtype=torch.float64), ids=[0, 1],
+        labels=torch.tensor([-1, -1]), keys=["", ""], urls=["", ""], epoch=0, spare=spare)
+    batch = stage._make(eb, 0)
+    assert seen == [torch.device("meta")] * 2, f"augmentation got images on {seen}"
+    assert batch.keys == ["s0007", "s0007"] and batch.labels.device.type == "meta"
+    assert stage.fallback[0].image.device.type == "meta"  # later batches of the worker borrow the moved copy
+
+
+def _encode(img: Image.Image, **kw) -> bytes:
+    buf = pyio.BytesIO()
+    img.save(buf, format="JPEG", **kw)
+    return buf.getvalue()
+
+
+def test_the_jpeg_structure_check_passes_every_kind_of_good_jpeg_and_fails_broken_bodies() -> None:
+    from largessl.data.decode import jpeg_structure_ok
+
+    img = _photo().resize((96, 96))
+    good = {"baseline": _encode(img, quality=90), "progressive": _encode(img, progressive=True),
+            "grayscale": _encode(img.convert("L")), "cmyk": _encode(img.convert("CMYK")),
+            "optimized": _encode(img, optimize=True), "restart markers": _encode(img, restart_marker_blocks=2),
+            "padded after EOI": _encode(img) + b"\x00" * 64}
+    for name, data in good.items():
+        assert jpeg_structure_ok(data), name
+    body = good["baseline"]
+    broken = {"garbage body": _corrupt_body(body), "truncated": body[: len(body) // 2],
+              "no EOI": body[:-2], "cut in a header segment": body[:40], "not a JPEG": b"GIF89a" + body[6:],
+              "segment longer than the file": body[:4] + b"\xff\xe0\xff\xff" + body[8:]}
+    for name, data in broken.items():
+        assert not jpeg_structure_ok(data), name
+        try:
+            assert not probe(data).device_decodable, name
+        except DecodeError:
+            pass  # not even a header: skipped before any decoder
+
+
+def test_a_corrupt_body_never_reaches_the_device_decoder(tmp_path: Path, monkeypatch) -> None:
+    """The CPU path's verdict on a corrupt JPEG (skip and count) holds in data.decode=gpu however the device
+    decoder would treat it: the sample is routed to the worker's CPU decoder, never to decode_jpegs."""
+    seen: list[int] = []
+    real = device_batch.decode_jpegs
+
+    def spy(encoded, device):
+        seen.extend(len(t) for t in encoded)
+        return real(encoded, device)
+
+    monkeypatch.setattr(device_batch, "decode_jpegs", spy)
+    corrupt = _corrupt_body(_jpeg(2))
+    url = write_shards(tmp_path / "d", [8], {2: corrupt})
+    stream, batches = _run(url, "gpu", workers=0)
+    assert len(corrupt) not in seen and seen  # the others were decoded as a batch
+    assert stream.skip_counts()["skipped_samples"] == 1
+    assert "s0002" not in {k for b in batches for k in b.keys}

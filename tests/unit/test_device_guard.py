@@ -19,20 +19,22 @@ import ast
 import textwrap
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parents[2] / "largessl"
 
-FACTORIES = {"tensor", "zeros", "ones", "empty", "full", "as_tensor", "arange"}
+FACTORIES = {"tensor", "zeros", "ones", "empty", "full", "as_tensor", "arange", "randn", "rand", "randint",
+             "randperm", "eye", "linspace", "logspace", "empty_strided", "from_numpy", "frombuffer"}
 """``torch.<name>(...)`` calls that make a tensor on the CPU unless ``device=`` is given."""
+ALWAYS_HOST = {"from_numpy", "frombuffer"}
+"""Factories that have no ``device=``: their tensor is on the CPU whatever the call says."""
 
-COLLECTIVES = {
-    # largessl.distributed.collectives (the only place the package may call torch.distributed from)
-    "all_reduce_sum", "all_reduce_sum_no_grad", "all_gather_with_grad", "all_gather_no_grad", "global_gram",
-    # torch.distributed tensor collectives
+TORCH_COLLECTIVES = {
     "all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
     "broadcast", "reduce", "gather", "scatter", "all_to_all", "all_to_all_single",
 }
-MOVES = {"to", "cuda"}
-"""Method calls that put a tensor where the caller says (assumed to be the training device)."""
+"""torch.distributed's tensor collectives."""
+COLLECTIVES_MODULE = PACKAGE / "distributed" / "collectives.py"
 
 
 def _call_name(node: ast.Call) -> str:
@@ -44,6 +46,38 @@ def _call_name(node: ast.Call) -> str:
     return ""
 
 
+def collective_wrappers(path: Path = COLLECTIVES_MODULE) -> set[str]:
+    """Every function of the collectives module that reaches a tensor collective, directly or through another
+    of its functions (a fixpoint over the module's call graph): a new wrapper is covered without a list to edit."""
+    tree = ast.parse(path.read_text())
+
+    def called(node: ast.AST) -> set[str]:
+        out = set()
+        for c in ast.walk(node):
+            if isinstance(c, ast.Call):
+                out.add(_call_name(c))
+                f = c.func  # ``_AllGather.apply(...)`` calls the autograd Function class
+                if isinstance(f, ast.Attribute) and f.attr == "apply" and isinstance(f.value, ast.Name):
+                    out.add(f.value.id)
+        return out
+
+    calls = {n.name: called(n) for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    classes = {n.name for n in tree.body if isinstance(n, ast.ClassDef)}
+    found: set[str] = set()
+    while True:
+        more = {name for name, c in calls.items() if c & (TORCH_COLLECTIVES | found)} - found
+        if not more:
+            return found - classes
+        found |= more
+
+
+COLLECTIVES = TORCH_COLLECTIVES | collective_wrappers()
+"""Calls whose tensor arguments must be on the training device: torch's collectives and every wrapper of them
+in largessl.distributed.collectives (the only place the package may call torch.distributed from)."""
+MOVES = {"to", "cuda"}
+"""Method calls that put a tensor where the caller says (assumed to be the training device)."""
+
+
 def _is_hostless_factory(node: ast.AST) -> bool:
     """``torch.tensor(...)``-style call without a ``device=`` keyword."""
     if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
@@ -51,7 +85,7 @@ def _is_hostless_factory(node: ast.AST) -> bool:
     base = node.func.value
     if not (isinstance(base, ast.Name) and base.id == "torch" and node.func.attr in FACTORIES):
         return False
-    return not any(k.arg == "device" for k in node.keywords)
+    return node.func.attr in ALWAYS_HOST or not any(k.arg == "device" for k in node.keywords)
 
 
 def _tainted(expr: ast.AST, names: set[str]) -> bool:
@@ -181,3 +215,33 @@ def test_package_hands_no_host_tensor_to_a_collective():
     findings = scan_package()
     assert not findings, "tensors made without device= reach collectives (NCCL has no CPU backend):\n" + \
         "\n".join(findings)
+
+
+def test_every_collective_wrapper_of_the_collectives_module_is_guarded():
+    wrappers = collective_wrappers()
+    assert {"broadcast_tensor", "all_gather_variable", "all_reduce_sum", "all_reduce_sum_no_grad",
+            "all_gather_with_grad", "all_gather_no_grad", "global_gram", "global_count",
+            "all_gather_counts"} <= wrappers, wrappers
+    assert "get_rank" not in wrappers and "barrier" not in wrappers  # no tensor argument to check
+
+
+@pytest.mark.parametrize("wrapper", sorted(collective_wrappers()))
+def test_guard_catches_a_host_tensor_in_each_wrapper(wrapper):
+    planted = f"def f(group):\n    x = torch.zeros(4)\n    {wrapper}(x, group)\n"
+    findings = scan_source(planted, "p.py")
+    assert len(findings) == 1 and wrapper in findings[0], findings
+
+
+@pytest.mark.parametrize("factory", ["from_numpy(a)", "randn(3)", "randint(0, 5, (3,))", "eye(3)",
+                                     "linspace(0, 1, 5)", "rand(2)", "randperm(4)", "frombuffer(b, dtype=u8)"])
+def test_guard_catches_each_factory(factory):
+    planted = f"def f(group):\n    x = torch.{factory}\n    broadcast_tensor(x, 0, group)\n"
+    assert len(scan_source(planted, "p.py")) == 1
+    moved = f"def f(group, d):\n    x = torch.{factory}.to(d)\n    broadcast_tensor(x, 0, group)\n"
+    assert scan_source(moved, "p.py") == []
+
+
+def test_from_numpy_is_on_the_host_whatever_the_call_says():
+    # from_numpy has no device=: a keyword would be a TypeError, but the guard must not take it as a move
+    planted = "def f(group, d):\n    x = torch.from_numpy(a, device=d)\n    all_gather_variable(x, group)\n"
+    assert len(scan_source(planted, "p.py")) == 1

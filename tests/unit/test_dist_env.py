@@ -93,3 +93,62 @@ def test_bad_backend_is_a_config_error(spec, message):
 def test_init_is_a_no_op_for_one_process():
     init_distributed(DistEnv())
     assert not torch.distributed.is_initialized()
+
+
+def test_local_rank_comes_from_local_rank_else_slurm_localid_else_zero():
+    from largessl.distributed.env import local_rank_from_env
+
+    assert local_rank_from_env({"LOCAL_RANK": "2", "SLURM_LOCALID": "5"}) == 2
+    assert local_rank_from_env({"SLURM_LOCALID": "3"}) == 3  # plain srun sets no LOCAL_RANK
+    assert local_rank_from_env({}) == 0
+    # torchrun-style variables exported without LOCAL_RANK under srun: the node-local id still comes from SLURM
+    env = detect_env({"RANK": "5", "WORLD_SIZE": "8", "SLURM_LOCALID": "1", "LOCAL_WORLD_SIZE": "4"})
+    assert env.local_rank == 1
+
+
+class _FakeCuda:
+    """torch.cuda as a node with ``count`` visible devices: records set_device."""
+
+    def __init__(self, monkeypatch, count: int) -> None:
+        self.set: list[int] = []
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+        monkeypatch.setattr(torch.cuda, "set_device", self.set.append)
+
+
+@pytest.mark.parametrize(("count", "local_rank", "index"), [(1, 3, 0), (4, 2, 2), (8, 0, 0)])
+def test_the_local_device_is_the_visible_one(monkeypatch, count, local_rank, index):
+    """--gpus-per-task=1 / --gpu-bind: each task sees one device, cuda:0, whatever its local rank."""
+    from largessl.run.precision import resolve_device
+
+    cuda = _FakeCuda(monkeypatch, count)
+    assert resolve_device("cuda", local_rank) == torch.device("cuda", index)
+    assert cuda.set == [index]
+
+
+def test_more_local_ranks_than_devices_wrap_around_with_a_warning(monkeypatch, caplog):
+    from largessl.run.precision import resolve_device
+
+    _FakeCuda(monkeypatch, 2)
+    assert resolve_device("auto", 3) == torch.device("cuda", 1)
+    assert "local rank 3 but only 2 visible CUDA devices" in caplog.text
+
+
+def test_eval_stages_put_the_backbone_on_the_slurm_local_device(monkeypatch, tmp_path):
+    """After pretraining under plain srun (no LOCAL_RANK) each rank evaluates on its own device."""
+    from largessl import stages
+    from largessl.eval import runner, source
+
+    class _Source:
+        backbone = torch.nn.Linear(2, 2)
+
+    cuda = _FakeCuda(monkeypatch, 4)
+    moved: list[torch.device] = []
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setenv("SLURM_LOCALID", "3")
+    monkeypatch.setattr(source, "load_source", lambda ckpt, cfg: (_Source(), None))
+    monkeypatch.setattr(_Source.backbone, "to", lambda device: moved.append(device))
+    monkeypatch.setattr(runner, "evaluate_knn", lambda cfg, src, run_dir, device: {"top1": 0.0})
+    cfg = load_config(None, ["train.device=cuda"])
+    assert stages.run_stages(cfg, tmp_path, ["knn"]) == {"knn": {"top1": 0.0}}
+    assert moved == [torch.device("cuda", 3)] and cuda.set == [3]
