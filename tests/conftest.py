@@ -27,6 +27,16 @@ ALLOWED_SKIP_PREFIX = "tests/gpu/"
 _skips: list[dict[str, str]] = []
 
 
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Train manifest of the digits shards at 16 px, written once per test module (a module may damage its copy).
+    Modules that need other sizes or both splits define their own ``digits``."""
+    from largessl.data.digits import write_digits_shards
+
+    train, _ = write_digits_shards(str(tmp_path_factory.mktemp("digits")), image_size=16)
+    return train
+
+
 @pytest.fixture
 def repo_root() -> Path:
     """The repository root."""

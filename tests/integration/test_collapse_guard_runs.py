@@ -18,14 +18,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 STEPS = 300
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from largessl.data.digits import write_digits_shards
-
-    train, _ = write_digits_shards(str(tmp_path_factory.mktemp("digits")), image_size=16)
-    return train
-
-
 def _run(tmp_path: Path, digits: str, name: str, *method: str) -> tuple[int, Path]:
     logs = tmp_path / "logs"
     logs.mkdir(exist_ok=True)

@@ -23,14 +23,6 @@ EXIT_BOUND_S = 180.0
 """From the outage to the exit: the storage client's own retries (about 20 s here) plus a wide margin."""
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from largessl.data.digits import write_digits_shards
-
-    train, _ = write_digits_shards(str(tmp_path_factory.mktemp("digits")), image_size=16)
-    return train
-
-
 @pytest.mark.parametrize("workers", [0, 2])
 def test_storage_outage_during_a_save_exits_3_within_the_bound(tmp_path: Path, digits: str, workers: int) -> None:
     try:

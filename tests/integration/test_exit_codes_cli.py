@@ -21,14 +21,6 @@ from largessl.run.checkpoint import find_latest_checkpoint, verify_checkpoint
 pytestmark = [pytest.mark.timeout(600)]
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from largessl.data.digits import write_digits_shards
-
-    train, _ = write_digits_shards(str(tmp_path_factory.mktemp("digits")), image_size=16)
-    return train
-
-
 def _run(args: list[str], tmp_path: Path) -> tuple[int, str, Path]:
     logs = tmp_path / "logs"
     logs.mkdir(exist_ok=True)

@@ -25,14 +25,6 @@ from largessl.run import exit_codes
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from largessl.data.digits import write_digits_shards
-
-    train, _ = write_digits_shards(str(tmp_path_factory.mktemp("digits")), image_size=16)
-    return train
-
-
 def _run(args: list[str], tmp_path: Path) -> tuple[int, str, str]:
     """(exit code, last log line, whole log) of one ``largessl pretrain`` process."""
     logs = tmp_path / "logs"

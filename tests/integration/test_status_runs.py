@@ -17,14 +17,6 @@ from largessl.run import exit_codes
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from largessl.data.digits import write_digits_shards
-
-    train, _ = write_digits_shards(str(tmp_path_factory.mktemp("digits")), image_size=16)
-    return train
-
-
 def _status(*args: str) -> tuple[list[dict], str]:
     """(the --json rows, the table) from the real command."""
     cmd = [sys.executable, "-m", "largessl", "status"]
