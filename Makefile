@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.largessl-installed
-EXTRAS ?= test,s3,deepspeed,fast
+EXTRAS ?= test,s3,deepspeed,fast,trackers
 PYTEST_ARGS ?= tests
 
 .PHONY: demo test test-slow test-all gpu-test lint unit distributed integration install mutation-check clean

@@ -143,4 +143,8 @@ def push_run(path_or_run_dir: str | Path, hub_url: str = "hub", name: str = "", 
         arch = card["architecture"]
         card["snippets"] = load_snippets(f"{name}@{version}", hub.url, arch["arch"], arch["small_input"])
         published = hub.push(name, version, {k: str(v) for k, v in files.items()}, card, summary)
+    if run_dir is not None:
+        from largessl.run.trackers import tag_hub_version
+
+        tag_hub_version(run_dir, f"{name}@{version}", hub.url)
     return published

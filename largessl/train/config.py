@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 
@@ -146,6 +146,10 @@ class CheckpointConfig:
             raise ValueError(f"checkpoint.keep must be >= 2 (got {self.keep}): the previous checkpoint is the fallback")
 
 
+TRACKERS = ("tensorboard", "mlflow", "wandb")
+"""Values of ``log.trackers``."""
+
+
 @dataclass
 class LogConfig:
     """Logging and metric sinks."""
@@ -153,13 +157,29 @@ class LogConfig:
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Log level of rank 0 (other ranks log warnings and errors only)."""
     tensorboard: bool = True
-    """Write TensorBoard scalars to <run_dir>/tb."""
+    """Write TensorBoard scalars to <run_dir>/tb (with ``tensorboard`` in ``log.trackers``)."""
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Where metrics go besides metrics.jsonl: any of tensorboard, mlflow, wandb (largessl/run/trackers.py). Each
+    gets every scalar and the resolved config; a resumed run continues the same tracker run; an outage only warns."""
+    mlflow_uri: str = ""
+    """MLflow tracking URI; empty = MLFLOW_TRACKING_URI from the environment (credentials: MLFLOW_TRACKING_*)."""
+    mlflow_experiment: str = "largessl"
+    """MLflow experiment the run is logged under (created when missing)."""
+    wandb_project: str = "largessl"
+    """Weights & Biases project (credentials: WANDB_API_KEY; WANDB_MODE=offline writes under the run dir)."""
+    wandb_entity: str = ""
+    """Weights & Biases entity (team or user); empty = the API key's default."""
     progress: bool = True
     """Show progress with ETA and throughput on rank 0: a bar on a terminal, else plain log lines."""
     progress_every_s: float = 30.0
     """Seconds between plain progress lines when stderr is not a terminal (SLURM, Kubernetes logs)."""
 
     def validate(self) -> None:
-        """Check the progress interval."""
+        """Check the trackers and the progress interval."""
+        bad = [t for t in self.trackers if t not in TRACKERS]
+        if bad:
+            raise ValueError(f"log.trackers: unknown {bad}; allowed: {', '.join(TRACKERS)}")
+        if len(set(self.trackers)) != len(self.trackers):
+            raise ValueError(f"log.trackers names a tracker twice: {self.trackers}")
         if not self.progress_every_s > 0:
             raise ValueError(f"log.progress_every_s must be > 0 (got {self.progress_every_s})")

@@ -437,8 +437,13 @@ class Trainer:
         for event in self._events:  # after the truncation to the resumed step, before the first new record
             jsonl.write(event)
         sinks: list[MetricSink] = [jsonl]
-        if self.cfg.log.tensorboard:
+        if self.cfg.log.tensorboard and "tensorboard" in self.cfg.log.trackers:
             sinks.append(TensorBoardSink(self.run_dir / "tb", purge_step=resumed_step + 1))
+        external = [t for t in self.cfg.log.trackers if t != "tensorboard"]
+        if external:
+            from largessl.run.trackers import build_trackers
+
+            sinks += build_trackers(external, self.run_dir, config_to_dict(self.cfg), self.cfg.log)
         return sinks
 
     def _collapse(self, out: MethodOutput) -> dict[str, float]:
