@@ -130,6 +130,10 @@ class Config:
                     sc.validate(name)
                 except ValueError as e:
                     raise ValueError(f"invalid config: {e}") from None
+        if self.model.arch.startswith("timm/"):
+            # resolved once here and saved with the run: the hub and exports rebuild the ViT's patch grid from it
+            if self.model.image_size == 0:
+                self.model.image_size = self.data.image_size
         if self.dist.strategy == "deepspeed" and self.train.compile:
             raise ValueError("invalid config: train.compile=true is not supported with dist.strategy=deepspeed")
         views_needed = getattr(self.method, "num_views", None)
