@@ -78,3 +78,31 @@ def prefers_channels_last(net: nn.Module) -> bool:
     """Whether NHWC pays off: for convolution stacks (ResNet, ConvNeXt); a ViT has one patch-embedding conv, then
     only matmuls."""
     return not hasattr(net, "patch_embed")
+
+
+def vit_layer_index(name: str, num_blocks: int) -> int:
+    """Depth of a ViT parameter for layer-wise lr decay: 0 for the embeddings (patch, position, tokens), i + 1 for
+    ``blocks.i``, ``num_blocks + 1`` for what follows the blocks (final norm, pooling)."""
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    if name.split(".")[0] in ("patch_embed", "pos_embed", "cls_token", "reg_token", "dist_token", "pos_drop",
+                              "norm_pre"):
+        return 0
+    return num_blocks + 1
+
+
+def layer_decay_groups(net: nn.Module, lr: float, decay: float) -> list[dict[str, Any]]:
+    """Parameter groups of a ViT with lr × decay^(depth from the top) (BEiT/MAE fine-tuning), embeddings lowest.
+
+    Raises ValueError for a backbone without a ``blocks`` sequence (layer decay is defined for ViTs).
+    """
+    blocks = getattr(net, "blocks", None)
+    if not isinstance(blocks, nn.Sequential | nn.ModuleList):
+        raise ValueError(f"layer-wise lr decay needs a ViT-style backbone with a 'blocks' sequence; "
+                         f"{type(net).__name__} has none: set eval.finetune.layer_decay=1.0")
+    top = len(blocks) + 1
+    groups: dict[int, list[nn.Parameter]] = {}
+    for name, p in net.named_parameters():
+        groups.setdefault(vit_layer_index(name, len(blocks)), []).append(p)
+    return [{"params": params, "lr": lr * decay ** (top - depth), "layer": depth}
+            for depth, params in sorted(groups.items())]
