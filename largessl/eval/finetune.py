@@ -35,7 +35,6 @@ from largessl.eval.inputs import (
     train_stream,
 )
 from largessl.eval.linear import scaled_lr, write_json_atomic
-from largessl.models.timm_backbone import layer_decay_groups
 from largessl.eval.supervised import (
     STOPPED,
     StopCheck,
@@ -44,6 +43,7 @@ from largessl.eval.supervised import (
     fit_supervised,
     wrap_ddp,
 )
+from largessl.models.timm_backbone import layer_decay_groups
 from largessl.run.layout import EVAL_DIR
 from largessl.run.progress import ProgressBar
 

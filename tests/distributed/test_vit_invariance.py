@@ -62,11 +62,11 @@ def test_vit_world_size_invariance_2_ranks(reference):
         for case, _, _ in CASES:
             got, ref = res[case], reference[case]
             torch.testing.assert_close(torch.as_tensor(got["loss"]), torch.as_tensor(ref["loss"]), rtol=1e-6,
-                                       atol=1e-9, msg=lambda m, c=case: f"{c} loss (rank {rank}): {m}")
+                                       atol=1e-9, msg=lambda m, c=case, r=rank: f"{c} loss (rank {r}): {m}")
             assert got["grads"].keys() == ref["grads"].keys()
             for pname, g in ref["grads"].items():
                 torch.testing.assert_close(torch.as_tensor(got["grads"][pname]), torch.as_tensor(g), rtol=1e-6,
-                                           atol=1e-9, msg=lambda m, c=case, p=pname: f"{c} grad {p} (rank {rank}): {m}")
+                                           atol=1e-9, msg=lambda m, c=case, p=pname, r=rank: f"{c} grad {p} (rank {r}): {m}")
 
 
 def test_vit_reference_is_not_degenerate(reference):

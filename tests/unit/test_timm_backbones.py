@@ -10,7 +10,7 @@ from torch import nn
 
 from largessl.config import load_config
 from largessl.eval.config import FinetuneConfig
-from largessl.methods import METHODS, build_method
+from largessl.methods import build_method
 from largessl.models import ModelConfig, build_backbone, prefers_channels_last
 from largessl.models.timm_backbone import layer_decay_groups
 from largessl.nn.batchnorm import GlobalBatchNorm
