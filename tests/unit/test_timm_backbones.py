@@ -3,6 +3,9 @@ position embeddings and tokens out of weight decay and LARS, layer-wise lr decay
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 import torchvision
@@ -139,3 +142,29 @@ def test_forward_backward_bf16_autocast_and_adamw(arch, kwargs, size, method):
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()) if p.grad is not None)
+
+
+TIMM_RECIPES = sorted(p for p in (Path(__file__).resolve().parents[2] / "configs").glob("*_in1k.yaml")
+                      if "vit" in p.stem or "convnext" in p.stem)
+
+
+def test_every_backbone_recipe_exists():
+    assert {p.stem for p in TIMM_RECIPES} == {f"{m}_{b}_in1k" for m in ("barlow_twins", "vicreg")
+                                              for b in ("vit_s16", "vit_b16", "convnext_t")}
+
+
+@pytest.mark.parametrize("path", TIMM_RECIPES, ids=[p.stem for p in TIMM_RECIPES])
+def test_backbone_recipe_builds_and_names_its_source(path):
+    text = path.read_text()
+    assert re.search(r"DINO|MoCo v3|VICRegL", text) and "base: " in text
+    # every recipe value of the file carries a comment saying where it comes from
+    values = [line for line in text.splitlines() if re.match(r"^  \w+: ", line)]
+    assert values and all("#" in line for line in values if "arch:" not in line), path.name
+    cfg = load_config(path)
+    assert cfg.optim.name == "adamw" and cfg.model.image_size == 224
+    expected = {"vit_small_patch16_224": 384, "vit_base_patch16_224": 768, "convnext_tiny": 768}
+    with torch.device("meta"):  # shapes only: no 86M-parameter init on a CI core
+        net = build_backbone(cfg.model)
+    assert net.num_features == expected[cfg.model.arch.split("/")[1]]
+    if "convnext" in path.stem:
+        assert all(getattr(b, "gamma", None) is None for s in net.stages for b in s.blocks)  # no layer scale
