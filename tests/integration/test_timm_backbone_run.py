@@ -82,3 +82,26 @@ def test_tiny_vit_pretrain_push_pull_export_loads_in_timm(tmp_path, no_network):
     fresh = timm.create_model(cfg["architecture"], pretrained=False, **cfg["model_args"]).eval()
     with torch.no_grad():
         assert (fresh(images) - ours).abs().max() > 1e-2
+
+
+@pytest.mark.slow  # pretraining plus three evaluation stages: 11 s alone, ~40 s on a busy 2-core machine
+def test_tiny_vit_collapse_metrics_online_probe_and_stages(tmp_path):
+    train_url, val_url = write_digits_shards(str(tmp_path / "digits"))
+    run = tmp_path / "run"
+    _cli("pretrain", "--config", "configs/vit_tiny_cpu.yaml", f"data.train_manifest={train_url}",
+         f"data.val_manifest={val_url}", f"train.run_dir={run}", "train.num_steps=6", "train.collapse_every=3",
+         "eval.online_probe=true", "stages=[knn,linear,finetune]", "eval.linear_epochs=1", "eval.finetune.epochs=1",
+         "eval.finetune.batch_size=16", "eval.finetune.percents=[50]", "eval.finetune.layer_decay=0.75",
+         "eval.feature_batch_size=64", "log.progress=false", "log.tensorboard=false", "data.num_workers=0")
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    collapse = [r for r in recs if "collapse/rankme" in r]
+    assert [r["step"] for r in collapse] == [3, 6] and all(r["collapse/rankme"] > 1 for r in collapse)
+    assert all("online_probe_top1" in r for r in recs if r["step"] > 1)
+    knn = json.loads((run / "eval" / "knn.json").read_text())
+    linear = json.loads((run / "eval" / "linear.json").read_text())
+    finetune = json.loads((run / "eval" / "finetune_50pct.json").read_text())
+    for result in (linear, finetune):
+        assert 0.0 <= result["top1"] <= 100.0
+    assert knn and finetune["protocol"] == "finetune"
+    stages = json.loads((run / "eval" / "stages.json").read_text())
+    assert stages["stages"] == {"knn": "ok", "linear": "ok", "finetune": "ok"}, stages
