@@ -84,15 +84,17 @@ def test_tiny_vit_pretrain_push_pull_export_loads_in_timm(tmp_path, no_network):
         assert (fresh(images) - ours).abs().max() > 1e-2
 
 
-@pytest.mark.slow  # pretraining plus three evaluation stages: 11 s alone, ~40 s on a busy 2-core machine
-def test_tiny_vit_collapse_metrics_online_probe_and_stages(tmp_path):
+@pytest.mark.slow  # compile, pretraining and three evaluation stages: ~35 s alone on 2 cores
+def test_tiny_vit_compiled_bf16_collapse_metrics_online_probe_and_stages(tmp_path):
+    """torch.compile + bf16 autocast on CPU (the GPU path's CPU twin), then every evaluation stage."""
     train_url, val_url = write_digits_shards(str(tmp_path / "digits"))
     run = tmp_path / "run"
     _cli("pretrain", "--config", "configs/vit_tiny_cpu.yaml", f"data.train_manifest={train_url}",
          f"data.val_manifest={val_url}", f"train.run_dir={run}", "train.num_steps=6", "train.collapse_every=3",
          "eval.online_probe=true", "stages=[knn,linear,finetune]", "eval.linear_epochs=1", "eval.finetune.epochs=1",
          "eval.finetune.batch_size=16", "eval.finetune.percents=[50]", "eval.finetune.layer_decay=0.75",
-         "eval.feature_batch_size=64", "log.progress=false", "log.tensorboard=false", "data.num_workers=0")
+         "eval.feature_batch_size=64", "log.progress=false", "log.tensorboard=false", "data.num_workers=0",
+         "train.compile=true", "train.precision=bf16")
     recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     collapse = [r for r in recs if "collapse/rankme" in r]
     assert [r["step"] for r in collapse] == [3, 6] and all(r["collapse/rankme"] > 1 for r in collapse)
