@@ -69,6 +69,8 @@ def test_model_image_size_is_resolved_from_data_for_timm_only():
     cfg = load_config(None, ["model.arch=timm/vit_tiny_patch16_224", "data.image_size=48"])
     assert cfg.model.image_size == 48
     assert load_config(None, ["model.arch=resnet18", "data.image_size=48"]).model.image_size == 0
+    with pytest.raises(ValueError, match="model.image_size=64 but data.image_size=48"):
+        load_config(None, ["model.arch=timm/vit_tiny_patch16_224", "data.image_size=48", "model.image_size=64"])
 
 
 def test_resnet_default_is_bitwise_torchvision():
