@@ -130,6 +130,14 @@ class Config:
                     sc.validate(name)
                 except ValueError as e:
                     raise ValueError(f"invalid config: {e}") from None
+        if self.model.arch.startswith("timm/"):
+            # resolved once here and saved with the run: the hub and exports rebuild the ViT's patch grid from it
+            if self.model.image_size == 0:
+                self.model.image_size = self.data.image_size
+            elif self.model.image_size != self.data.image_size:
+                raise ValueError(f"invalid config: model.image_size={self.model.image_size} but data.image_size="
+                                 f"{self.data.image_size}; a ViT's patch grid and position embedding are built for "
+                                 "model.image_size: set both to the same value (or leave model.image_size at 0)")
         if self.dist.strategy == "deepspeed" and self.train.compile:
             raise ValueError("invalid config: train.compile=true is not supported with dist.strategy=deepspeed")
         views_needed = getattr(self.method, "num_views", None)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import gc
 import json
 import logging
@@ -55,7 +56,7 @@ from largessl.distributed.collectives import all_reduce_sum_no_grad, get_rank, g
 from largessl.distributed.env import DistEnv, detect_env
 from largessl.methods.base import backbone_features
 from largessl.methods.heads import parse_dims
-from largessl.models import build_backbone
+from largessl.models import build_backbone, prefers_channels_last
 from largessl.run.precision import PrecisionPolicy, resolve_device, resolve_precision
 from largessl.train.schedules import apply_lr
 from largessl.train.step import train_step
@@ -460,6 +461,8 @@ def measure_floor(cfg: Config, policy: PrecisionPolicy, device: torch.device, ba
     """Time forward+backward of the backbone alone on ``num_views × batch_size`` images (same policy as ours)."""
     torch.manual_seed(cfg.train.seed)
     backbone: nn.Module = build_backbone(cfg.model).to(device)
+    if policy.channels_last and cfg.train.channels_last is None and not prefers_channels_last(backbone):
+        policy = dataclasses.replace(policy, channels_last=False)  # the trainer's choice for a ViT (see Trainer)
     if policy.channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
     if policy.compile:

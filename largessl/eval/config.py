@@ -43,6 +43,10 @@ class FinetuneConfig:
     """SGD momentum."""
     weight_decay: float = 0.0
     """Weight decay of both parameter groups."""
+    layer_decay: float = 1.0
+    """Layer-wise lr decay for ViT backbones (BEiT/MAE fine-tuning): block i of L gets backbone_lr x
+    decay^(L + 1 - (i + 1)), the patch/position embeddings decay^(L + 1), the final norm backbone_lr. 1.0 = off
+    (one backbone group); below 1 needs a backbone with ``blocks`` (timm ViTs)."""
 
     def lrs(self, index: int) -> tuple[float, float]:
         """(backbone lr, head lr) of the ``index``-th percent."""
@@ -67,6 +71,8 @@ class FinetuneConfig:
                 raise ValueError(f"eval.finetune.{name} must hold one lr >= 0 or one per percent ({n}), got {v}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("eval.finetune.epochs and eval.finetune.batch_size must be >= 1")
+        if not 0.0 < self.layer_decay <= 1.0:
+            raise ValueError(f"eval.finetune.layer_decay must be in (0, 1] (got {self.layer_decay}); 1 = off")
         if not 0.0 <= self.momentum < 1.0 or self.weight_decay < 0:
             raise ValueError("eval.finetune.momentum must be in [0, 1) and eval.finetune.weight_decay >= 0")
 

@@ -43,6 +43,7 @@ from largessl.eval.supervised import (
     fit_supervised,
     wrap_ddp,
 )
+from largessl.models.timm_backbone import layer_decay_groups
 from largessl.run.layout import EVAL_DIR
 from largessl.run.progress import ProgressBar
 
@@ -202,16 +203,22 @@ def finetune_one(cfg: Config, source: Any, index: int, subset_url: str, val: Any
         p.requires_grad_(True)
     model = Classifier(net, subset.num_classes).to(device)
     ddp = wrap_ddp(model, device, group)
-    lrs = [scaled_lr(backbone_lr, ft.batch_size), scaled_lr(head_lr, ft.batch_size)]
-    opt = torch.optim.SGD([{"params": list(model.backbone.parameters()), "lr": lrs[0]},
-                           {"params": list(model.head.parameters()), "lr": lrs[1]}],
-                          lr=lrs[1], momentum=ft.momentum, weight_decay=ft.weight_decay)
+    if ft.layer_decay < 1.0:
+        backbone_groups = layer_decay_groups(model.backbone, scaled_lr(backbone_lr, ft.batch_size), ft.layer_decay)
+    else:
+        backbone_groups = [{"params": list(model.backbone.parameters()), "lr": scaled_lr(backbone_lr, ft.batch_size)}]
+    head_group = {"params": list(model.head.parameters()), "lr": scaled_lr(head_lr, ft.batch_size)}
+    lrs = [g["lr"] for g in backbone_groups] + [head_group["lr"]]
+    opt = torch.optim.SGD([*backbone_groups, head_group], lr=lrs[-1], momentum=ft.momentum,
+                          weight_decay=ft.weight_decay)
     name = result_name(percent)
     settings = {"percent": percent, "subset": subset.id, "val": val.id, "weights": source.weights,
                 "epochs": ft.epochs, "batch_size": ft.batch_size, "backbone_lr": backbone_lr, "head_lr": head_lr,
                 "momentum": ft.momentum, "weight_decay": ft.weight_decay, "seed": ft.seed,
                 "image_size": cfg.data.image_size, "min_scale": cfg.eval.linear_min_scale,
                 "world_size": get_world_size(group)}
+    if ft.layer_decay < 1.0:  # only then: the settings of earlier (decay-free) results stay what they were
+        settings["layer_decay"] = ft.layer_decay
     run = SupervisedRun(f"finetune {percent:g}%", str(out_dir / EVAL_DIR / name), settings, ft.epochs, lrs,
                         show_progress(cfg, group))
     writer = tb_writer(cfg, out_dir, group)

@@ -283,16 +283,23 @@ def build_card(config: dict[str, Any], meta: dict[str, Any], run_dir: str | Path
     curve = loss_curve(records)
     model = config.get("model", {})
     method = config.get("method", {}).get("name", "unknown")
+    architecture: dict[str, Any] = {
+        "arch": model.get("arch", "resnet50"),
+        "small_input": bool(model.get("small_input", False)),
+        "num_features": num_features,
+        "weights": "torchvision ResNet state_dict without fc (load into resnetXX(...) with fc=Identity)",
+    }
+    if str(architecture["arch"]).startswith("timm/"):
+        # what rebuilds the model: the export's timm.create_model arguments come from here
+        architecture.update(image_size=int(model.get("image_size", 0) or 0),
+                            timm_kwargs=dict(model.get("timm_kwargs") or {}),
+                            weights=f"timm {str(architecture['arch'])[len('timm/'):]} state_dict with num_classes=0 "
+                                    "(timm's own key names)")
     card = {
         "format": CARD_FORMAT,
         "method": method,
         "paper": paper_info(config),
-        "architecture": {
-            "arch": model.get("arch", "resnet50"),
-            "small_input": bool(model.get("small_input", False)),
-            "num_features": num_features,
-            "weights": "torchvision ResNet state_dict without fc (load into resnetXX(...) with fc=Identity)",
-        },
+        "architecture": architecture,
         "dataset": dataset,
         "epochs": meta.get("epoch"),
         "step": meta.get("step"),

@@ -47,6 +47,33 @@ D2_WEIGHTS = "model.pkl"
 D2_CONFIG = "config.yaml"
 TIMM_CONFIG = "config.json"
 README = "README.md"
+TIMM_PREFIX = "timm/"
+"""``model.arch`` prefix of timm backbones (their state_dict keys are already timm's)."""
+
+
+def timm_create_args(arch: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(timm model name, ``timm.create_model`` keyword arguments) that rebuild the card's backbone in timm."""
+    name = str(arch["arch"])
+    if name.startswith(TIMM_PREFIX):
+        kwargs: dict[str, Any] = {"num_classes": 0, **(arch.get("timm_kwargs") or {})}
+        if arch.get("image_size"):
+            kwargs["img_size"] = int(arch["image_size"])
+        if not _takes_img_size(name[len(TIMM_PREFIX):], kwargs):
+            kwargs.pop("img_size", None)
+        return name[len(TIMM_PREFIX):], kwargs
+    return name, {"num_classes": 0}
+
+
+def _takes_img_size(name: str, kwargs: dict[str, Any]) -> bool:
+    # the same rule as the trainer's build (largessl.models.timm_backbone): img_size where the model has one
+    from largessl.hub.weights import build_backbone_from_config
+
+    if "img_size" not in kwargs:
+        return False
+    net = build_backbone_from_config({"arch": TIMM_PREFIX + name, "image_size": kwargs["img_size"],
+                                      "timm_kwargs": {k: v for k, v in kwargs.items()
+                                                      if k not in ("num_classes", "img_size")}})
+    return "img_size" in getattr(net, "timm_kwargs", {})
 
 
 def check_format(fmt: str) -> str:
@@ -58,6 +85,10 @@ def check_format(fmt: str) -> str:
 
 def unsupported_reason(fmt: str, arch: str, small_input: bool) -> str | None:
     """Why ``fmt`` cannot represent this backbone (None when it can)."""
+    if arch.startswith(TIMM_PREFIX):
+        if fmt in ("timm", "hf"):
+            return None
+        return f"{arch} is a timm model; export it --format timm (or hf): {fmt} holds torchvision ResNets only"
     if arch not in RESNETS:
         return f"{arch} is not a torchvision ResNet; the {fmt} format holds ResNets ({', '.join(RESNETS)}) only"
     if small_input and fmt != "torchvision":
@@ -102,6 +133,11 @@ def load_snippets(ref: str, hub_url: str, arch: str, small_input: bool) -> dict[
             out[fmt] = (head + "import torch, torchvision\nfrom safetensors.torch import load_file\n"
                         f"net = torchvision.models.{arch}()\n{stem}net.fc = torch.nn.Identity()\n"
                         f"net.load_state_dict(load_file('{folder}/{WEIGHTS}'))")
+        elif fmt == "timm" and arch.startswith(TIMM_PREFIX):
+            out[fmt] = (head + "import timm\n"
+                        f"net = timm.create_model('local-dir:{folder}', pretrained=True)  # num_classes=0: features\n"
+                        "# or: timm.create_model(NAME, pretrained=False, **config.json['model_args']) and "
+                        f"net.load_state_dict(safetensors.torch.load_file('{folder}/{WEIGHTS}'))")
         elif fmt == "timm":
             out[fmt] = (head + "import timm\n"
                         f"net = timm.create_model('local-dir:{folder}', pretrained=True)  # num_classes=0: features\n"
@@ -188,6 +224,8 @@ def timm_config(card: dict[str, Any]) -> dict[str, Any]:
     """timm's ``config.json`` for the card's backbone: architecture, features only, preprocessing."""
     arch = card["architecture"]
     size = int(card.get("config", {}).get("data", {}).get("image_size", 224) or 224)
+    if str(arch["arch"]).startswith(TIMM_PREFIX):
+        return _timm_model_config(card, size)
     return {
         "architecture": arch["arch"],
         "num_classes": 0,
@@ -205,6 +243,29 @@ def timm_config(card: dict[str, Any]) -> dict[str, Any]:
             "first_conv": "conv1",
             "classifier": "fc",
             "fixed_input_size": False,
+            "license": _hf_license(card)[0],
+        },
+        "largessl": _provenance(card),
+    }
+
+
+def _timm_model_config(card: dict[str, Any], size: int) -> dict[str, Any]:
+    """config.json of a timm backbone: timm reads ``architecture`` and ``model_args`` (the exact build arguments)."""
+    name, kwargs = timm_create_args(card["architecture"])
+    return {
+        "architecture": name,
+        "num_classes": 0,
+        "num_features": int(card["architecture"]["num_features"]),
+        "model_args": kwargs,
+        "pretrained_cfg": {
+            "input_size": [3, size, size],
+            "interpolation": "bicubic",  # largessl's evaluation resize
+            "crop_pct": 0.875 if size > 64 else 1.0,
+            "crop_mode": "center",
+            "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD),
+            "num_classes": 0,
+            "fixed_input_size": "img_size" in kwargs,
             "license": _hf_license(card)[0],
         },
         "largessl": _provenance(card),

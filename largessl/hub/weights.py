@@ -50,19 +50,21 @@ def read_backbone(ref: str | os.PathLike[str], hub: str | None = None, endpoint_
 
 
 def build_backbone_from_config(model_cfg: dict[str, Any]) -> torch.nn.Module:
-    """A fresh torchvision ResNet (fc=Identity) for a checkpoint's ``model`` config section, on CPU."""
+    """A fresh backbone (torchvision ResNet with fc=Identity, or the timm model) for a ``model`` config section, on CPU."""
     from largessl.models import ModelConfig, build_backbone
 
-    # export/inference need plain BatchNorm2d: SyncBatchNorm has the same state_dict keys
+    # export/inference need plain BatchNorm2d: SyncBatchNorm has the same state_dict keys; drop-path is
+    # training-only and holds no weights
     cfg = ModelConfig(arch=model_cfg.get("arch", "resnet50"), small_input=bool(model_cfg.get("small_input", False)),
-                      sync_bn=False, zero_init_residual=False)
+                      sync_bn=False, zero_init_residual=False, image_size=int(model_cfg.get("image_size", 0) or 0),
+                      timm_kwargs=dict(model_cfg.get("timm_kwargs") or {}))
     return build_backbone(cfg)
 
 
 def backbone_from_card(card: dict[str, Any], weights: bytes) -> nn.Module:
     """Build the card's architecture and load ``weights`` (safetensors bytes) strictly."""
     arch = card["architecture"]
-    net = build_backbone_from_config({"arch": arch["arch"], "small_input": arch.get("small_input", False)})
+    net = build_backbone_from_config(arch)
     net.load_state_dict(load_safetensors_bytes(weights), strict=True)
     return net.eval()
 

@@ -1,4 +1,5 @@
-"""Encoder backbones: torchvision ResNets with the classifier removed (timm-like ``num_features``)."""
+"""Encoder backbones: torchvision ResNets with the classifier removed (timm-like ``num_features``), and any timm
+model as ``timm/<name>`` (:mod:`largessl.models.timm_backbone`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from torch.distributed import ProcessGroup
 from largessl.models.config import ModelConfig
 from largessl.models.convnet import ARCH as CONVNET
 from largessl.models.convnet import small_convnet
+from largessl.models.timm_backbone import build_timm, is_timm_arch, timm_kwargs, timm_name
 from largessl.nn.batchnorm import convert_to_global_bn
 from largessl.registry import Registry
 
@@ -21,13 +23,31 @@ for _name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"):
     BACKBONES.add(_name, getattr(torchvision.models, _name))
 BACKBONES.add(CONVNET, small_convnet)
 
+_PLAIN_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
 
 def build_backbone(cfg: ModelConfig, group: ProcessGroup | None = None) -> nn.Module:
     """A torchvision ResNet whose ``fc`` is the identity, with ``num_features`` set; no weights are downloaded.
 
     Its ``state_dict`` keys are torchvision's (minus ``fc``), so exported weights load into a plain
-    torchvision model built with the same ``small_input`` stem.
+    torchvision model built with the same ``small_input`` stem. ``timm/<name>`` builds the timm model instead
+    (keys are timm's); either way BatchNorm becomes global BN with ``sync_bn`` (a no-op for LayerNorm models).
     """
+    if is_timm_arch(cfg.arch):
+        if cfg.small_input:
+            raise ValueError(f"model.small_input=true applies to torchvision ResNets only; {cfg.arch} has its own "
+                             "stem (for ViTs set the patch size with model.timm_kwargs)")
+        net = build_timm(timm_name(cfg.arch), timm_kwargs(cfg.image_size, cfg.drop_path_rate, cfg.timm_kwargs))
+        if cfg.sync_bn:
+            # timm fuses some BNs with their activation (BatchNormAct2d): replacing those by a plain global BN
+            # would silently drop the activation, so refuse rather than change the model
+            fused = sorted({type(m).__name__ for m in net.modules()
+                            if isinstance(m, nn.modules.batchnorm._BatchNorm) and type(m) not in _PLAIN_BN})
+            if fused:
+                raise ValueError(f"model.sync_bn=true: {cfg.arch} has {', '.join(fused)} layers, which largessl's "
+                                 "global BatchNorm cannot replace; set model.sync_bn=false")
+            net = convert_to_global_bn(net, group)
+        return net
     factory = BACKBONES.get(cfg.arch)
     net = factory(weights=None, zero_init_residual=cfg.zero_init_residual)
     if cfg.small_input and not cfg.arch.startswith("resnet"):

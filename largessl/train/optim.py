@@ -2,8 +2,9 @@
 
 Groups (each carries ``name``, ``peak_lr`` and ``schedule`` for :mod:`largessl.train.schedules`):
 - ``weights``: matrices and conv kernels; weight decay and, with LARS, trust-ratio adaptation.
-- ``bias_norm``: biases and normalisation parameters (ndim ≤ 1); no LARS adaptation, their own lr (Barlow
-  Twins: 0.0048 × batch/256 vs 0.2 × batch/256 for the weights) and no weight decay unless
+- ``bias_norm``: biases and normalisation parameters (ndim ≤ 1), and the tokens and position embeddings a
+  model lists in its ``no_weight_decay()`` (timm ViTs: ``pos_embed``, ``cls_token``, ...); no LARS adaptation,
+  their own lr (Barlow Twins: 0.0048 × batch/256 vs 0.2 × batch/256 for the weights) and no weight decay unless
   ``optim.exclude_bias_norm_from_wd`` is false (SimSiam's reference decays every parameter).
 - ``predictor`` / ``predictor_bias_norm``: a method's predictor (``param_groups_hint()["predictor"]``) kept at
   a constant lr when ``optim.fixed_predictor_lr`` is set (SimSiam).
@@ -133,6 +134,26 @@ def _is_bias_or_norm(name: str, p: nn.Parameter) -> bool:
     return p.ndim <= 1
 
 
+def no_weight_decay_names(module: nn.Module) -> set[str]:
+    """Full names of the parameters that submodules declare weight-decay free (timm's ``no_weight_decay()``).
+
+    A ViT's position embedding and class/register tokens are 3-d tensors, so the ndim rule misses them; shrinking
+    them towards 0 (or LARS-scaling them like a weight matrix) is what the ViT recipes (DeiT, MAE, DINO) avoid.
+    ResNets declare none, so their groups are unchanged.
+    """
+    names: set[str] = set()
+    params = dict(module.named_parameters())
+    for mod_name, mod in module.named_modules():
+        declared = getattr(mod, "no_weight_decay", None)
+        if not callable(declared):
+            continue
+        for n in declared():
+            full = f"{mod_name}.{n}" if mod_name else n
+            if full in params:  # timm lists names a given configuration may not have (dist_token, reg_token)
+                names.add(full)
+    return names
+
+
 def param_groups(module: nn.Module, cfg: OptimConfig, lr: float, bias_norm_lr: float) -> list[dict[str, Any]]:
     """The recipe's parameter groups for ``module`` (empty groups are dropped)."""
     hint = getattr(module, "param_groups_hint", None)
@@ -144,11 +165,12 @@ def param_groups(module: nn.Module, cfg: OptimConfig, lr: float, bias_norm_lr: f
         predictor_ids = {id(p) for p in hint()["predictor"]}
     buckets: dict[str, list[nn.Parameter]] = {"weights": [], "bias_norm": [], "predictor": [],
                                                "predictor_bias_norm": []}
+    tokens = no_weight_decay_names(module)
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
         prefix = "predictor_" if id(p) in predictor_ids else ""
-        if _is_bias_or_norm(name, p):
+        if _is_bias_or_norm(name, p) or name in tokens:
             buckets[prefix + "bias_norm"].append(p)
         elif prefix:
             buckets["predictor"].append(p)

@@ -8,6 +8,7 @@ metrics. A stop request saves a checkpoint on every rank and ends with ``exit_co
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -34,7 +35,7 @@ from largessl.distributed.collectives import (
 from largessl.distributed.env import DistEnv, StallWatchdog, stall_timeout_s
 from largessl.methods import build_method
 from largessl.methods.base import MethodOutput, check_output
-from largessl.models import build_backbone
+from largessl.models import build_backbone, prefers_channels_last
 from largessl.models.state_dict import strip_compile_prefix
 from largessl.run import exit_codes
 from largessl.run.checkpoint import (
@@ -166,6 +167,10 @@ class Trainer:
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         backbone = build_backbone(cfg.model, group)
+        if self.policy.channels_last and cfg.train.channels_last is None and not prefers_channels_last(backbone):
+            # the GPU default; a ViT's single patch-embedding conv gains nothing from NHWC and its reshapes pay
+            self.policy = dataclasses.replace(self.policy, channels_last=False)
+            log.info("channels_last off for %s (a transformer: one patch conv, then matmuls)", cfg.model.arch)
         self.module: nn.Module = build_method(cfg.method, backbone, group).to(self.device)
         if self.policy.channels_last:
             self.module = self.module.to(memory_format=torch.channels_last)

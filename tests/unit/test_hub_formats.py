@@ -209,3 +209,23 @@ def test_export_from_a_pulled_folder_and_cli(hub_dir, tmp_path, capsys):
         assert f"as {fmt}" in capsys.readouterr().out
     assert main(["hub", "export", "r18@v1", str(tmp_path / "bad"), "--format", "onnx", "--hub", str(hub_dir)]) == 2
     assert not (tmp_path / "bad").exists()
+
+
+def test_timm_backbone_without_img_size_exports_and_loads_in_timm(tmp_path, no_network):
+    """A timm ConvNeXt (no img_size argument): model_args without img_size, same features; ResNet formats refuse."""
+    run = make_run_dir(tmp_path / "run", arch="timm/convnext_atto", small_input=False, seed=5,
+                       overrides=["data.image_size=32"])
+    push_run(run, str(tmp_path / "hub"), name="cnx", version="v1")
+    out = export_model("cnx@v1", tmp_path / "timm", "timm", hub=str(tmp_path / "hub"))
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architecture"] == "convnext_atto" and cfg["model_args"] == {"num_classes": 0}
+    x = _images(32)
+    with torch.no_grad():
+        ref = load_backbone("cnx@v1", hub=str(tmp_path / "hub"))(x)
+        net = timm.create_model("convnext_atto", pretrained=False, **cfg["model_args"]).eval()
+        net.load_state_dict(load_file(str(out / "model.safetensors")), strict=True)
+        torch.testing.assert_close(net(x), ref, rtol=0, atol=1e-5)
+    for fmt in ("torchvision", "detectron2"):
+        with pytest.raises(ValueError, match="is a timm model; export it --format timm"):
+            export_model("cnx@v1", tmp_path / fmt, fmt, hub=str(tmp_path / "hub"))
+    assert not (tmp_path / "torchvision").exists()
