@@ -113,12 +113,15 @@ def _folder(ref: str, fmt: str) -> str:
 
 def load_snippets(ref: str, hub_url: str, arch: str, small_input: bool) -> dict[str, str]:
     """Copy-paste code to load ``ref`` (NAME@VERSION) with largessl, torch.hub and each export format."""
+    kind = f"timm {arch[len('timm/'):]}, num_classes=0" if arch.startswith("timm/") else "torchvision ResNet, fc = Identity"
     out = {
         "largessl": ("from largessl.hub import load_backbone\n"
-                     f"net = load_backbone({ref!r}, hub={hub_url!r})  # torchvision ResNet, fc = Identity, eval mode"),
+                     f"net = load_backbone({ref!r}, hub={hub_url!r})  # {kind}, eval mode"),
         "torch.hub": ("import torch\n"
                       f"net = torch.hub.load('/path/to/largessl', {arch!r}, checkpoint={ref!r}, hub={hub_url!r}, "
-                      "source='local')"),
+                      "source='local')") if not arch.startswith("timm/") else
+                     "# not available: hubconf.py's entry points are the torchvision ResNets; use load_backbone or "
+                     "export --format timm",
     }
     for fmt in FORMATS:
         reason = unsupported_reason(fmt, arch, small_input)
