@@ -38,7 +38,7 @@ def test_entrypoint_warns_about_small_shared_memory(repo_root: Path) -> None:
 def test_dockerfile_shape(repo_root: Path) -> None:
     text = (repo_root / "docker" / "Dockerfile").read_text()
     assert "USER 1000:1000" in text and 'ENTRYPOINT ["/usr/local/bin/largessl-entrypoint"]' in text
-    assert '-c constraints.txt ".[s3,deepspeed]"' in text and "NCCL" in text
+    assert '-c constraints.txt ".[s3,deepspeed,trackers]"' in text and "NCCL" in text
     assert "check_docker_pins.py --installed constraints.txt" in text  # the build verifies what it installed
 
 
