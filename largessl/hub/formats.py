@@ -234,21 +234,24 @@ def timm_config(card: dict[str, Any]) -> dict[str, Any]:
         "num_classes": 0,
         "num_features": int(arch["num_features"]),
         "global_pool": "avg",
-        "pretrained_cfg": {
-            "input_size": [3, size, size],
-            "interpolation": "bicubic",  # largessl's evaluation resize
-            "crop_pct": 0.875 if size > 64 else 1.0,
-            "crop_mode": "center",
-            "mean": list(IMAGENET_MEAN),
-            "std": list(IMAGENET_STD),
-            "num_classes": 0,
-            "pool_size": [max(size // 32, 1)] * 2,
-            "first_conv": "conv1",
-            "classifier": "fc",
-            "fixed_input_size": False,
-            "license": _hf_license(card)[0],
-        },
+        "pretrained_cfg": _pretrained_cfg(card, size, pool_size=[max(size // 32, 1)] * 2, first_conv="conv1",
+                                          classifier="fc", fixed_input_size=False),
         "largessl": _provenance(card),
+    }
+
+
+def _pretrained_cfg(card: dict[str, Any], size: int, **extra: Any) -> dict[str, Any]:
+    """timm's ``pretrained_cfg``: the preprocessing largessl's evaluation used, the license, and ``extra``."""
+    return {
+        "input_size": [3, size, size],
+        "interpolation": "bicubic",  # largessl's evaluation resize
+        "crop_pct": 0.875 if size > 64 else 1.0,
+        "crop_mode": "center",
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "num_classes": 0,
+        **extra,
+        "license": _hf_license(card)[0],
     }
 
 
@@ -260,17 +263,7 @@ def _timm_model_config(card: dict[str, Any], size: int) -> dict[str, Any]:
         "num_classes": 0,
         "num_features": int(card["architecture"]["num_features"]),
         "model_args": kwargs,
-        "pretrained_cfg": {
-            "input_size": [3, size, size],
-            "interpolation": "bicubic",  # largessl's evaluation resize
-            "crop_pct": 0.875 if size > 64 else 1.0,
-            "crop_mode": "center",
-            "mean": list(IMAGENET_MEAN),
-            "std": list(IMAGENET_STD),
-            "num_classes": 0,
-            "fixed_input_size": "img_size" in kwargs,
-            "license": _hf_license(card)[0],
-        },
+        "pretrained_cfg": _pretrained_cfg(card, size, fixed_input_size="img_size" in kwargs),
         "largessl": _provenance(card),
     }
 
