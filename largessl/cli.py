@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "hub": ("largessl.hub.cli", "push, list, show, pull, export, yank and page pretrained backbones"),
     "launch": ("largessl.launch.cli", "submit pretraining to SLURM or render Kubernetes jobs"),
     "status": ("largessl.run.cli", "where each run is: state, step, loss, images/s, ETA, checkpoint, collapse"),
+    "sweep": ("largessl.launch.sweep_cli", "run a grid of config overrides (x seeds) as one job array; its status table"),
     "repro": ("largessl.repro.cli", "reproduce the seed papers' collapse tables at small scale"),
     "bench": ("largessl.bench.cli", "benchmarks: training step, data loading, end to end"),
 }

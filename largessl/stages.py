@@ -72,7 +72,7 @@ def stage_commands(cfg: Config, run_dir: str | os.PathLike[str],
 
 
 def _record(run_dir: Path, status: dict[str, Any]) -> None:
-    from largessl.eval.linear import write_json_atomic
+    from largessl.run.durable import write_json_atomic
 
     write_json_atomic(run_dir / "eval" / STAGES_JSON, status)
 

@@ -34,7 +34,7 @@ from largessl.eval.inputs import (
     tb_writer,
     train_stream,
 )
-from largessl.eval.linear import scaled_lr, write_json_atomic
+from largessl.eval.linear import scaled_lr
 from largessl.eval.supervised import (
     STOPPED,
     StopCheck,
@@ -44,6 +44,7 @@ from largessl.eval.supervised import (
     wrap_ddp,
 )
 from largessl.models.timm_backbone import layer_decay_groups
+from largessl.run.durable import write_json_atomic
 from largessl.run.layout import EVAL_DIR
 from largessl.run.progress import ProgressBar
 

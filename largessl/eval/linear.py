@@ -20,11 +20,9 @@ the world size.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -51,7 +49,7 @@ from largessl.run.progress import ProgressBar
 log = logging.getLogger(__name__)
 
 __all__ = ["LinearHead", "cosine_lr", "scaled_lr", "topk_correct", "train_linear_probe", "sweep_linear_probe",
-           "train_linear_full", "write_json_atomic", "STOPPED", "COMPLETED"]
+           "train_linear_full", "STOPPED", "COMPLETED"]
 
 
 class LinearHead(nn.Module):
@@ -73,15 +71,6 @@ class LinearHead(nn.Module):
 def scaled_lr(lr_at_256: float, global_batch_size: int) -> float:
     """The linear scaling rule: lr × global batch / 256."""
     return lr_at_256 * global_batch_size / 256
-
-
-def write_json_atomic(path: str | os.PathLike[str], data: dict[str, Any]) -> None:
-    """Write ``data`` as indented JSON via a temp file + rename (readers never see half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def _check_labels(labels: torch.Tensor, num_classes: int, what: str) -> None:

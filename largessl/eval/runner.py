@@ -32,10 +32,10 @@ from largessl.eval.linear import (
     linear_world_check,
     sweep_linear_probe,
     train_linear_full,
-    write_json_atomic,
 )
 from largessl.eval.source import EvalSource
 from largessl.eval.supervised import StopCheck
+from largessl.run.durable import write_json_atomic
 from largessl.run.layout import EVAL_DIR, KNN_JSON, LINEAR_JSON
 from largessl.run.progress import ProgressBar
 

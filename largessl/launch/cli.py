@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +32,8 @@ def _pretrain_flags(args: argparse.Namespace) -> list[str]:
     return flags + (["--restart-from-scratch"] if args.restart_from_scratch else [])
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Sub-commands of ``largessl launch``."""
-    sub = parser.add_subparsers(dest="target", metavar="TARGET", required=True)
-
-    s = sub.add_parser("slurm", help="submit through submitit (requeued on preemption/time-out, resumes)")
+def add_slurm_arguments(s: argparse.ArgumentParser, stage_jobs: bool = True) -> None:
+    """Options of a SLURM submission (``launch slurm``, ``sweep slurm``)."""
     _common(s)
     s.add_argument("--tasks-per-node", type=int, default=1, help="processes per node on CPU clusters")
     s.add_argument("--cpus-per-task", type=int, default=None, help="CPU cores per task (data workers + 1)")
@@ -50,11 +48,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="seconds before the time limit at which SLURM asks the job to checkpoint")
     s.add_argument("--log-dir", default=None, help="submitit folder (default <run_dir>/slurm; shared filesystem)")
     s.add_argument("--setup", action="append", default=[], help="shell line run before srun (repeatable)")
-    s.add_argument("--no-stage-jobs", action="store_true",
-                   help="run the config's stages inside the pretraining job instead of as afterok jobs")
+    if stage_jobs:
+        s.add_argument("--no-stage-jobs", action="store_true",
+                       help="run the config's stages inside the pretraining job instead of as afterok jobs")
     s.add_argument("--dry-run", action="store_true", help="print the sbatch script; submit nothing")
 
-    k = sub.add_parser("k8s", help="render (and --apply) an Indexed Job + headless Service")
+
+def add_k8s_arguments(k: argparse.ArgumentParser) -> None:
+    """Options of a Kubernetes rendering (``launch k8s``, ``sweep k8s``)."""
     _common(k)
     k.add_argument("--image", required=True, help="container image (see docker/README.md)")
     k.add_argument("--namespace", default="default")
@@ -88,6 +89,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     k.add_argument("--out", default=None, help="write pretrain.yaml (and stages.yaml) into this folder")
     k.add_argument("--apply", action="store_true", help="kubectl apply the pretraining manifests")
 
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Sub-commands of ``largessl launch``."""
+    sub = parser.add_subparsers(dest="target", metavar="TARGET", required=True)
+
+    s = sub.add_parser("slurm", help="submit through submitit (requeued on preemption/time-out, resumes)")
+    add_slurm_arguments(s)
+
+    k = sub.add_parser("k8s", help="render (and --apply) an Indexed Job + headless Service")
+    add_k8s_arguments(k)
+
     n = sub.add_parser("node", help="run this node's ranks with torchrun's variables, keeping their exit codes "
                                     "(in a pod, or on one machine instead of torchrun)")
     from largessl.launch import node
@@ -102,15 +114,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     w.add_argument("--endpoint-url", default="", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
 
 
+def slurm_request(args: argparse.Namespace, overrides: list[str] | None = None,
+                  submit_stages: bool = True) -> Any:
+    """The :class:`~largessl.launch.slurm.SlurmRequest` of parsed :func:`add_slurm_arguments` options."""
+    from largessl.launch import slurm
+
+    return slurm.SlurmRequest(
+        config=args.config, overrides=list(args.overrides if overrides is None else overrides), nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task,
+        mem_gb=args.mem_gb, partition=args.partition, account=args.account, qos=args.qos,
+        time_min=slurm.parse_time(args.time), job_name=args.job_name, signal_delay_s=args.signal_delay,
+        log_dir=args.log_dir, setup=args.setup, submit_stages=submit_stages, offline=args.offline,
+        pretrain_flags=_pretrain_flags(args))
+
+
 def _run_slurm(args: argparse.Namespace) -> int:
     from largessl.launch import slurm
 
-    req = slurm.SlurmRequest(
-        config=args.config, overrides=args.overrides, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
-        tasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb,
-        partition=args.partition, account=args.account, qos=args.qos, time_min=slurm.parse_time(args.time),
-        job_name=args.job_name, signal_delay_s=args.signal_delay, log_dir=args.log_dir, setup=args.setup,
-        submit_stages=not args.no_stage_jobs, offline=args.offline, pretrain_flags=_pretrain_flags(args))
+    req = slurm_request(args, submit_stages=not args.no_stage_jobs)
     plan = slurm.plan_job(req)
     if args.dry_run:
         print(slurm.render_sbatch(plan))
@@ -132,11 +153,13 @@ def _run_slurm(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_k8s(args: argparse.Namespace) -> int:
+def k8s_request(args: argparse.Namespace, overrides: list[str] | None = None) -> Any:
+    """The :class:`~largessl.launch.k8s.K8sRequest` of parsed :func:`add_k8s_arguments` options."""
     from largessl.launch import k8s
 
-    req = k8s.K8sRequest(
-        config=args.config, overrides=args.overrides, nodes=args.nodes, image=args.image,
+    return k8s.K8sRequest(
+        config=args.config, overrides=list(args.overrides if overrides is None else overrides), nodes=args.nodes,
+        image=args.image,
         namespace=args.namespace, name=args.name, gpus_per_node=args.gpus_per_node,
         procs_per_node=args.procs_per_node, cpu=args.cpu, memory=args.memory, shm_size=args.shm_size,
         pvc=args.pvc, s3_secret=args.s3_secret, port=args.port, grace_seconds=args.grace_seconds,
@@ -145,6 +168,12 @@ def _run_k8s(args: argparse.Namespace) -> int:
         tolerations=[k8s.parse_toleration(t) for t in args.toleration], priority_class=args.priority_class,
         kueue_queue=args.kueue_queue, ib_resources=list(args.ib_resource), offline=args.offline,
         pretrain_flags=_pretrain_flags(args))
+
+
+def _run_k8s(args: argparse.Namespace) -> int:
+    from largessl.launch import k8s
+
+    req = k8s_request(args)
     plan = k8s.plan_manifests(req)
     if args.out:
         out = Path(args.out)

@@ -165,6 +165,8 @@ class K8sRequest:
     """Flags of ``largessl pretrain`` (``--allow-change KEY``, ``--restart-from-scratch``)."""
     wait_poll_seconds: int = 60
     """How often a stage Job's init container looks for the pretraining's completion marker."""
+    stages_in_pod: bool = False
+    """Run the config's stages in the pretraining pod after pretraining (a sweep member) instead of as Jobs."""
 
     @property
     def nproc_per_node(self) -> int:
@@ -439,7 +441,7 @@ def plan_manifests(req: K8sRequest) -> K8sPlan:
     # the run directory lives on the cluster's volume: only what this machine can see is checked
     preflight(cfg, req.nodes * req.nproc_per_node, data=not req.offline, storage=not req.offline,
               run_dir_here=False, what=f"the Kubernetes job ({req.nodes} pod(s) x {req.nproc_per_node} process(es))")
-    stage_names = list(cfg.stages)
+    stage_names = [] if req.stages_in_pod else list(cfg.stages)
     stage_resources = {n: cfg.stage_config(n) for n in stage_names}
     stage_cmds: list[list[str]] = []
     if stage_names:
@@ -447,7 +449,8 @@ def plan_manifests(req: K8sRequest) -> K8sPlan:
 
         stage_cmds = stage_commands(cfg, run_dir, executable=["largessl"])
     gate = stage_gate(cfg, run_dir, req.wait_poll_seconds)
-    cfg.stages = []  # stages run as their own Jobs after pretraining, not inside every pretraining pod
+    if not req.stages_in_pod:
+        cfg.stages = []  # stages run as their own Jobs after pretraining, not inside every pretraining pod
     uses_s3 = _uses_s3(cfg)
     ns = req.namespace
     nproc = req.nproc_per_node

@@ -4,8 +4,9 @@ variant), plus the 2-D projection space of every variant (seed 0) when the table
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
+
+from largessl.run.durable import save_png
 
 CURVE_TITLES = {
     "loss": "training loss",
@@ -57,11 +58,4 @@ def plot_table(result: dict[str, Any], path: str | os.PathLike[str]) -> str:
         for ax in axes[1][len(scatter):]:
             ax.axis("off")
     fig.suptitle(f"{result['name']}: {result['title']}", fontsize=11)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return str(path)
+    return save_png(fig, path)

@@ -221,8 +221,8 @@ def run_table(table: Table, out_dir: str | Path, minutes: float | None = None, n
     over the variants and seeds as ``train.max_minutes``; ``num_steps`` (default: the table's) is each run's
     length; ``overrides`` (``key=value``) apply to every variant after the table's own.
     """
-    from largessl.eval.linear import write_json_atomic
     from largessl.repro.plots import plot_table
+    from largessl.run.durable import write_json_atomic
 
     if seeds < 1:
         raise ValueError(f"--seeds must be >= 1 (got {seeds})")

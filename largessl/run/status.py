@@ -150,6 +150,12 @@ def slurm_job(job_id: str, timeout_s: float = 20.0) -> dict[str, Any] | None:
     return None
 
 
+def _slurm_id(scheduler: dict[str, Any]) -> str:
+    """The job id people use: ``<array>_<task>`` for a job array's task (its SLURM_JOB_ID is another number)."""
+    array, task = scheduler.get("slurm_array_job_id"), scheduler.get("slurm_array_task_id")
+    return f"{array}_{task}" if array and task is not None and task != "" else str(scheduler["slurm_job_id"])
+
+
 def run_status(run_dir: str | os.PathLike[str], scheduler: bool = True) -> dict[str, Any]:
     """Everything ``largessl status`` shows of one run, as a JSON-ready dict (``scheduler``: also ask SLURM about
     the job recorded in state.json, when its commands are here)."""
@@ -207,7 +213,7 @@ def run_status(run_dir: str | os.PathLike[str], scheduler: bool = True) -> dict[
         "collapse_step": collapse_rec.get("step"),
         "updated_at": state.get("updated_at"),
         "scheduler": state.get("scheduler", {}),
-        "slurm": (slurm_job(state["scheduler"]["slurm_job_id"])
+        "slurm": (slurm_job(_slurm_id(state["scheduler"]))
                   if scheduler and (state.get("scheduler") or {}).get("slurm_job_id") else None),
         "lock": lock,
     }
