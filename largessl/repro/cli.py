@@ -22,12 +22,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", nargs="?", help=f"table to reproduce: {', '.join(TABLES)}, or 'all'")
     p.add_argument("--list", action="store_true", help="name the available tables and exit")
     p.add_argument("--seeds", type=int, default=3,
-                   help="run every variant with train.seed 0..K-1 and print mean ± std (default 3); orderings "
-                        "need at least 2 seeds, else they print 'inconclusive'")
+                   help="run every variant with train.seed 0..K-1 and print mean ± std (default 3); effect "
+                        "claims need at least 2 seeds (an interval), else they print 'unresolved'")
     p.add_argument("--minutes", type=float, default=None,
                    help="training budget of the whole command in minutes, split over variants and seeds "
                         "(default: the table's per-seed budget x --seeds, see --list)")
     p.add_argument("--steps", type=int, default=None, help="training steps per run (default: the table's)")
+    p.add_argument("--data", default="photodigits", choices=["photodigits", "digits"],
+                   help="embedded dataset at 16 px (default photodigits: digits over photographs, where a random "
+                        "encoder is far from a trained one; digits: sklearn's, near the ceiling from random init)")
     p.add_argument("--out", default="runs/repro", help="output directory (default: runs/repro)")
     p.add_argument("overrides", nargs="*", default=[],
                    help="config overrides for every variant, after the table's own (e.g. train.seed=1)")
@@ -52,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     for t in tables:
         try:
             result = run_table(t, args.out, minutes=args.minutes, num_steps=args.steps, overrides=args.overrides,
-                               seeds=args.seeds)
+                               seeds=args.seeds, dataset=args.data)
         except Interrupted as e:
             log.error("%s", e)
             return exit_codes.REQUEUE

@@ -5,16 +5,31 @@ from __future__ import annotations
 
 from typing import Any
 
-from largessl.repro.tables import THRESHOLDS, Table, siam_collapse
+from largessl.repro.tables import (
+    MIN_EFFECT,
+    NOT_REPRODUCED,
+    REPRODUCED,
+    THRESHOLDS,
+    UNRESOLVED,
+    Table,
+    siam_collapse,
+)
 
-SUBSTITUTIONS = ("small scale: 1437 train / 360 held-out sklearn digits at 16 px (not CIFAR), a 3-conv backbone "
+DATA_TEXT = {
+    "digits": "1437 train / 360 held-out sklearn digits at 16 px",
+    "photodigits": "1438 train / 359 held-out photodigits at 16 px (digits over photographs; train and held-out "
+                   "split by glyph and by photograph)",
+}
+SUBSTITUTIONS = ("small scale: {data} (not CIFAR), a 3-conv backbone "
                  "(not ResNet-18), a few hundred SGD steps (not 200-1000 epochs); our accuracy is weighted kNN "
                  "(k=20) on backbone features, the paper's is a linear probe unless noted; std/corr/rank/m_o/m_r "
-                 "are measured on the 360 held-out projections as one batch (batch statistics); for the SimSiam family on "
+                 "are measured on the held-out projections as one batch (batch statistics); for the SimSiam family on "
                  "the output the loss compares: z, or p for the symmetric predictor.")
-RULES = ("verdicts: collapse thresholds must hold on every seed; an ordering between variants counts only when "
-         "its gap exceeds 2 standard errors of the difference of the means (else 'inconclusive'; one seed is "
-         "always inconclusive); values are mean ± sample std over the seeds")
+RULES = ("verdicts: collapse thresholds must hold on every seed; an effect claim (direction and minimum effect, "
+         "e.g. 'kNN A − B ≥ 3 points', 'kNN ≤ 2× chance') is judged on the 95% t-interval over the seeds, of the "
+         "per-seed differences when two variants are compared (paired by seed): reproduced when the interval lies "
+         "beyond the minimum effect, NOT reproduced when it excludes the claimed effect, unresolved otherwise (and "
+         "always on one seed); values are mean ± sample std over the seeds")
 
 
 def _value(v: float, key: str) -> str:
@@ -63,7 +78,8 @@ def format_table(table: Table, result: dict[str, Any]) -> str:
         return "  ".join(parts[:1 + np_]) + "  |  " + "  ".join(parts[1 + np_:])
 
     out = [f"{table.name}: {table.title}", f"source: {table.source}",
-           f"seeds: {seeds} (train.seed 0-{seeds - 1}), {result.get('num_steps', rows[0]['steps_planned'])} steps each",
+           f"data: {result.get('dataset', 'digits')}; seeds: {seeds} (train.seed 0-{seeds - 1}), "
+           f"{result.get('num_steps', rows[0]['steps_planned'])} steps each",
            "", line(header), "-" * len(line(header))]
     out += [line(b) for b in body]
     out.append("")
@@ -75,13 +91,14 @@ def format_table(table: Table, result: dict[str, Any]) -> str:
                    "the same command (same --out) to continue it, or raise --minutes")
     out.append("")
     out.append(f"paper setup: {table.notes}")
-    out.append(f"ours: {SUBSTITUTIONS}")
+    dataset = result.get("dataset", "digits")
+    out.append("ours: " + SUBSTITUTIONS.format(data=DATA_TEXT.get(dataset, dataset)))
     out.append(RULES)
-    out.append("thresholds: " + ", ".join(f"{k}={v}" for k, v in THRESHOLDS.items())
-               + " (see largessl/repro/tables.py)")
+    out.append("thresholds: " + ", ".join(f"{k}={v}" for k, v in THRESHOLDS.items()) + "; minimum effects: "
+               + ", ".join(f"{k}={v:g}" for k, v in MIN_EFFECT.items()) + " (see largessl/repro/tables.py)")
     states = [r["verdict"]["state"] for r in rows]
-    out.append(f"{states.count('reproduced')} reproduced, {states.count('inconclusive')} inconclusive, "
-               f"{states.count('NOT reproduced')} NOT reproduced of {len(rows)} rows ({seeds} seed(s) each); "
+    out.append(f"{states.count(REPRODUCED)} reproduced, {states.count(NOT_REPRODUCED)} NOT reproduced, "
+               f"{states.count(UNRESOLVED)} unresolved of {len(rows)} rows ({seeds} seed(s) each); "
                f"training + evaluation took {result['minutes']:.1f} min")
     return "\n".join(out)
 

@@ -1,7 +1,8 @@
 """Every repro table, shortened and on one seed (``--seeds 1``), through the real trainer on the digits shards;
 asserts the collapse verdicts that are robust at this length on every seed measured (vanilla collapses and
 DBN does not; Naive Siamese collapses and SimSiam does not) and that each table writes its JSON and PNG.
-Orderings need several seeds and are never judged on one (they print "inconclusive"). The full-length,
+Effect claims (orderings, accuracy at chance) need an interval over several seeds and are never judged on one
+(they print "unresolved"). The full-length,
 3-seed tables are in docs/repro.md."""
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def _check_written(result: dict, name: str) -> dict[str, dict]:
         assert r["steps_done"] == SHORT_STEPS[name], "a generous time budget must not stop the short run"
         assert all(math.isfinite(v) for v in r["metrics"].values()) and len(r["seeds"]) == SEEDS
         assert r["curves"]["loss"] and isinstance(r["verdict"]["reproduced"], bool) and r["verdict"]["evidence"]
-        assert r["verdict"]["state"] in ("reproduced", "inconclusive", "NOT reproduced")
+        assert r["verdict"]["state"] in ("reproduced", "unresolved", "NOT reproduced")
     return rows
 
 
@@ -54,7 +55,7 @@ def test_000_table1_vanilla_collapses_and_dbn_does_not(out_dir):
     assert vanilla["std"] < THRESHOLDS["std_collapsed"] and dbn["std"] > THRESHOLDS["std_healthy"], (vanilla, dbn)
     assert bn["std"] > THRESHOLDS["std_healthy"] and bn["corr"] > THRESHOLDS["corr_high"]
     assert dbn["corr"] < THRESHOLDS["corr_low"] < bn["corr"], (dbn["corr"], bn["corr"])
-    assert rows["dbn"]["verdict"]["state"] == "inconclusive"  # its kNN ordering is not judged on one seed
+    assert rows["dbn"]["verdict"]["state"] == "unresolved"  # its kNN ordering is not judged on one seed
 
 
 def test_004_table2_naive_collapses_and_simsiam_does_not(out_dir):
@@ -67,7 +68,10 @@ def test_004_table2_naive_collapses_and_simsiam_does_not(out_dir):
     # 3-layer projector: held-out RankMe 6-14 of 256 at 100 steps (seed 3 not yet below 12.8), 3.5-4.9 at
     # 200 (m_o 0.78-0.83, corr >= 0.99); SimSiam (seeds 0-1) 52-55, m_o <= 0.2. 200 steps (the full table runs 300)
     # leaves a margin for other CPUs' round-off (on CI, 100 steps with a 2-layer projector stayed at corr 0.85).
-    assert siam_collapsed(naive) and rows["naive"]["verdict"]["reproduced"], naive
+    assert siam_collapsed(naive), naive
+    # the paper's accuracy collapse (chance) needs an interval: on one seed the row is unresolved, never reproduced
+    assert rows["naive"]["verdict"]["state"] == "unresolved" and "one seed, no interval" in rows["naive"]["verdict"][
+        "evidence"], rows["naive"]["verdict"]
     assert naive["m_o"] > simsiam["m_o"] and naive["corr"] > simsiam["corr"], (naive, simsiam)
 
 
@@ -87,5 +91,5 @@ def test_cli_prints_the_table_and_reuses_finished_variants(out_dir, capsys):
                  "--out", str(out_dir)]) == 0
     text = capsys.readouterr().out
     assert "000-fig4" in text and "Shuffled-DBN" in text and "paper corr" in text and "verdict" in text
-    assert "seeds: 1" in text and "one seed, no standard error" in text
+    assert "seeds: 1" in text and "one seed, no interval" in text
     assert "results:" in text and "plot:" in text
