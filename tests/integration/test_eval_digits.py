@@ -1,9 +1,9 @@
-"""Linear and kNN evaluation on the digits shards: Barlow Twins pretraining vs a random init, via the CLI.
+"""Linear, kNN and fine-tune evaluation via the CLI: pretraining against torchvision's random init of the same
+architecture and seed, the strongest honest baseline (``model.zero_init_residual=false``; our zero-init of the last
+BN in each residual branch is weaker: kNN ≈ 30% there).
 
-Pretrains the demo's ResNet-18 (ImageNet stem at 32 px) for a few dozen steps with `largessl pretrain`,
-then evaluates it and a random-init backbone of the same architecture with `largessl eval knn|linear`
-on the same splits. With this stem a random encoder's pooled features are poor (kNN ≈ 30%), so a short
-Barlow Twins run must beat it clearly on both protocols.
+The linear/kNN test pretrains the demo's ResNet-18 recipe on photodigits (docs/data.md): on sklearn's digits a
+random ResNet-18 already scores 95% kNN, so no gain there could be told from noise.
 """
 
 from __future__ import annotations
@@ -15,11 +15,14 @@ import pytest
 
 from largessl.cli import main
 from largessl.data.digits import write_digits_shards
+from largessl.data.photodigits import write_photodigits_shards
 from largessl.demo import DEMO_OVERRIDES
 
 COMMON = [*DEMO_OVERRIDES, "log.progress=false", "log.tensorboard=false", "data.num_workers=0"]
-PRETRAIN = ["train.num_steps=40", "checkpoint.every_steps=1000", "checkpoint.at_epoch_end=false"]
-EVAL = ["eval.linear_epochs=30", "eval.linear_lr_sweep=[0.3]"]
+PRETRAIN = ["train.num_steps=500", "checkpoint.every_steps=1000", "checkpoint.at_epoch_end=false"]
+EVAL = ["eval.linear_epochs=100"]
+TORCHVISION_INIT = ["model.zero_init_residual=false"]
+MARGIN_KNN, MARGIN_LINEAR = 4.0, 8.0
 
 
 def _results(out: Path) -> tuple[dict, dict]:
@@ -29,8 +32,8 @@ def _results(out: Path) -> tuple[dict, dict]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-def test_pretrained_beats_random_init_on_digits(tmp_path):
-    train, val = write_digits_shards(str(tmp_path / "digits"), image_size=32)
+def test_pretrained_beats_torchvision_init_on_photodigits(tmp_path):
+    train, val = write_photodigits_shards(str(tmp_path / "photodigits"), image_size=32)
     run_dir = tmp_path / "run"
     data = ["--train", train, "--val", val]
     assert main(["pretrain", f"train.run_dir={run_dir}", f"data.train_manifest={train}",
@@ -38,13 +41,14 @@ def test_pretrained_beats_random_init_on_digits(tmp_path):
     for protocol in ("knn", "linear"):
         assert main(["eval", protocol, "--checkpoint", str(run_dir), *data, *COMMON, *EVAL]) == 0
         assert main(["eval", protocol, "--checkpoint", "random", "--out", str(tmp_path / "random"), *data,
-                     *COMMON, *EVAL]) == 0
+                     *COMMON, *EVAL, *TORCHVISION_INIT]) == 0
     knn, linear = _results(run_dir)
     knn_rand, linear_rand = _results(tmp_path / "random")
     print(f"pretrained: kNN {knn['top1']}, linear {linear['top1']:.2f}; "
-          f"random init: kNN {knn_rand['top1']}, linear {linear_rand['top1']:.2f}")
-    assert knn["top1"]["20"] > knn_rand["top1"]["20"] + 8.0
-    assert linear["top1"] > linear_rand["top1"] + 1.0
+          f"torchvision init: kNN {knn_rand['top1']}, linear {linear_rand['top1']:.2f}")
+    assert knn_rand["source"]["zero_init_residual"] is False, knn_rand["source"]  # torchvision's init
+    assert knn["top1"]["20"] > knn_rand["top1"]["20"] + MARGIN_KNN
+    assert linear["top1"] > linear_rand["top1"] + MARGIN_LINEAR
 
 
 FT_COMMON = ["model.arch=repro_convnet", "model.small_input=false", "data.image_size=16", "data.num_workers=0",
