@@ -25,8 +25,8 @@ lint: $(STAMP)
 
 # Tests that cannot run here (no root for apt, no CUDA, a missing extra) skip and the summary says why;
 # CI (.ci/run) fails on any skip outside tests/gpu/. See docs/testing.md.
-# `make test`: every test but those marked `slow` (each over ~20 s on 2 cores; about 9 min in all).
-# `make test-slow`: only those (about 9 min). CI runs both; `make test-all` runs everything in one session.
+# `make test`: every test but those marked `slow` (each over ~20 s on 2 cores; about 11 min in all).
+# `make test-slow`: only those (about 25 min). CI runs both; `make test-all` runs everything in one session.
 # Exit 5 (nothing collected) is fine for one tier when PYTEST_ARGS narrows the run to the other.
 test: lint
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS) || [ $$? -eq 5 ]
