@@ -192,6 +192,9 @@ class Trainer:
             self.model = nn.parallel.DistributedDataParallel(
                 self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=cfg.dist.find_unused_parameters, process_group=group)
+        self._buckets_settled = not isinstance(self.model, nn.parallel.DistributedDataParallel) \
+            or cfg.dist.find_unused_parameters
+        """False until :meth:`_settle_buckets` ran in this process (DDP without find_unused_parameters only)."""
         self.probe = self._build_probe(backbone)
         self.guard = (CollapseGuard(cfg.method.name, cfg.train.collapse_guard_patience, self.plan.warmup_steps)
                       if cfg.train.collapse_guard else None)
@@ -701,6 +704,8 @@ class Trainer:
         cfg, plan = self.cfg, self.plan
         batch = batch.to(self.device, memory_format=torch.channels_last if self.policy.channels_last
                          else torch.contiguous_format)
+        if not self._buckets_settled:
+            self._settle_buckets(batch.views)
         lr = apply_lr(self.optimizer, self.step, plan.warmup_steps, plan.num_steps, cfg.optim.final_lr_ratio)
         out = train_step(self.model, batch.views, self.step, self.optimizer, self.policy, self.scaler,
                          cfg.train.grad_clip, self.engine)
@@ -709,6 +714,33 @@ class Trainer:
         if self.probe is not None and out.features is not None:
             probe_metrics = self.probe.step(out.features, batch.labels)
         return out, probe_metrics, lr
+
+    def _settle_buckets(self, views: list[torch.Tensor]) -> None:
+        """One discarded forward/backward, so that every real step of this process reduces through the same
+        gradient buckets, whether the run started at step 0 or resumed.
+
+        DDP lays out its gradient buckets in reverse parameter order, then rebuilds them after the first
+        backward in the order gradients became ready. The layout decides how each all-reduce is chunked; on
+        3+ ranks the ring sums chunks in an order that depends on it, so a run resumed at step k (k reduced
+        through the initial buckets) drifts from one that never stopped (k reduced through rebuilt ones) by
+        float rounding (~1e-8), and bitwise resume fails. Two ranks add two numbers: commutative, unaffected.
+        Weights, optimizer, buffers (BN running stats, whitening statistics) and RNG states are left as they
+        were; the cost is one extra forward/backward per process start, none per step.
+        """
+        self._buckets_settled = True
+        buffers = [(b, b.detach().clone()) for b in self.module.buffers()]
+        cpu_rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        with self.policy.autocast():
+            out = self.model(views, self.step)
+        out.loss.backward()  # a scaler would only scale it: the buckets fill in the same order
+        self.module.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state(cuda_rng, self.device)
 
     def _record(self, out: MethodOutput, probe: dict[str, torch.Tensor], lr: float, steps: int, elapsed: float,
                 wait: float, skips: _SkipCounter, with_collapse: bool) -> dict[str, Any]:
