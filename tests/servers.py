@@ -15,6 +15,7 @@ import http.server
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -70,6 +71,8 @@ class S3Server:
     directory: str
     log_path: str
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    command: list[str] = field(default_factory=list, repr=False)
+    """How the server was started (:meth:`restart` reuses it: same ports, same data)."""
 
     def storage_options(self) -> dict[str, Any]:
         """fsspec/s3fs options for this server."""
@@ -91,6 +94,24 @@ class S3Server:
         import s3fs
 
         return s3fs.S3FileSystem(skip_instance_cache=True, **self.storage_options())
+
+    def kill(self) -> None:
+        """SIGKILL the server and its children (an outage: connections are refused until :meth:`restart`)."""
+        if self.process is not None and self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=30)
+
+    def restart(self, deadline_s: float = STARTUP_DEADLINE_S) -> None:
+        """Start the server again on the same ports and data after :meth:`kill`; returns once the bucket answers."""
+        self.kill()
+        log_file = open(self.log_path, "ab")
+        try:
+            self.process = subprocess.Popen(self.command, stdout=log_file, stderr=subprocess.STDOUT,
+                                            cwd=self.directory, start_new_session=True)
+        finally:
+            log_file.close()  # the child holds its own descriptor
+        _wait_for_bucket(self, deadline_s)
 
     def make_bucket(self, name: str) -> str:
         """Create another bucket; returns its name."""
@@ -128,17 +149,18 @@ def s3_server(bucket: str = "largessl-test", deadline_s: float = STARTUP_DEADLIN
     log_path = os.path.join(workdir, "weed.log")
     log_file = open(log_path, "wb")
     proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True)
-    server = S3Server(f"http://127.0.0.1:{s3}", ACCESS_KEY, SECRET_KEY, bucket, workdir, log_path, proc)
+    server = S3Server(f"http://127.0.0.1:{s3}", ACCESS_KEY, SECRET_KEY, bucket, workdir, log_path, proc, cmd)
     try:
         _wait_for_bucket(server, deadline_s)
         yield server
     finally:
+        proc = server.process  # restart() may have replaced it
+        assert proc is not None
         proc.terminate()
         try:
             proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=15)
+            server.kill()
         log_file.close()
         shutil.rmtree(workdir, ignore_errors=True)
 
