@@ -117,3 +117,41 @@ def test_zero_state_moves_to_another_world_size_exactly(tmp_path, stage, optim, 
     # each new rank read exactly the old partitions holding a piece of what it now owns
     for _, wanted, needed in out:
         assert wanted == needed
+
+
+def _zero0_state(engine) -> dict[str, torch.Tensor]:
+    out = {f"module/{k}": v.detach().clone() for k, v in engine.module.state_dict().items()}
+    opt = engine.optimizer.state_dict()
+    for pid, state in opt["state"].items():
+        for key, value in state.items():
+            out[f"optimizer/{pid}/{key}"] = torch.as_tensor(value).clone()
+    return out
+
+
+def _zero0_save(rank: int, world: int, folder: str):
+    from largessl.train.deepspeed_engine import save_engine
+
+    engine = _engine(rank, world, 0, "sgd")
+    _train(engine, rank, range(3))
+    save_engine(engine, Path(folder) / f"rank{rank}")
+    return _zero0_state(engine)
+
+
+def _zero0_load(rank: int, world: int, saved: str, saved_world: int):
+    from largessl.train.deepspeed_engine import load_engine, partitions_to_read
+
+    engine = _engine(rank, world, 0, "sgd")
+    files = sorted(p.relative_to(saved).as_posix() for p in Path(saved).rglob("*") if p.is_file())
+    assert partitions_to_read(engine, Path(saved), files) == []  # ZeRO-0: the optimizer is in the module states
+    load_engine(engine, saved, saved_world)
+    return _zero0_state(engine)
+
+
+def test_zero0_state_moves_to_another_world_size_by_a_plain_load(tmp_path):
+    """ZeRO-0 keeps the whole optimizer state in the module states file: any world size loads it as it is."""
+    before = run_distributed(_zero0_save, 2, str(tmp_path))[0]  # rank 0's module states are the ones saved
+    merged = _merge(tmp_path, 2)
+    assert not list(merged.rglob("*optim_states.pt"))
+    (after,) = run_distributed(_zero0_load, 1, str(merged), 2)
+    assert sorted(before) == sorted(after) and any(k.endswith("momentum_buffer") for k in before)
+    assert all(torch.equal(before[k], after[k]) for k in before)
