@@ -6,8 +6,8 @@ Layout of ``<ckpt_dir>/step-00000123/``::
     training.pt         optimizer, scheduler, scaler, step, epoch, extra state (rank 0; torch.save of tensors/primitives)
     meta.json           step, epoch, git revision, last metrics, resolved config (rank 0)
     rank-00001.pt       per-rank RNG states and data position (every rank)
-    deepspeed/          DeepSpeed's own files (only with dist.strategy=deepspeed): the module states (shared)
-                        and one optimizer partition per rank
+    deepspeed/          DeepSpeed's own files (only with dist.strategy=deepspeed): the module states (shared),
+                        one optimizer partition per rank (ZeRO-1/2) and their layout (zero_layout.json)
     COMPLETE.json       completion marker written last: the sha256 and size of every other file
 
 **Writing.** Every rank writes its files into a private folder, hashing them as they are written, then

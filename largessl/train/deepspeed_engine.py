@@ -5,6 +5,12 @@ entered inside the module DeepSpeed wraps (DeepSpeed switches an autocast around
 :meth:`largessl.run.precision.PrecisionPolicy.autocast_inside`), so the SSL loss and batch statistics stay fp32 exactly as in the DDP path (DeepSpeed's own bf16/fp16 modes
 would cast the whole module, batch-norm statistics included). LARS keeps per-layer trust ratios under
 ZeRO-1/2 through :func:`largessl.train.optim.attach_zero_layout`.
+
+Checkpoints resume on any world size. ZeRO-0 keeps the optimizer whole in the module states file. ZeRO-1/2
+partition it per rank: on another world size each rank reads the old partitions overlapping its new share
+(:func:`partitions_to_read`, from the layout saved with the checkpoint), writes DeepSpeed's universal checkpoint
+for its parameters into its private local copy (:func:`write_universal`) and loads it with DeepSpeed's
+``load_universal`` (:func:`load_engine`). A ZeRO stage change is refused by the trainer.
 """
 
 from __future__ import annotations
@@ -288,11 +294,11 @@ _SHARDED = ("base_optimizer_state", "single_partition_of_fp32_groups", "param_sl
 def _load_deepspeed_file(path: Path) -> Any:
     """A DeepSpeed checkpoint file (already hash-verified), without unpickling arbitrary objects: only the few
     DeepSpeed types its ZeRO files hold are allowed. Memory-mapped: only the bytes used are read."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+    with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]):
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 

@@ -303,7 +303,8 @@ class Trainer:
         """Load the newest verified checkpoint if there is one (every rank); returns whether it resumed.
 
         Each rank reads each byte it needs once, verifying hashes as they stream (see CheckpointManager.load):
-        training.pt, meta.json, its rank file, and model.safetensors (DDP) or its DeepSpeed files. Before any
+        training.pt, meta.json, its rank file, and model.safetensors (DDP) or its DeepSpeed files (on another world
+        size, the old ZeRO partitions its new share overlaps: :mod:`largessl.train.deepspeed_engine`). Before any
         state is applied, the checkpoint's config is compared with this run's (:mod:`largessl.run.restart`): an
         experiment-defining change that ``allow_change`` does not name raises ``ValueError``. When checkpoints
         exist but none verifies, it raises too, unless ``restart_from_scratch``.
