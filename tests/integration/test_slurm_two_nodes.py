@@ -50,6 +50,12 @@ def _checkpoints(run_dir: Path) -> list[int]:
     return sorted(int(p.parent.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*/COMPLETE.json"))
 
 
+def _past_checkpoint(run_dir: Path, after: int) -> bool:
+    """A checkpoint newer than step ``after`` exists and a step beyond it was logged (the kill then loses work)."""
+    done = _checkpoints(run_dir)
+    return bool(done) and done[-1] > after and len(_steps(run_dir)) > done[-1]
+
+
 def _tiny_config(tmp_path: Path, num_steps: int) -> Path:
     from largessl.data.digits import write_digits_shards
 
@@ -138,8 +144,8 @@ def test_submitit_two_nodes_requeue_then_node_failure_resume(slurm_cluster: Slur
         _wait_state(slurm_cluster, job, 1, ("RUNNING",), 400, "the requeued job to run again")
         first_stop = _checkpoints(run_dir)[-1]
         _say(f"requeued job running again (Restarts=1) after the save at step {first_stop}")
-        wait_for(lambda: max(_checkpoints(run_dir)) > first_stop and slurm_cluster.task_pids(job, "n2"), 400,
-                 "a checkpoint after the resume")
+        wait_for(lambda: _past_checkpoint(run_dir, first_stop) and slurm_cluster.task_pids(job, "n2"), 400,
+                 "a checkpoint after the resume and a step after it")
         assert len(_steps(run_dir)) < num_steps, "the job finished before the node failure"
 
         # 2) node failure: n2 dies mid-run
@@ -164,10 +170,11 @@ def test_submitit_two_nodes_requeue_then_node_failure_resume(slurm_cluster: Slur
          f"resumes at steps {_resumes(logs)}")
     assert state == "COMPLETED", logs[-4000:]
     assert _resumes(logs) == [first_stop, last_ckpt], logs[-4000:]
-    # every survivor's trainer returned code 3 (submitit then fails the task with that message)
+    # every survivor's trainer returned 3, and that is its task's exit code (srun reports it in the batch log)
     for rank in (0, 1):
         rank_err = (folder / f"{job}_{rank}_log.err").read_text()
         assert "largessl pretrain exited with code 3" in rank_err, rank_err[-3000:]
+    assert re.search(r"srun: error: n1: tasks? [0-9,-]+: Exited with exit code 3", logs), logs[-4000:]
     assert _steps(run_dir) == list(range(1, num_steps + 1))
     assert sorted(exited) == [0, 1]
 
@@ -208,8 +215,8 @@ echo "srun exited $?"
     second = ""
     try:
         # a few saves first, so the resume step says which checkpoint was used
-        wait_for(lambda: _checkpoints(run_dir)[-1:] >= [4] and slurm_cluster.task_pids(job, "n2"), 400,
-                 "the second checkpoint on two nodes")
+        wait_for(lambda: _past_checkpoint(run_dir, 3) and slurm_cluster.task_pids(job, "n2"), 400,
+                 "the second checkpoint on two nodes and a step after it")
         assert slurm_cluster.job_field(job, "NodeList") == "n[1-2]"
         assert len(_steps(run_dir)) < num_steps, "the job finished before the node failure"
         last_ckpt, exited = _fail_node(slurm_cluster, job, run_dir)
