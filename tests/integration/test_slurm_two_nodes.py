@@ -15,6 +15,7 @@ requeues the job (``--requeue``), and the run resumes from the last complete che
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -22,7 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
-from slurm_cluster import SlurmCluster, slurm_cluster, wait_for  # noqa: F401  (fixture)
+from slurm_cluster import STATE, SlurmCluster, slurm_cluster, wait_for  # noqa: F401  (fixture)
 
 from largessl.launch import slurm
 
@@ -32,6 +33,8 @@ TIMEOUT_MINUTES = 1.0
 """dist.timeout_minutes of these runs: the dead-peer bound is then 1 + 1 = 2 minutes."""
 EXIT_BOUND_S = TIMEOUT_MINUTES * 60 + min(TIMEOUT_MINUTES * 60, 60)
 T0 = time.monotonic()
+LOOPBACK_ENV = dict(os.environ, GLOO_SOCKET_IFNAME="lo")
+"""The jobs inherit the submitter's environment (sbatch --export=ALL): gloo's pairs stay on the loopback device."""
 
 
 def _say(message: str) -> None:
@@ -108,6 +111,21 @@ def _fail_node(cluster: SlurmCluster, job: str, run_dir: Path) -> tuple[int, dic
     return last_ckpt, exited
 
 
+def _ctld_offset() -> int:
+    log = STATE / "slurmctld.log"
+    return log.stat().st_size if log.exists() else 0
+
+
+def _ctld_log(job: str, offset: int) -> str:
+    """slurmctld's lines (from byte ``offset``) on the job and on n2: the node-failure requeue as SLURM logged it."""
+    log = STATE / "slurmctld.log"
+    keep = re.compile(rf"JobId={job}\b.*(?:[Rr]equeu|fail|NODE)|[Rr]equeu.*JobId={job}\b|node n2|n2 .*(?:not |DOWN)")
+    with log.open("rb") as f:
+        f.seek(offset)
+        text = f.read().decode(errors="replace")
+    return "\n".join(line for line in text.splitlines() if keep.search(line))
+
+
 def _resumes(logs: str) -> list[int]:
     return [int(s) for s in re.findall(r"resumed from \S+ at step (\d+)", logs)]
 
@@ -127,7 +145,8 @@ def test_submitit_two_nodes_requeue_then_node_failure_resume(slurm_cluster: Slur
     cmd = [sys.executable, "-m", "largessl", "launch", "slurm", "--config", str(_tiny_config(tmp_path, num_steps)),
            "--nodes", "2", "--tasks-per-node", "2", "--cpus-per-task", "1", "--time", "30",
            "--partition", slurm_cluster.pair_partition, f"train.run_dir={run_dir}"]
-    sub = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    ctld = _ctld_offset()
+    sub = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=LOOPBACK_ENV)
     assert sub.returncode == 0, sub.stderr
     job = re.search(r"submitted SLURM job (\d+)", sub.stdout).group(1)
     folder = run_dir / "slurm" / job
@@ -164,11 +183,12 @@ def test_submitit_two_nodes_requeue_then_node_failure_resume(slurm_cluster: Slur
         if not slurm_cluster.node_state("n2").rstrip("*") == "idle":
             slurm_cluster.start_node("n2")
     logs = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')}" for p in sorted(folder.glob("*_log.*")))
-    print(_interesting(logs))
+    print(f"--- slurmctld.log\n{_ctld_log(job, ctld)}\n{_interesting(logs)}")
     state = slurm_cluster.job_field(job, "JobState")
     _say(f"job {job} {state}, Restarts={slurm_cluster.job_field(job, 'Restarts')}, "
          f"resumes at steps {_resumes(logs)}")
     assert state == "COMPLETED", logs[-4000:]
+    assert logs.count("process group ready: gloo, rank 0 of 4") == 3, logs[-4000:]  # every start on both nodes
     assert _resumes(logs) == [first_stop, last_ckpt], logs[-4000:]
     # every survivor's trainer returned 3, and that is its task's exit code (srun reports it in the batch log)
     for rank in (0, 1):
@@ -207,9 +227,10 @@ srun --label {sys.executable} -m largessl pretrain --config {cfg} train.run_dir=
 echo "srun exited $?"
 """)
         res = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, timeout=60,
-                             check=True)
+                             check=True, env=LOOPBACK_ENV)
         return res.stdout.strip().split(";")[0]
 
+    ctld = _ctld_offset()
     job = sbatch(2)
     _say(f"sbatch job {job}: 2 nodes x 2 tasks, srun python -m largessl pretrain")
     second = ""
@@ -240,7 +261,7 @@ echo "srun exited $?"
             _say(f"n2's slurmd restarted: n2 is {slurm_cluster.node_state('n2')}")
     first_log = (out / f"{job}.out").read_text(errors="replace")
     second_log = (out / f"{second}.out").read_text(errors="replace")
-    print(f"--- {job}.out\n{_interesting(first_log)}\n--- {second}.out\n{_interesting(second_log)}")
+    print(f"--- slurmctld.log\n{_ctld_log(job, ctld)}\n--- {job}.out\n{_interesting(first_log)}\n--- {second}.out\n{_interesting(second_log)}")
     state = slurm_cluster.job_field(second, "JobState")
     _say(f"job {second} {state} on {slurm_cluster.job_field(second, 'NodeList')}; resumed at {_resumes(second_log)}")
     # the ranks found each other from SLURM's variables alone: the trainer's own SLURM branch, 4 then 2 ranks
