@@ -252,7 +252,8 @@ class PretrainJob(submitit.helpers.Checkpointable):
         self.argv = list(argv)
 
     def __call__(self) -> int:
-        """Train (resuming); on a stop request requeue the job from global rank 0 and exit 75."""
+        """Train (resuming); on a stop request requeue the job from global rank 0 and exit 75; any other failure
+        ends the task with the trainer's exit code."""
         # set_cuda_visible_devices=False: every task sees the node's GPUs and the trainer picks
         # cuda:LOCAL_RANK (the torchrun convention); hiding all but one GPU would break ranks > 0.
         env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False,
@@ -267,8 +268,11 @@ class PretrainJob(submitit.helpers.Checkpointable):
                 requeue_self()
             # SystemExit is not an Exception: submitit writes no result, so the requeued run starts afresh
             raise SystemExit(code)
-        raise RuntimeError(f"largessl {' '.join(self.argv[:1])} exited with code {code}"
-                           f"{' (do not requeue: a bug or bad input)' if code in exit_codes.FAIL_FAST else ''}")
+        log.error("largessl %s exited with code %d%s", " ".join(self.argv[:1]), code,
+                  " (do not requeue: a bug or bad input)" if code in exit_codes.FAIL_FAST else "")
+        # The task ends with the trainer's code (srun, sacct and the operator see 3 for a lost peer, 2 for bad
+        # input); an exception would make submitit end every failed task with 1.
+        raise SystemExit(code)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission:
         """Resubmit unchanged: the trainer already saved and resumes from ``train.run_dir``."""

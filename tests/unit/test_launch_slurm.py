@@ -94,3 +94,19 @@ def test_stage_job_fails_on_nonzero_exit() -> None:
     assert slurm.StageJob([sys.executable, "-c", "pass"])() == 0
     with pytest.raises(RuntimeError, match="exited with 3"):
         slurm.StageJob([sys.executable, "-c", "raise SystemExit(3)"])()
+
+
+def test_pretrain_job_ends_the_task_with_the_trainers_exit_code(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    # a one-task SLURM environment as srun sets it (submitit exports RANK, MASTER_ADDR, ...: set here so that
+    # monkeypatch restores them)
+    env = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "7", "SLURM_NTASKS": "1", "SLURM_JOB_NUM_NODES": "1",
+           "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "n1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+           "MASTER_PORT": "29555", "RANK": "", "WORLD_SIZE": "", "LOCAL_RANK": "", "LOCAL_WORLD_SIZE": "",
+           "MASTER_ADDR": ""}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    job = slurm.PretrainJob(["pretrain", "--config", str(tmp_path / "missing.yaml")])
+    with pytest.raises(SystemExit) as raised:  # not an exception: submitit would end the task with 1
+        job()
+    assert raised.value.code == exit_codes.BAD_INPUT
