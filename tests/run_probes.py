@@ -13,6 +13,13 @@ which reads two environment variables:
 ``LARGESSL_TEST_HOLD_AFTER_STEP``
     The stream does not hand out the batch of any later step: the process waits there (to be SIGKILLed by
     the test), so a kill drawn at step K always lands before the run could complete.
+``LARGESSL_TEST_GATES``
+    ``STEP:PATH[,STEP:PATH...]``: the stream hands out the batch of ``STEP`` only once ``PATH`` exists (a
+    ``{"event": "gate", "step"}`` record says it is waiting). The test creates the file when the world is where
+    it wants it (a node killed, a stop signal delivered); once it exists, later processes pass straight through.
+
+Every record also carries ``world`` (``WORLD_SIZE``), so a run whose world changes under an elastic launcher
+(torchrun's restarts) shows which world each process trained in.
 """
 
 from __future__ import annotations
@@ -34,12 +41,14 @@ class Recorder:
     def __init__(self, directory: Path, rank: int) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.rank = rank
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self._lock = threading.Lock()
         self._f = open(directory / f"rank-{rank}.jsonl", "a")
 
     def write(self, event: str, **fields: Any) -> None:
         """One record."""
-        line = json.dumps({"event": event, "pid": os.getpid(), "rank": self.rank, **fields})
+        line = json.dumps({"event": event, "pid": os.getpid(), "rank": self.rank, "world": self.world,
+                           **fields})
         with self._lock:
             self._f.write(line + "\n")
             self._f.flush()
@@ -81,10 +90,12 @@ class SignalWatcher:
 class RecordingStream:
     """Passes every attribute through to the real stream; ``iterate`` also records each batch's sample keys."""
 
-    def __init__(self, stream: Any, recorder: Recorder | None, hold_after_step: int | None) -> None:
+    def __init__(self, stream: Any, recorder: Recorder | None, hold_after_step: int | None,
+                 gates: dict[int, Path] | None = None) -> None:
         self._stream = stream
         self._recorder = recorder
         self._hold = hold_after_step
+        self._gates = gates or {}
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)
@@ -99,6 +110,12 @@ class RecordingStream:
                     self._recorder.write("hold", step=step)
                 while True:  # the test SIGKILLs this process now
                     time.sleep(1)
+            gate = self._gates.get(step)
+            if gate is not None and not gate.exists():
+                if self._recorder:
+                    self._recorder.write("gate", step=step)
+                while not gate.exists():
+                    time.sleep(0.05)
             if self._recorder:
                 self._recorder.write("batch", epoch=epoch, batch=start_batch + i, step=step, keys=list(batch.keys))
             yield batch
@@ -113,13 +130,15 @@ class Probes:
         hold = os.environ.get("LARGESSL_TEST_HOLD_AFTER_STEP")
         self.recorder = Recorder(Path(directory), rank) if directory else None
         self.hold = int(hold) if hold else None
+        self.gates = {int(step): Path(path) for step, _, path in
+                      (g.partition(":") for g in os.environ.get("LARGESSL_TEST_GATES", "").split(",") if g)}
         self.watcher = SignalWatcher(self.recorder) if self.recorder else None
 
     def wrap(self, stream: Any) -> Any:
         """The stream, recording (and holding) when the environment asks for it."""
-        if self.recorder is None and self.hold is None:
+        if self.recorder is None and self.hold is None and not self.gates:
             return stream
-        return RecordingStream(stream, self.recorder, self.hold)
+        return RecordingStream(stream, self.recorder, self.hold, self.gates)
 
     def finish(self, code: int, reason: str = "") -> None:
         """Record the exit code (and, where known, the trainer's reason)."""
