@@ -2,8 +2,9 @@
 
 For elastic-resume tests (never shipped). Each rank appends to ``<run_dir>/record/rank<R>-<pid>.jsonl``:
 one line per batch the trainer takes (``epoch``, ``batch``, ``keys``), and after the automatic resume one
-line with the step it resumed at and a digest of the optimizer state it loaded. With ``STOP_AT`` > 0
-every rank raises its own stop signal while the batch of step ``STOP_AT`` trains, so the run saves at
+line with the step it resumed at and a digest of the optimizer state it loaded; with DeepSpeed ZeRO-1/2 it
+also saves its pieces of the whole training state before every save and after the resume (``zero-*.pt``,
+:mod:`zero_state`). With ``STOP_AT`` > 0 every rank raises its own stop signal while the batch of step ``STOP_AT`` trains, so the run saves at
 exactly that step and exits 75 through the trainer's real stop path (0 = run to the end).
 """
 
@@ -55,7 +56,15 @@ def main(argv: list[str]) -> int:
             record.write(json.dumps(row) + "\n")
             record.flush()
 
-        stream_iterate, resume = trainer.stream.iterate, trainer.resume
+        stream_iterate, resume, save = trainer.stream.iterate, trainer.resume, trainer.save
+
+        def dump_zero(when: str) -> None:
+            """With DeepSpeed ZeRO-1/2: this rank's pieces of the whole training state (tests/zero_state.py)."""
+            if trainer.engine is not None and trainer.cfg.dist.zero_stage in (1, 2):
+                from zero_state import rank_pieces
+
+                torch.save(rank_pieces(trainer.engine),
+                           out / f"zero-{when}-step{trainer.step}-w{trainer.world_size}-rank{env.rank}.pt")
 
         def iterate(epoch: int, start_batch: int = 0):
             for k, batch in enumerate(stream_iterate(epoch, start_batch)):
@@ -65,14 +74,21 @@ def main(argv: list[str]) -> int:
                     os.kill(os.getpid(), signal.SIGTERM)  # the handler only sets the flag; seen after this step
                 yield batch
 
+        def saved(metrics: dict) -> str:
+            dump_zero("saved")
+            return save(metrics)
+
         def resumed() -> bool:
             ok = resume()
+            if ok:
+                dump_zero("resumed")
             write(resumed=ok, step=trainer.step, world_size=trainer.world_size,
                   optimizer=optimizer_digest(trainer.optimizer.state_dict()), skip_base=trainer.skip_base)
             return ok
 
         trainer.stream.iterate = iterate  # type: ignore[method-assign]
         trainer.resume = resumed  # type: ignore[method-assign]
+        trainer.save = saved  # type: ignore[method-assign]
         result = trainer.fit()
         logging.getLogger("elastic").info("exit %d at step %d", result.exit_code, result.step)
         return result.exit_code

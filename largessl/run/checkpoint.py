@@ -6,8 +6,8 @@ Layout of ``<ckpt_dir>/step-00000123/``::
     training.pt         optimizer, scheduler, scaler, step, epoch, extra state (rank 0; torch.save of tensors/primitives)
     meta.json           step, epoch, git revision, last metrics, resolved config (rank 0)
     rank-00001.pt       per-rank RNG states and data position (every rank)
-    deepspeed/          DeepSpeed's own files (only with dist.strategy=deepspeed): the module states (shared)
-                        and one optimizer partition per rank
+    deepspeed/          DeepSpeed's own files (only with dist.strategy=deepspeed): the module states (shared),
+                        one optimizer partition per rank (ZeRO-1/2) and their layout (zero_layout.json)
     COMPLETE.json       completion marker written last: the sha256 and size of every other file
 
 **Writing.** Every rank writes its files into a private folder, hashing them as they are written, then
@@ -44,7 +44,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -419,6 +419,11 @@ def load_model_state(path_or_run_dir: str | os.PathLike[str],
 # Saving and resuming
 
 
+MoreFiles = Callable[[Path, list[str]], Iterable[str]]
+"""Chooses more files of a checkpoint to read, given the local folder of those read so far and every file the
+marker lists (a DeepSpeed resume on another world size picks the optimizer partitions it needs)."""
+
+
 @dataclass
 class SavePayload:
     """What one rank contributes to a checkpoint."""
@@ -540,19 +545,20 @@ class CheckpointManager:
         return self.watchdog.paused() if self.watchdog is not None else contextlib.nullcontext()
 
     def load(self, *, read_model: bool = True, extra_files: Callable[[str], bool] | None = None,
-             state_of_rank: int | None = None) -> LoadedCheckpoint | None:
+             more_files: MoreFiles | None = None, state_of_rank: int | None = None) -> LoadedCheckpoint | None:
         """Collective: read the newest verified checkpoint, each rank only the files it needs, each byte once.
 
         Rank 0 picks the candidate from the markers and sizes; every rank streams training.pt, meta.json,
         model.safetensors (``read_model``), its rank file (``state_of_rank``; default its own, or rank 0's
-        when the saving run had fewer ranks) and the files ``extra_files`` selects, into a local folder,
+        when the saving run had fewer ranks) and the files ``extra_files`` selects, then those ``more_files``
+        picks after reading them (``more_files(local_dir, every_listed_file)``), into a local folder,
         verifying hashes as it reads. Only when every rank verified everything is the result returned;
         a corrupt file anywhere makes all ranks move on to the previous checkpoint. None when there is none.
         """
         with self._io():
-            return self._load(read_model, extra_files, state_of_rank)
+            return self._load(read_model, extra_files, more_files, state_of_rank)
 
-    def _load(self, read_model: bool, extra_files: Callable[[str], bool] | None,
+    def _load(self, read_model: bool, extra_files: Callable[[str], bool] | None, more_files: MoreFiles | None,
               state_of_rank: int | None) -> LoadedCheckpoint | None:
         below: int | None = None
         while True:
@@ -567,7 +573,7 @@ class CheckpointManager:
             error: tuple[str, str] | None = None
             raised: BaseException | None = None
             try:
-                loaded = self._read(name, marker, read_model, extra_files, state_of_rank)
+                loaded = self._read(name, marker, read_model, extra_files, more_files, state_of_rank)
             except CorruptCheckpointError as e:
                 error = ("corrupt", str(e))
             except Exception as e:  # reported to every rank so none is left waiting in the agreement
@@ -592,7 +598,7 @@ class CheckpointManager:
             below = int(marker["step"]) if "step" in marker else int(name.split("-")[1])
 
     def _read(self, name: str, marker: dict[str, Any], read_model: bool, extra_files: Callable[[str], bool] | None,
-              state_of_rank: int | None) -> LoadedCheckpoint:
+              more_files: MoreFiles | None, state_of_rank: int | None) -> LoadedCheckpoint:
         files: dict[str, str] = marker["files"]
         store = self.store
         if state_of_rank is None:
@@ -613,6 +619,12 @@ class CheckpointManager:
             try:
                 for rel in wanted:
                     store.copy_verified(name, rel, files[rel], loaded.extra_dir / rel)
+                if more_files is not None:
+                    # inside the read, so a corrupt file here falls back to the previous checkpoint like any other
+                    for rel in sorted(set(more_files(loaded.extra_dir, sorted(files))) - set(wanted)):
+                        if rel not in files:
+                            raise CorruptCheckpointError(f"{store.url_of(name, MARKER)} does not list {rel}")
+                        store.copy_verified(name, rel, files[rel], loaded.extra_dir / rel)
             except BaseException:
                 loaded.close()
                 raise

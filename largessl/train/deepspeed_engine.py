@@ -5,10 +5,17 @@ entered inside the module DeepSpeed wraps (DeepSpeed switches an autocast around
 :meth:`largessl.run.precision.PrecisionPolicy.autocast_inside`), so the SSL loss and batch statistics stay fp32 exactly as in the DDP path (DeepSpeed's own bf16/fp16 modes
 would cast the whole module, batch-norm statistics included). LARS keeps per-layer trust ratios under
 ZeRO-1/2 through :func:`largessl.train.optim.attach_zero_layout`.
+
+Checkpoints resume on any world size. ZeRO-0 keeps the optimizer whole in the module states file. ZeRO-1/2
+partition it per rank: on another world size each rank reads the old partitions overlapping its new share
+(:func:`partitions_to_read`, from the layout saved with the checkpoint), writes DeepSpeed's universal checkpoint
+for its parameters into its private local copy (:func:`write_universal`) and loads it with DeepSpeed's
+``load_universal`` (:func:`load_engine`). A ZeRO stage change is refused by the trainer.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -19,6 +26,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from largessl.run.checkpoint import CorruptCheckpointError
 from largessl.run.precision import PrecisionPolicy
 from largessl.train.optim import LARS
 
@@ -27,6 +35,8 @@ log = logging.getLogger(__name__)
 CHECKPOINT_TAG = "state"
 CHECKPOINT_DIR = "deepspeed"
 """Folder of DeepSpeed's files inside a checkpoint."""
+LAYOUT_FILE = "zero_layout.json"
+"""The ZeRO-1/2 partition layout of the saving run, next to DeepSpeed's files (:func:`zero_layout`)."""
 _PARTITION_RE = re.compile(r"(?:^|/)(?:bf16_)?zero_pp_rank_(\d+)_")
 
 TESTED_DEEPSPEED = ">=0.19,<0.20"
@@ -167,29 +177,214 @@ def build_engine(module: nn.Module, optimizer: Optimizer, zero_stage: int, per_r
     return engine
 
 
+def zero_layout(zero_optimizer: Any, world_size: int, zero_stage: int) -> dict[str, Any]:
+    """Where every parameter lies in the flat ZeRO-1/2 buffers (JSON): per parameter group the partition size of
+    one rank and, by parameter name, ``[flat start, numel]``; saved with the checkpoint so that a resume on
+    another world size reads only the old partitions its new share overlaps (DeepSpeed-private attributes, the
+    same as :func:`attach_zero_layout`)."""
+    groups = []
+    for i, params in enumerate(zero_optimizer.round_robin_bit16_groups):
+        cur, where = 0, {}
+        for p, pad in zip(params, zero_optimizer.round_robin_bit16_padding[i]):
+            where[zero_optimizer.param_names[p]] = [cur, p.numel()]
+            cur += p.numel() + pad
+        groups.append({"partition_size": int(zero_optimizer.partition_size[i]), "params": where})
+    return {"format": 1, "world_size": world_size, "zero_stage": zero_stage, "groups": groups}
+
+
 def save_engine(engine: Any, folder: Path) -> None:
     """Every rank writes its DeepSpeed files under ``folder/deepspeed`` (module states on rank 0, each rank's
-    optimizer partition)."""
+    optimizer partition); with ZeRO-1/2 rank 0 adds the partition layout (:func:`zero_layout`)."""
     engine.save_checkpoint(str(folder / CHECKPOINT_DIR), tag=CHECKPOINT_TAG, save_latest=False)
+    stage = engine.zero_optimization_stage()
+    if stage in (1, 2) and engine.global_rank == 0:
+        layout = zero_layout(engine.optimizer, engine.dp_world_size, stage)
+        (folder / CHECKPOINT_DIR / LAYOUT_FILE).write_text(json.dumps(layout))
 
 
-def files_for_rank(rel: str, rank: int) -> bool:
-    """Whether checkpoint file ``rel`` is one that ``rank`` loads: DeepSpeed's shared files (module states,
-    the recovery script) and that rank's own ZeRO partition, never the other ranks' partitions.
-
-    ZeRO-1/2 without ``elastic_checkpoint`` (our configuration) reads only its own partition file:
-    ``zero_pp_rank_<dp rank>_mp_rank_00_optim_states.pt``.
-    """
-    if not rel.startswith(CHECKPOINT_DIR + "/"):
-        return False
+def partition_rank(rel: str) -> int | None:
+    """The data-parallel rank whose ZeRO optimizer partition checkpoint file ``rel`` is, or None (a shared file)."""
     m = _PARTITION_RE.search(rel)
-    return m is None or int(m.group(1)) == rank
+    return int(m.group(1)) if m else None
 
 
-def load_engine(engine: Any, folder: str | Path) -> None:
+def is_shared_file(rel: str) -> bool:
+    """Whether checkpoint file ``rel`` is one of DeepSpeed's files that every rank loads: the module states, the
+    partition layout, never an optimizer partition (:func:`partitions_to_read` picks those)."""
+    return rel.startswith(CHECKPOINT_DIR + "/") and partition_rank(rel) is None
+
+
+def saved_partitions(files: list[str]) -> dict[int, str]:
+    """The ZeRO optimizer partition files of a checkpoint by the rank that wrote them (empty for ZeRO-0)."""
+    return {r: rel for rel in files if rel.startswith(CHECKPOINT_DIR + "/") and (r := partition_rank(rel)) is not None}
+
+
+def partitions_to_read(engine: Any, local_dir: Path, files: list[str]) -> list[str]:
+    """The optimizer partition files this rank loads, chosen once the shared files are in ``local_dir``.
+
+    Same world size: its own (``zero_pp_rank_<dp rank>_mp_rank_00_optim_states.pt``; ZeRO-1/2 without
+    ``elastic_checkpoint`` reads no other). Another world size: the old partitions that hold a piece of any
+    parameter this rank now owns, from the saved layout (:func:`zero_layout`) -- about ``old/new + 1`` files,
+    never all of them; every partition when the checkpoint predates the layout file.
+    """
+    parts = saved_partitions(files)
+    if not parts:
+        return []
+    rank = engine.global_rank
+    if len(parts) == engine.dp_world_size:
+        return [parts[rank]] if rank in parts else []
+    layout_path = local_dir / CHECKPOINT_DIR / LAYOUT_FILE
+    if not layout_path.is_file():
+        log.warning("the checkpoint has no %s (saved by an older largessl): reading all %d optimizer partitions "
+                    "to re-partition them", LAYOUT_FILE, len(parts))
+        return sorted(parts.values())
+    layout = json.loads(layout_path.read_text())
+    if int(layout["world_size"]) != len(parts):
+        raise CorruptCheckpointError(f"{LAYOUT_FILE} records {layout['world_size']} rank(s) but the checkpoint "
+                                     f"holds {len(parts)} optimizer partitions")
+    zero = engine.optimizer
+    needed: set[int] = set()
+    for i, params in enumerate(zero.bit16_groups):
+        group = layout["groups"][i] if i < len(layout["groups"]) else {"params": {}}
+        size = int(group.get("partition_size", 1))
+        for p in params:
+            if p._hp_mapping is None:
+                continue  # no piece of this parameter in this rank's new partition
+            name = zero.param_names[p]
+            if name not in group["params"]:
+                raise ValueError(f"parameter {name} (group {i}) is not in the checkpoint's ZeRO layout: the model "
+                                 "or its optimizer parameter groups changed since the checkpoint was written")
+            start, numel = group["params"][name]
+            needed.update(range(start // size, (start + numel - 1) // size + 1))
+    return sorted(parts[k] for k in needed if k in parts)
+
+
+def load_engine(engine: Any, folder: str | Path, saved_world_size: int) -> None:
     """Restore module and optimizer partition from ``folder/deepspeed`` on the local file system (DeepSpeed
-    finds its files with a glob; :class:`largessl.run.checkpoint.CheckpointManager` stages them there)."""
-    path, _ = engine.load_checkpoint(str(Path(folder) / CHECKPOINT_DIR), tag=CHECKPOINT_TAG,
-                                     load_optimizer_states=True, load_lr_scheduler_states=False)
+    finds its files with a glob; :class:`largessl.run.checkpoint.CheckpointManager` stages them there).
+
+    ZeRO-1/2 saved on another world size goes through DeepSpeed's universal checkpoint: the partitions this rank
+    read are turned into per-parameter files (:func:`write_universal`) in this private local copy, and the
+    engine loads those with ``load_universal`` (the checkpoint itself is never modified).
+    """
+    folder = Path(folder)
+    universal = engine.zero_optimization_stage() in (1, 2) and saved_world_size != engine.dp_world_size
+    if universal:
+        write_universal(engine, folder / CHECKPOINT_DIR / CHECKPOINT_TAG)
+    config = engine._config  # DeepSpeed reads this flag only while loading; the engine keeps its own config
+    before = config.load_universal_checkpoint
+    config.load_universal_checkpoint = universal
+    try:
+        path, _ = engine.load_checkpoint(str(folder / CHECKPOINT_DIR), tag=CHECKPOINT_TAG,
+                                         load_optimizer_states=True, load_lr_scheduler_states=False)
+    finally:
+        config.load_universal_checkpoint = before
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load its state from {folder}/{CHECKPOINT_DIR}")
+    if universal:
+        _load_buffers_and_check_weights(engine, folder / CHECKPOINT_DIR / CHECKPOINT_TAG)
+        log.info("DeepSpeed ZeRO-%d state of %d rank(s) re-partitioned for %d rank(s) (universal checkpoint)",
+                 engine.zero_optimization_stage(), saved_world_size, engine.dp_world_size)
+
+
+_SHARDED = ("base_optimizer_state", "single_partition_of_fp32_groups", "param_slice_mappings")
+"""Keys of a ZeRO-1/2 partition file that are one rank's share; the rest is global state."""
+
+
+def _load_deepspeed_file(path: Path) -> Any:
+    """A DeepSpeed checkpoint file (already hash-verified), without unpickling arbitrary objects: only the few
+    DeepSpeed types its ZeRO files hold are allowed. Memory-mapped: only the bytes used are read."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]):
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+def write_universal(engine: Any, state_dir: Path) -> None:
+    """Write DeepSpeed's universal checkpoint (``zero/<param>/{fp32,<state key>,step}.pt`` and
+    ``zero/optimizer_state.pt``) into ``state_dir`` for the parameters this rank owns under the new partitioning,
+    from the old partitions present there (:func:`partitions_to_read`).
+
+    DeepSpeed's ``ds_to_universal`` converts whole checkpoints offline and knows only Adam's ``exp_avg`` /
+    ``exp_avg_sq``; this writes the same format for any per-element optimizer state (SGD's ``momentum_buffer``,
+    LARS's ``mu``, AdamW's moments, a scalar ``step``), which DeepSpeed's loader takes by file name.
+    """
+    parts = {r: state_dir / rel.rsplit("/", 1)[-1] for r, rel in
+             saved_partitions([f"{CHECKPOINT_DIR}/{p.name}" for p in state_dir.glob("*optim_states.pt")]).items()}
+    if not parts:
+        raise RuntimeError(f"no ZeRO optimizer partition in {state_dir} to re-partition")
+    loaded = {r: _load_deepspeed_file(path)["optimizer_state_dict"] for r, path in sorted(parts.items())}
+    stage = engine.zero_optimization_stage()
+    saved_stages = {int(sd["zero_stage"]) for sd in loaded.values()}
+    if saved_stages != {stage}:
+        raise ValueError(f"the checkpoint's optimizer state is ZeRO stage {sorted(saved_stages)}, this run uses "
+                         f"stage {stage}: DeepSpeed state resumes only on the stage it was written with")
+    zero = engine.optimizer
+    out = state_dir / "zero"
+    out.mkdir(exist_ok=True)
+    for i, params in enumerate(zero.bit16_groups):
+        for p in params:
+            if p._hp_mapping is None:
+                continue
+            name = zero.param_names[p]
+            pieces: dict[str, list[torch.Tensor]] = {}
+            steps = []
+            for sd in loaded.values():  # rank order: each rank's piece follows the previous one's
+                where = sd["param_slice_mappings"][i].get(name)
+                if where is None:
+                    continue
+                flat = sd["single_partition_of_fp32_groups"][i]
+                # the last rank's fp32 partition is saved without the group's alignment padding, its state with it
+                padded = (flat.numel(), flat.numel() + int(sd.get("group_paddings", [0] * (i + 1))[i]))
+                state = sd["base_optimizer_state"]["state"].get(i, {})
+                tensors = {"fp32": flat}
+                for key, value in state.items():
+                    if key == "step":
+                        steps.append(value)
+                    elif torch.is_tensor(value) and value.dim() == 1 and value.numel() in padded:
+                        tensors[key] = value
+                    else:
+                        raise ValueError(f"optimizer state {key!r} ({type(value).__name__}) of parameter group {i} is "
+                                         "neither per-element nor a step count; DeepSpeed's universal checkpoint "
+                                         "cannot re-partition it. Resume on the saved world size")
+                if pieces and set(tensors) != set(pieces):
+                    raise ValueError(f"optimizer partitions disagree on the state keys of {name}: "
+                                     f"{sorted(pieces)} vs {sorted(tensors)}")
+                for key, value in tensors.items():
+                    pieces.setdefault(key, []).append(value.narrow(0, where.start, where.numel))
+            folder = out / name
+            folder.mkdir(exist_ok=True)
+            for key, chunks in pieces.items():
+                full = torch.cat(chunks)
+                if full.numel() != p.numel():
+                    raise RuntimeError(f"re-partitioning {name}: the partitions read hold {full.numel()} of its "
+                                       f"{p.numel()} elements (a partition is missing)")
+                torch.save({"param": full.view(p.shape).clone()}, folder / f"{key}.pt")
+            if steps:
+                if any(not torch.equal(torch.as_tensor(s), torch.as_tensor(steps[0])) for s in steps):
+                    raise RuntimeError(f"optimizer partitions disagree on the step count of {name}: {steps}")
+                torch.save(steps[0], folder / "step.pt")
+    common = {k: v for k, v in next(iter(loaded.values())).items() if k not in _SHARDED}
+    common["param_groups"] = next(iter(loaded.values()))["base_optimizer_state"]["param_groups"]
+    torch.save(common, out / "optimizer_state.pt")
+
+
+def _load_buffers_and_check_weights(engine: Any, state_dir: Path) -> None:
+    """After a universal load: restore the module's buffers (batch-norm statistics), which DeepSpeed's universal
+    path leaves at their initial values, and check the re-partitioned weights against the saved module states."""
+    (states,) = sorted(state_dir.glob("mp_rank_*_model_states.pt"))
+    saved = _load_deepspeed_file(states)["module"]
+    module = engine.module
+    names = set(dict(module.named_parameters())) | set(dict(module.named_buffers()))
+    if set(saved) != names:
+        raise ValueError(f"the checkpoint's module states differ from this model: missing "
+                         f"{sorted(names - set(saved))[:5]}, unexpected {sorted(set(saved) - names)[:5]}")
+    with torch.no_grad():
+        for name, buf in module.named_buffers():
+            buf.copy_(saved[name])
+        for name, p in module.named_parameters():
+            if not torch.equal(p.detach().cpu(), saved[name].to(p.dtype)):
+                raise RuntimeError(f"universal checkpoint load: parameter {name} differs from the saved module "
+                                   "state (re-partitioning went wrong); not training on it")

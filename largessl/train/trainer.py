@@ -306,17 +306,20 @@ class Trainer:
         """Load the newest verified checkpoint if there is one (every rank); returns whether it resumed.
 
         Each rank reads each byte it needs once, verifying hashes as they stream (see CheckpointManager.load):
-        training.pt, meta.json, its rank file, and model.safetensors (DDP) or its DeepSpeed files. Before any
+        training.pt, meta.json, its rank file, and model.safetensors (DDP) or its DeepSpeed files (on another world
+        size, the old ZeRO partitions its new share overlaps: :mod:`largessl.train.deepspeed_engine`). Before any
         state is applied, the checkpoint's config is compared with this run's (:mod:`largessl.run.restart`): an
         experiment-defining change that ``allow_change`` does not name raises ``ValueError``. When checkpoints
         exist but none verifies, it raises too, unless ``restart_from_scratch``.
         """
-        extra = None
+        extra = more = None
         if self.engine is not None:
-            from largessl.train.deepspeed_engine import files_for_rank
+            from largessl.train.deepspeed_engine import is_shared_file, partitions_to_read
 
-            extra = functools.partial(files_for_rank, rank=self.rank)
-        loaded = self.ckpt.load(read_model=self.engine is None, extra_files=extra)
+            # the shared DeepSpeed files, then the optimizer partitions this rank needs (its own, or on another
+            # world size those overlapping its new share, found from the saved layout)
+            extra, more = is_shared_file, functools.partial(partitions_to_read, self.engine)
+        loaded = self.ckpt.load(read_model=self.engine is None, extra_files=extra, more_files=more)
         if loaded is None:
             self._no_checkpoint()
             return False
@@ -327,14 +330,15 @@ class Trainer:
             loaded.close()
             raise
         saved_world = int(state["meta"].get("world_size", self.world_size))
-        if saved_world != self.world_size and self.engine is not None:
+        saved_stage = state["meta"].get("config", {}).get("dist", {}).get("zero_stage", self.cfg.dist.zero_stage)
+        if self.engine is not None and saved_stage != self.cfg.dist.zero_stage:
             loaded.close()
-            # ZeRO partitions optimizer state per rank; DeepSpeed's universal-checkpoint conversion is an
-            # offline step (ds_to_universal) this trainer does not run, so refuse before loading any state.
-            raise ValueError(f"checkpoint {path} was written by DeepSpeed on {saved_world} rank(s), this run has "
-                             f"{self.world_size}: DeepSpeed's partitioned optimizer state resumes only on the same "
-                             f"world size. Relaunch on {saved_world} rank(s), or use dist.strategy=ddp, which "
-                             "resumes on any world size that divides train.global_batch_size")
+            # ZeRO-0 keeps the optimizer whole in the module states, ZeRO-1/2 in per-rank partitions: the files
+            # of one stage are not the other's, so refuse before loading any state.
+            raise ValueError(f"checkpoint {path} was written by DeepSpeed ZeRO stage {saved_stage}, this run uses "
+                             f"dist.zero_stage={self.cfg.dist.zero_stage}: DeepSpeed's optimizer state resumes only "
+                             f"on the stage it was written with (any world size). Relaunch with "
+                             f"dist.zero_stage={saved_stage}, or start a new train.run_dir")
         # The optimizer's state (momentum buffers) comes from the checkpoint; its hyperparameters (peak lr, weight
         # decay, momentum, ...) come from this run's config: loading a state_dict would bring back the old ones, so
         # an allowed optim.* change would be logged but not used.
@@ -343,7 +347,7 @@ class Trainer:
             from largessl.train.deepspeed_engine import load_engine
 
             try:  # module weights and this rank's optimizer partition, from the verified local copies
-                load_engine(self.engine, loaded.extra_dir)
+                load_engine(self.engine, loaded.extra_dir, saved_world)
             finally:
                 loaded.close()
         else:

@@ -72,6 +72,50 @@ def test_keep_last_k(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-00000003", "step-00000004"]
 
 
+def _with_parts(step: int, model: nn.Module) -> SavePayload:
+    """A payload with DeepSpeed-like extra files: a shared index naming which ``part-K`` holds what."""
+    payload = _payload(step, model)
+
+    def write(folder):
+        (folder / "extra").mkdir()
+        (folder / "extra" / "index.json").write_text(json.dumps({"wanted": ["extra/part-1"]}))
+        for k in range(3):
+            (folder / "extra" / f"part-{k}").write_bytes(bytes([k, step]) * 100)
+
+    payload.write_extra = write
+    return payload
+
+
+def test_more_files_are_chosen_from_the_first_ones_and_verified_with_them(tmp_path):
+    mgr = CheckpointManager(str(tmp_path), keep=3)
+    mgr.save(10, _with_parts(10, _model(1)))
+    mgr.save(20, _with_parts(20, _model(2)))
+    seen = []
+
+    def more(local, files):
+        seen.append(sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()))
+        assert "extra/part-2" in files  # every file the marker lists
+        return json.loads((local / "extra" / "index.json").read_text())["wanted"]
+
+    loaded = mgr.load(extra_files=lambda rel: rel == "extra/index.json", more_files=more)
+    assert loaded is not None and loaded.path.endswith("step-00000020")
+    assert seen == [["extra/index.json"]]  # chosen once the first files are local
+    assert sorted(p.name for p in (loaded.extra_dir / "extra").iterdir()) == ["index.json", "part-1"]
+    assert (loaded.extra_dir / "extra" / "part-1").read_bytes() == bytes([1, 20]) * 100
+    loaded.close()
+    # a corrupt file among the chosen ones fails verification like any other: the previous checkpoint loads
+    f = tmp_path / "step-00000020" / "extra" / "part-1"
+    f.write_bytes(bytes([9, 9]) * 100)
+    loaded = mgr.load(extra_files=lambda rel: rel == "extra/index.json", more_files=more)
+    assert loaded is not None and loaded.path.endswith("step-00000010")
+    assert (loaded.extra_dir / "extra" / "part-1").read_bytes() == bytes([1, 10]) * 100
+    loaded.close()
+    # a file the marker does not list is refused, never read from outside the checkpoint
+    with pytest.raises(CorruptCheckpointError, match="does not list extra/part-7"):
+        mgr._read("step-00000010", json.loads((tmp_path / "step-00000010" / MARKER).read_text()), False,
+                  lambda rel: False, lambda local, files: ["extra/part-7"], None)
+
+
 @pytest.mark.parametrize("damage", ["truncate", "flip", "no_marker", "missing_file"])
 def test_corrupt_latest_falls_back_to_previous(tmp_path, damage, caplog):
     mgr = CheckpointManager(str(tmp_path), keep=3)
