@@ -99,7 +99,7 @@ class TrainConfig:
     is gone)."""
     allow_resplit: bool = True
     """On resume with a different world size or data.num_workers, continue the epoch on a logged re-split of its
-    unread samples (each sample of the epoch still seen once; DDP only, DeepSpeed refuses a world-size change);
+    unread samples (each sample of the epoch still seen once; DDP, and DeepSpeed through its universal checkpoint);
     false = refuse. The same split resumes bit-exactly either way."""
 
     def validate(self) -> None:
