@@ -228,6 +228,28 @@ def configure_nccl_error_handling(environ: dict[str, str] | None = None) -> dict
     return {k: env[k] for k in NCCL_ERROR_HANDLING}
 
 
+def torchrun_restart_hazard(environ: Mapping[str, str] | None = None) -> str:
+    """Why this torchrun job's restarts will fail, or "" (torch 2.14's agent store, found in issue 26's tests).
+
+    With ``--max-restarts`` > 0, torchrun's agents keep one key-value store for their workers across restarts by
+    default: restarted workers read the previous round's gloo addresses and fail to connect, and an agent that
+    rejoins an elastic job waits for an address that is never republished. ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``
+    on the agents gives every round a fresh store (c10d rendezvous); static rendezvous has no such switch.
+    """
+    env = os.environ if environ is None else environ
+    try:
+        restarts = int(env.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    except ValueError:
+        return ""
+    if restarts <= 0 or env.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true":
+        return ""
+    return ("torchrun shares its agent's store with the workers across restarts (--max-restarts "
+            f"{restarts}): restarted workers would meet at the previous round's addresses and fail, and a rejoining "
+            "agent would wait forever. Set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in the environment of every torchrun "
+            "agent with --rdzv-backend c10d; with static rendezvous use --max-restarts 0 and let the scheduler "
+            "restart the job (docs/operations.md)")
+
+
 def init_distributed(env: DistEnv, backend: str = "gloo", timeout_minutes: float = 4.0,
                      rendezvous_timeout_minutes: float = 30.0, device: torch.device | None = None) -> None:
     """Initialise the default process group for ``env`` (no-op for a single process).
@@ -246,6 +268,9 @@ def init_distributed(env: DistEnv, backend: str = "gloo", timeout_minutes: float
             kwargs["device_id"] = device  # eager NCCL init on the right GPU; no device guess at the first barrier
     if "nccl" in backend:
         configure_nccl_error_handling()
+    hazard = torchrun_restart_hazard() if env.source == "torchrun" else ""
+    if hazard and env.rank == 0:
+        log.warning(hazard)
     try:
         store = _rendezvous_store(env, rendezvous_timeout_minutes)
         dist.init_process_group(

@@ -152,3 +152,13 @@ def test_eval_stages_put_the_backbone_on_the_slurm_local_device(monkeypatch, tmp
     cfg = load_config(None, ["train.device=cuda"])
     assert stages.run_stages(cfg, tmp_path, ["knn"]) == {"knn": {"top1": 0.0}}
     assert moved == [torch.device("cuda", 3)] and cuda.set == [3]
+
+
+def test_torchrun_restarts_through_the_shared_agent_store_are_named_with_the_fix() -> None:
+    from largessl.distributed.env import torchrun_restart_hazard
+
+    shared = {"TORCHELASTIC_MAX_RESTARTS": "3", "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in torchrun_restart_hazard(shared)
+    assert torchrun_restart_hazard({**shared, "TORCHELASTIC_USE_AGENT_STORE": "False"}) == ""  # the fix applied
+    assert torchrun_restart_hazard({**shared, "TORCHELASTIC_MAX_RESTARTS": "0"}) == ""  # nothing to restart
+    assert torchrun_restart_hazard({}) == ""  # not torchrun
