@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import signal
 import sys
@@ -33,7 +34,6 @@ def optimizer_digest(state: dict) -> str:
 
 def main(argv: list[str]) -> int:
     """Run the trainer like ``largessl pretrain`` with recording hooks."""
-    import logging
 
     from largessl.config import load_config
     from largessl.distributed.env import detect_env, init_distributed, setup_logging, shutdown_distributed
@@ -97,4 +97,11 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    # Like the CLI (largessl.cli): flush, then os._exit, with no interpreter teardown. A gloo rank torn down by
+    # the interpreter after its peer exited once aborted with "terminate called without an active exception"
+    # (exit -6 instead of 75) in the DDP legs of the DeepSpeed resume test.
+    code = main(sys.argv[1:])
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
