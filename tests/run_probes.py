@@ -18,8 +18,8 @@ which reads two environment variables:
     ``{"event": "gate", "step"}`` record says it is waiting). The test creates the file when the world is where
     it wants it (a node killed, a stop signal delivered); once it exists, later processes pass straight through.
 
-Every record also carries ``world`` (``WORLD_SIZE``), so a run whose world changes under an elastic launcher
-(torchrun's restarts) shows which world each process trained in.
+Every record also carries ``world`` (``WORLD_SIZE``, or ``LARGESSL_WORLD_SIZE`` in a one-process pod), so a run
+whose world changes under an elastic launcher (torchrun's restarts) shows which world each process trained in.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class Recorder:
     def __init__(self, directory: Path, rank: int) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.rank = rank
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.world = int(os.environ.get("WORLD_SIZE", os.environ.get("LARGESSL_WORLD_SIZE", "1")))
         self._lock = threading.Lock()
         self._f = open(directory / f"rank-{rank}.jsonl", "a")
 
@@ -125,7 +125,8 @@ class Probes:
     """What :func:`install` set up for this process."""
 
     def __init__(self) -> None:
-        rank = int(os.environ.get("RANK", "0"))
+        # a one-process Kubernetes pod has no RANK: its rank is the Job's completion index
+        rank = int(os.environ.get("RANK", os.environ.get("JOB_COMPLETION_INDEX", "0")))
         directory = os.environ.get("LARGESSL_TEST_RECORD_DIR")
         hold = os.environ.get("LARGESSL_TEST_HOLD_AFTER_STEP")
         self.recorder = Recorder(Path(directory), rank) if directory else None

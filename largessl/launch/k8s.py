@@ -18,7 +18,8 @@ Restarts: ``restartPolicy: Never`` with a podFailurePolicy whose rules, first ma
 disruptions (preemption, eviction, node drain: the ``DisruptionTarget`` condition), ignore exit code 75 (a
 rank that saved a checkpoint on a stop request: when one pod is preempted, every rank agrees to stop, saves
 and exits 75, and none of that counts against ``backoffLimit``), and fail the Job at once on the trainer's
-bug exit codes (1, 2, 4, 5). Code 3 (storage, a dead peer) counts against ``backoffLimit`` and is retried.
+bug exit codes (1, 2, 4, 5). Code 3 (storage, a dead peer) counts against ``backoffLimit`` and is retried; as one
+lost pod ends all its peers with 3, ``backoffLimit`` is the failure budget times the pod count.
 The run directory lives on a PVC, or checkpoints on object storage, so a replacement pod resumes. With
 several pods every pod writes the shared checkpoint folder: the PVC must be ReadWriteMany (NFS, CephFS,
 Filestore, EFS...), or use ``checkpoint.dir=s3://...`` (then only pod 0 writes the run directory).
@@ -143,7 +144,8 @@ class K8sRequest:
     grace_seconds: int = 600
     """terminationGracePeriodSeconds: time between SIGTERM and SIGKILL for the final checkpoint."""
     backoff_limit: int = 6
-    """Failed pods (not counting disruptions) before the Job fails."""
+    """Failures of the job (a pod lost, a storage error; disruptions and requeue exits excluded) before it fails.
+    The Job's ``backoffLimit`` is this times the pod count (:func:`job_backoff_limit`)."""
     service_account: str | None = None
     run_as_user: int = 1000
     """UID (and GID, and fsGroup of mounted volumes) of the container: the image's ``largessl`` user."""
@@ -312,6 +314,16 @@ def pod_security(uid: int) -> dict[str, Any]:
         "fsGroupChangePolicy": "OnRootMismatch",
         "seccompProfile": {"type": "RuntimeDefault"},
     }
+
+
+def job_backoff_limit(failures: int, pods: int) -> int:
+    """The Job's ``backoffLimit`` for a job that should survive ``failures`` failures of any one pod.
+
+    Kubernetes counts failed *pods*: when one pod of a distributed job dies (137 for a kill, 3 for storage), each
+    of its ``pods - 1`` peers also ends, with 3 (a dead peer), and each counts. A plain ``backoffLimit: 6`` would
+    fail a 16-pod job at its first lost pod; ``failures * pods`` keeps the budget per event whatever the size.
+    """
+    return failures * max(1, pods)
 
 
 def pretrain_failure_policy() -> dict[str, Any]:
@@ -491,7 +503,7 @@ def plan_manifests(req: K8sRequest) -> K8sPlan:
             "completionMode": "Indexed",
             "completions": req.nodes,
             "parallelism": req.nodes,
-            "backoffLimit": req.backoff_limit,
+            "backoffLimit": job_backoff_limit(req.backoff_limit, req.nodes),
             # a replacement starts only once the old pod is gone, i.e. after its final checkpoint
             "podReplacementPolicy": "Failed",
             "podFailurePolicy": pretrain_failure_policy(),
@@ -595,7 +607,7 @@ def stage_manifests(req: K8sRequest, name: str, stage: str, args: list[str], res
             "completionMode": "Indexed",
             "completions": nodes,
             "parallelism": nodes,
-            "backoffLimit": req.backoff_limit if distributed else 1,
+            "backoffLimit": job_backoff_limit(req.backoff_limit, nodes) if distributed else 1,
             "podReplacementPolicy": "Failed",
             "podFailurePolicy": _failure_policy(),
             "template": {"metadata": {"labels": _labels(name, stage)}, "spec": spec},

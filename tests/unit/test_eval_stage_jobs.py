@@ -90,7 +90,7 @@ def test_k8s_stage_jobs_request_their_resources_and_validate(cfg_file: Path, gpu
         assert rules[2]["action"] == "FailJob" and rules[2]["onExitCodes"]["values"] == sorted(exit_codes.FAIL_FAST)
         assert pod["restartPolicy"] == "Never"
         if stage != "push":
-            assert spec["backoffLimit"] == 6 and spec["podReplacementPolicy"] == "Failed"
+            assert spec["backoffLimit"] == 6 * nodes and spec["podReplacementPolicy"] == "Failed"  # per lost pod
             assert {"name": "runs", "mountPath": "/mnt/runs"} in c["volumeMounts"]  # the checkpoint survives
 
 

@@ -70,6 +70,10 @@ def test_job_policy_and_pod_shape(cfg_file: Path, tmp_path: Path) -> None:
         {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [1, 2, 4, 5]}},
     ]
     assert exit_codes.REQUEUE == 75 and sorted(exit_codes.FAIL_FAST) == [1, 2, 4, 5]
+    # one lost pod ends its 3 peers with exit 3 too, and Kubernetes counts every failed pod: the default budget of 6
+    # failures is 6 x 4 pods (a plain 6 would fail a 16-pod job at its first lost pod)
+    assert spec["backoffLimit"] == 24
+    assert _plan(cfg_file, nodes=16, backoff_limit=2).pretrain[2]["spec"]["backoffLimit"] == 32
     c = pod["containers"][0]
     assert c["resources"]["limits"]["nvidia.com/gpu"] == "8" == c["resources"]["requests"]["nvidia.com/gpu"]
     assert c["args"][:4] == ["launch", "node", "--nproc-per-node", "8"]
