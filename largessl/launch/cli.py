@@ -84,8 +84,9 @@ def add_k8s_arguments(k: argparse.ArgumentParser) -> None:
     k.add_argument("--s3-secret", default="largessl-s3", help="Secret with AWS_* credentials for s3:// paths")
     k.add_argument("--port", type=int, default=29500, help="rendezvous port on node 0")
     k.add_argument("--grace-seconds", type=int, default=600, help="terminationGracePeriodSeconds")
-    k.add_argument("--backoff-limit", type=int, default=6, help="failures of the job (a lost pod, storage errors; disruptions and requeues excluded) before it "
-                        "fails; the Job's backoffLimit is this x --nodes, as one lost pod ends all its peers (exit 3)")
+    k.add_argument("--backoff-limit", type=int, default=6,
+                   help="failures of the job (a lost pod, storage errors; disruptions and requeues excluded) before "
+                        "it fails; the Job's backoffLimit is this x --nodes, as one lost pod ends all its peers (exit 3)")
     k.add_argument("--service-account", default=None)
     k.add_argument("--out", default=None, help="write pretrain.yaml (and stages.yaml) into this folder")
     k.add_argument("--apply", action="store_true", help="kubectl apply the pretraining manifests")

@@ -268,15 +268,17 @@ class Controller:
             self.start(index, pod.attempt + 1)
 
     def run_until(self, done: Callable[[], bool], timeout: float, what: str) -> None:
+        """Run the controller's loop until ``done()`` (checked after each pass), at most ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
-        while not done():
+        while True:
             self.step()
+            if done():
+                return
             if time.monotonic() > deadline:
                 raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{self.logs()}")
             time.sleep(0.1)
 
     def finished(self) -> bool:
-        self.step()
         return len(self.complete) == self.nodes
 
     def stop(self) -> None:
