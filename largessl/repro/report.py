@@ -16,15 +16,16 @@ from largessl.repro.tables import (
 )
 
 DATA_TEXT = {
-    "digits": "1437 train / 360 held-out sklearn digits at 16 px",
-    "photodigits": "1438 train / 359 held-out photodigits at 16 px (digits over photographs; train and held-out "
+    "digits": "1437 train / 360 held-out sklearn digits at {px} px",
+    "photodigits": "1438 train / 359 held-out photodigits at {px} px (digits over photographs; train and held-out "
                    "split by glyph and by photograph)",
 }
-SUBSTITUTIONS = ("small scale: {data} (not CIFAR), a 3-conv backbone "
-                 "(not ResNet-18), a few hundred SGD steps (not 200-1000 epochs); our accuracy is weighted kNN "
-                 "(k=20) on backbone features, the paper's is a linear probe unless noted; std/corr/rank/m_o/m_r "
-                 "are measured on the held-out projections as one batch (batch statistics); for the SimSiam family on "
-                 "the output the loss compares: z, or p for the symmetric predictor.")
+SUBSTITUTIONS = ("small scale: {data} (not CIFAR), {backbone}, a few hundred SGD steps (not 200-1000 epochs); our "
+                 "accuracy is weighted kNN (k=20) on backbone features, the paper's is a linear probe unless noted; "
+                 "std/corr/rank/m_o/m_r are measured on the held-out projections as one batch (batch statistics); for "
+                 "the SimSiam family on the output the loss compares: z, or p for the symmetric predictor.")
+LEGACY_BACKBONE = "a 3-conv backbone at 16 px (not ResNet-18)"
+"""What a results.json written before ``--backbone`` ran on."""
 RULES = ("verdicts: collapse thresholds must hold on every seed; an effect claim (direction and minimum effect, "
          "e.g. 'kNN A − B ≥ 3 points', 'kNN ≤ 2× chance') is judged on the 95% t-interval over the seeds, of the "
          "per-seed differences when two variants are compared (paired by seed): reproduced when the interval lies "
@@ -79,8 +80,13 @@ def format_table(table: Table, result: dict[str, Any]) -> str:
 
     out = [f"{table.name}: {table.title}", f"source: {table.source}",
            f"data: {result.get('dataset', 'digits')}; seeds: {seeds} (train.seed 0-{seeds - 1}), "
-           f"{result.get('num_steps', rows[0]['steps_planned'])} steps each",
-           "", line(header), "-" * len(line(header))]
+           f"{result.get('num_steps', rows[0]['steps_planned'])} steps each; backbone: "
+           f"{result.get('backbone', 'convnet')}"]
+    rand = result.get("random_init_knn")
+    if rand:
+        out.append("random init (torchvision's, each seed; no training): kNN% "
+                   + "/".join(f"{v:.2f}" for v in rand) + f" (mean {sum(rand) / len(rand):.2f})")
+    out += ["", line(header), "-" * len(line(header))]
     out += [line(b) for b in body]
     out.append("")
     for r in rows:
@@ -92,7 +98,8 @@ def format_table(table: Table, result: dict[str, Any]) -> str:
     out.append("")
     out.append(f"paper setup: {table.notes}")
     dataset = result.get("dataset", "digits")
-    out.append("ours: " + SUBSTITUTIONS.format(data=DATA_TEXT.get(dataset, dataset)))
+    data = DATA_TEXT.get(dataset, dataset).format(px=result.get("image_size", 16))
+    out.append("ours: " + SUBSTITUTIONS.format(data=data, backbone=result.get("backbone_text", LEGACY_BACKBONE)))
     out.append(RULES)
     out.append("thresholds: " + ", ".join(f"{k}={v}" for k, v in THRESHOLDS.items()) + "; minimum effects: "
                + ", ".join(f"{k}={v:g}" for k, v in MIN_EFFECT.items()) + " (see largessl/repro/tables.py)")
@@ -104,8 +111,17 @@ def format_table(table: Table, result: dict[str, Any]) -> str:
 
 
 def format_list(tables: dict[str, Table]) -> str:
-    """``largessl repro --list``: one line per table with its default length."""
+    """``largessl repro --list``: one line per table with its default length per backbone."""
+    from largessl.repro.runner import BACKBONES, DEFAULT_BACKBONE
+
     width = max(len(n) for n in tables)
-    lines = [f"{n.ljust(width)}  {t.title} [{t.source}; {len(t.variants)} variants x {t.num_steps} steps per seed, "
-             f"default --minutes {t.minutes:g} per seed]" for n, t in tables.items()]
+    lines = []
+    for n, t in tables.items():
+        lengths = []
+        for name, bb in BACKBONES.items():
+            steps = bb.num_steps or t.num_steps
+            minutes = bb.minutes_per_run * len(t.variants) if bb.minutes_per_run else t.minutes
+            lengths.append(f"{name}{' (default)' if name == DEFAULT_BACKBONE else ''}: {steps} steps, "
+                           f"--minutes {minutes:g} per seed")
+        lines.append(f"{n.ljust(width)}  {t.title} [{t.source}; {len(t.variants)} variants; {'; '.join(lengths)}]")
     return "\n".join(lines)

@@ -36,7 +36,37 @@ from largessl.repro.tables import MIN_EFFECT, ROW_STATES, THRESHOLDS, Table, Var
 log = logging.getLogger(__name__)
 
 IMAGE_SIZE = 16
-"""Side of the digits images (the 8×8 originals upscaled; the small backbone halves it twice)."""
+"""Side of the images for the 3-conv backbone (the 8×8 originals upscaled; it halves them twice)."""
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """One scale the tables run at: the encoder, the image side and what that choice overrides (``--backbone``)."""
+
+    name: str
+    image_size: int
+    overrides: tuple[str, ...]
+    text: str
+    """How the output's substitutions line names it."""
+    num_steps: int | None = None
+    """Steps per run for every table (None: each table's own :attr:`Table.num_steps`)."""
+    minutes_per_run: float | None = None
+    """Default time budget per variant and seed (None: each table's :attr:`Table.minutes`)."""
+
+
+BACKBONES: dict[str, Backbone] = {
+    "resnet18": Backbone(
+        "resnet18", 32, ("model.arch=resnet18", "model.small_input=false", "data.image_size=32", "data.min_scale=0.8"),
+        "torchvision's ResNet-18 at 32 px (ImageNet stem: 8-px maps after it), crops of 0.8-1 of the image (the "
+        "demo's: smaller crops cut the glyph)", num_steps=200, minutes_per_run=4.0),
+    "convnet": Backbone(
+        "convnet", IMAGE_SIZE, (f"model.arch={ARCH}", f"data.image_size={IMAGE_SIZE}"),
+        "a 3-conv backbone at 16 px (not ResNet-18; fast, but on photodigits it learns less than its random init "
+        "scores)"),
+}
+"""``largessl repro --backbone``: the paper's ResNet-18 at 32 px (default; about 0.5 s a step on 2 CPU cores) or the
+3-conv network at 16 px (about 0.1 s a step; the collapse patterns show there, the accuracy claims do not)."""
+DEFAULT_BACKBONE = "resnet18"
 EVAL_BATCH = 256
 """Images per forward pass when extracting held-out features and embeddings."""
 CURVE_KEYS = ("loss", "collapse/std", "collapse/std_l2", "collapse/corr", "collapse/rank", "collapse/rankme",
@@ -44,12 +74,12 @@ CURVE_KEYS = ("loss", "collapse/std", "collapse/std_l2", "collapse/corr", "colla
 """metrics.jsonl fields kept as curves in the results."""
 
 COMMON = (
-    f"model.arch={ARCH}", f"data.image_size={IMAGE_SIZE}", "data.num_workers=0", "data.shuffle_buffer=512",
+    "data.num_workers=0", "data.shuffle_buffer=512",
     "train.device=cpu", "train.precision=fp32", "train.log_every=5", "checkpoint.at_epoch_end=false",
     "checkpoint.every_steps=1000000", "log.tensorboard=false", "log.progress=false", "eval.online_probe=false",
     "train.collapse_guard=false",
 )
-"""Overrides every repro run shares: CPU, fp32, the small backbone, a checkpoint only at the end (or stop), and
+"""Overrides every repro run shares (before the backbone's, :data:`BACKBONES`): CPU, fp32, a checkpoint only at the end (or stop), and
 no collapse guard: collapse is what the tables measure, at each row's full length (the rows meant to collapse must
 run on, and a row that collapses against the paper's claim is a finding its verdict must see)."""
 
@@ -83,27 +113,28 @@ DATASETS = ("photodigits", "digits")
 by glyph and by photograph; docs/data.md) leaves room between a random and a trained encoder, digits does not."""
 
 
-def prepare_data(out_dir: str | Path, dataset: str = DATASETS[0]) -> tuple[str, str]:
-    """The dataset's train/val shards under ``out_dir/data`` at :data:`IMAGE_SIZE` (written once, reused by every
+def prepare_data(out_dir: str | Path, dataset: str = DATASETS[0], image_size: int = IMAGE_SIZE) -> tuple[str, str]:
+    """The dataset's train/val shards under ``out_dir/data`` at ``image_size`` px (written once, reused by every
     table)."""
-    dest = str(Path(out_dir) / "data" / f"{dataset}-{IMAGE_SIZE}px")
+    dest = str(Path(out_dir) / "data" / f"{dataset}-{image_size}px")
     if dataset == "digits":
         from largessl.data.digits import write_digits_shards
 
-        return write_digits_shards(dest, image_size=IMAGE_SIZE)
+        return write_digits_shards(dest, image_size=image_size)
     if dataset == "photodigits":
         from largessl.data.photodigits import write_photodigits_shards
 
-        return write_photodigits_shards(dest, image_size=IMAGE_SIZE)
+        return write_photodigits_shards(dest, image_size=image_size)
     raise ValueError(f"--data {dataset!r}: choose one of {', '.join(DATASETS)}")
 
 
 def variant_config(table: Table, variant: Variant, train_url: str, val_url: str, run_dir: str | Path,
-                   num_steps: int, max_minutes: float, extra: Sequence[str] = (), seed: int = 0) -> Config:
-    """The resolved config of one variant and seed: shared recipe < table base < variant < ``extra`` < seed,
-    length and paths. The seed sets ``train.seed`` (initial weights, data order, augmentation) and, for a
+                   num_steps: int, max_minutes: float, extra: Sequence[str] = (), seed: int = 0,
+                   backbone: str = DEFAULT_BACKBONE) -> Config:
+    """The resolved config of one variant and seed: shared recipe < backbone < table base < variant < ``extra``
+    < seed, length and paths. The seed sets ``train.seed`` (initial weights, data order, augmentation) and, for a
     method with its own ``method.seed`` (Shuffled-DBN's permutations), that too."""
-    overrides = [*COMMON, *table.base, *variant.overrides, *extra,
+    overrides = [*COMMON, *get_backbone(backbone).overrides, *table.base, *variant.overrides, *extra,
                  f"data.train_manifest={train_url}", f"data.val_manifest={val_url}", f"train.run_dir={run_dir}",
                  f"train.num_steps={num_steps}", f"train.max_minutes={max_minutes}",
                  f"train.collapse_every={max(5, num_steps // 40)}", f"train.seed={seed}"]
@@ -111,6 +142,13 @@ def variant_config(table: Table, variant: Variant, train_url: str, val_url: str,
     if hasattr(cfg.method, "seed"):
         cfg = load_config(None, [*overrides, f"method.seed={seed}"])
     return cfg
+
+
+def get_backbone(name: str) -> Backbone:
+    """The :data:`BACKBONES` entry called ``name``; an unknown name raises listing the valid ones."""
+    if name not in BACKBONES:
+        raise ValueError(f"--backbone {name!r}: choose one of {', '.join(BACKBONES)}")
+    return BACKBONES[name]
 
 
 def _comparable(cfg_dict: dict[str, Any]) -> dict[str, Any]:
@@ -195,14 +233,32 @@ def evaluate(module: nn.Module, cfg: Config, train_m: Manifest, val_m: Manifest)
     return out, z, labels
 
 
+def random_init_knn(table: Table, train_url: str, val_url: str, out_dir: Path, seed: int,
+                    backbone: str = DEFAULT_BACKBONE) -> float:
+    """kNN top-1 (k=20) of the backbone with torchvision's initialisation for ``seed`` (the variants' seed, with
+    ``zero_init_residual`` off: the stronger of the two random inits, as ``largessl eval knn --checkpoint random
+    model.zero_init_residual=false`` builds it), the floor that training must beat."""
+    from largessl.eval.source import RANDOM, load_source
+
+    cfg = variant_config(table, table.variants[0], train_url, val_url, out_dir / "unused", 5, 1.0,
+                         ("model.zero_init_residual=false",), seed, backbone)
+    source, _, _ = load_source(RANDOM, cfg)
+    device = torch.device("cpu")
+    source.backbone.eval()
+    tf, tl = extract_features(source.backbone, _eval_batches(cfg, read_manifest(train_url)), device)
+    vf, vl = extract_features(source.backbone, _eval_batches(cfg, read_manifest(val_url)), device)
+    return float(knn_accuracy(tf, tl, vf, vl, k=(20,), num_classes=read_manifest(train_url).num_classes)[20])
+
+
 def run_variant(table: Table, variant: Variant, out_dir: Path, train_url: str, val_url: str, num_steps: int,
-                max_minutes: float, extra: Sequence[str] = (), seed: int = 0) -> VariantResult:
+                max_minutes: float, extra: Sequence[str] = (), seed: int = 0,
+                backbone: str = DEFAULT_BACKBONE) -> VariantResult:
     """Train (or resume / reuse) one variant on one seed and evaluate it."""
     from largessl.train.trainer import build_trainer
 
     t0 = time.perf_counter()
     run_dir = out_dir / table.name / f"seed-{seed}" / variant.key
-    cfg = variant_config(table, variant, train_url, val_url, run_dir, num_steps, max_minutes, extra, seed)
+    cfg = variant_config(table, variant, train_url, val_url, run_dir, num_steps, max_minutes, extra, seed, backbone)
     _check_reusable(run_dir, cfg)
     log.info("repro %s: variant %s, seed %d (%d steps, at most %.1f min)", table.name, variant.key, seed,
              num_steps, max_minutes)
@@ -226,13 +282,15 @@ def run_variant(table: Table, variant: Variant, out_dir: Path, train_url: str, v
 
 
 def run_table(table: Table, out_dir: str | Path, minutes: float | None = None, num_steps: int | None = None,
-              overrides: Sequence[str] = (), seeds: int = 3, dataset: str = DATASETS[0]) -> dict[str, Any]:
+              overrides: Sequence[str] = (), seeds: int = 3, dataset: str = DATASETS[0],
+              backbone: str = DEFAULT_BACKBONE) -> dict[str, Any]:
     """Train and evaluate every variant of ``table`` on ``seeds`` seeds (0..seeds−1); writes
     ``out/NAME/results.json`` and ``out/NAME/NAME.png``.
 
-    ``minutes`` (default: the table's × ``seeds``) is the training budget of the whole command, split evenly
-    over the variants and seeds as ``train.max_minutes``; ``num_steps`` (default: the table's) is each run's
-    length; ``overrides`` (``key=value``) apply to every variant after the table's own.
+    ``minutes`` (default: the backbone's per run, else the table's, × ``seeds``) is the training budget of the
+    whole command, split evenly over the variants and seeds as ``train.max_minutes``; ``num_steps`` (default: the
+    backbone's, else the table's) is each run's length; ``overrides`` (``key=value``) apply to every variant after
+    the table's own. The random-init kNN of each seed's backbone is measured beside the variants.
     """
     from largessl.repro.plots import plot_table
     from largessl.run.durable import write_json_atomic
@@ -244,20 +302,29 @@ def run_table(table: Table, out_dir: str | Path, minutes: float | None = None, n
     if any(o.split("=", 1)[0].strip() in ("train.seed", "method.seed") for o in overrides):
         raise ValueError("largessl repro sets train.seed itself (seeds 0..K-1 of --seeds K); drop the "
                          "train.seed / method.seed override")
-    minutes = table.minutes * seeds if minutes is None else minutes
-    num_steps = table.num_steps if num_steps is None else num_steps
+    bb = get_backbone(backbone)
+    fixed = ("model.arch", "model.small_input", "data.image_size")
+    if any(o.split("=", 1)[0].strip() in fixed for o in overrides):
+        raise ValueError(f"largessl repro sets {', '.join(fixed)} from --backbone ({', '.join(BACKBONES)}): the "
+                         "shards are written at its image size; drop the override")
+    if minutes is None:
+        minutes = (bb.minutes_per_run * len(table.variants) if bb.minutes_per_run else table.minutes) * seeds
+    num_steps = (bb.num_steps or table.num_steps) if num_steps is None else num_steps
     if minutes <= 0:
         raise ValueError(f"--minutes must be > 0 (got {minutes})")
     if num_steps < 5:
         raise ValueError(f"--steps must be >= 5 (got {num_steps}): collapse indicators are logged every 5 steps")
     out = Path(out_dir)
     t0 = time.perf_counter()
-    train_url, val_url = prepare_data(out, dataset)
+    train_url, val_url = prepare_data(out, dataset, bb.image_size)
     per_run = minutes / (len(table.variants) * seeds)
     runs: dict[str, list[VariantResult]] = {v.key: [] for v in table.variants}
+    random_knn = []
     for seed in range(seeds):  # seed by seed, so that an interrupted command has whole tables of the first seeds
+        random_knn.append(random_init_knn(table, train_url, val_url, out, seed, backbone))
         for v in table.variants:
-            runs[v.key].append(run_variant(table, v, out, train_url, val_url, num_steps, per_run, overrides, seed))
+            runs[v.key].append(run_variant(table, v, out, train_url, val_url, num_steps, per_run, overrides, seed,
+                                           backbone))
     verdicts = table.verdict({k: [r.metrics for r in rs] for k, rs in runs.items()})
     rows = []
     for v in table.variants:
@@ -281,6 +348,8 @@ def run_table(table: Table, out_dir: str | Path, minutes: float | None = None, n
         "columns": [list(c) for c in table.columns], "paper_columns": [list(c) for c in table.paper_columns],
         "curves": list(table.curves), "rows": rows, "overrides": list(overrides), "minutes_budget": minutes,
         "num_steps": num_steps, "seeds": seeds, "dataset": dataset, "minutes": (time.perf_counter() - t0) / 60,
+        "backbone": bb.name, "backbone_text": bb.text, "backbone_overrides": list(bb.overrides),
+        "image_size": bb.image_size, "random_init_knn": random_knn,
         "min_effect": dict(MIN_EFFECT),
         "counts": {s: sum(r["verdict"]["state"] == s for r in rows) for s in ROW_STATES},
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -15,7 +16,7 @@ from largessl.models.config import ModelConfig
 from largessl.models.convnet import ARCH, small_convnet
 from largessl.repro.plots import plot_table
 from largessl.repro.report import format_list, format_table
-from largessl.repro.runner import _check_reusable, run_table, variant_config
+from largessl.repro.runner import BACKBONES, _check_reusable, run_table, variant_config
 from largessl.repro.tables import (
     FAILS,
     MIN_EFFECT,
@@ -56,10 +57,12 @@ def knn(*values: float, base: dict[str, float] = HEALTHY) -> list[dict[str, floa
 def test_every_variant_config_is_valid_and_fits_the_digits(name, tmp_path):
     table = get_table(name)
     assert len({v.key for v in table.variants}) == len(table.variants) >= 2
-    for v in table.variants:
+    for v, backbone in itertools.product(table.variants, BACKBONES):
         cfg = variant_config(table, v, "file:///x/train/manifest.json", "file:///x/val/manifest.json",
-                             tmp_path / v.key, table.num_steps, 1.0, seed=2)
-        assert cfg.model.arch == ARCH and cfg.train.num_steps == table.num_steps and cfg.train.seed == 2
+                             tmp_path / v.key, table.num_steps, 1.0, seed=2, backbone=backbone)
+        assert cfg.train.num_steps == table.num_steps and cfg.train.seed == 2
+        assert cfg.model.arch == {"convnet": ARCH, "resnet18": "resnet18"}[backbone]
+        assert cfg.data.image_size == BACKBONES[backbone].image_size
         assert getattr(cfg.method, "seed", 2) == 2  # Shuffled-DBN's permutations follow the seed too
         plan = plan_run(cfg, 1, DIGITS_TRAIN)  # raises when DBN's rank bound B - 1 >= G fails
         assert plan.global_batch_size <= DIGITS_TRAIN
@@ -172,8 +175,17 @@ def test_seed004_collapse_rule_and_table5_ordering():
         {"simsiam": [HEALTHY], "mirror": [few_dirs], "naive": [few_dirs], "symmetric": [few_dirs]})["naive"].explain()
     t2 = get_table("004-table2").verdict({"simsiam": [HEALTHY] * 2, "mirror": [COLLAPSED] * 2,
                                           "naive": [COLLAPSED] * 2, "symmetric": [HEALTHY] * 2})
+    # symmetric did not collapse, and SimSiam's accuracy is not above it: both rows fail
     assert [t2[k].state for k in ("simsiam", "mirror", "naive", "symmetric")] == [
-        REPRODUCED, REPRODUCED, REPRODUCED, NOT_REPRODUCED]
+        NOT_REPRODUCED, REPRODUCED, REPRODUCED, NOT_REPRODUCED]
+    assert "kNN SimSiam − Symmetric ≥ 3 points" in t2["simsiam"].explain()
+    t2 = get_table("004-table2").verdict({"simsiam": [HEALTHY] * 2, "mirror": [COLLAPSED] * 2,
+                                          "naive": [COLLAPSED] * 2, "symmetric": [COLLAPSED] * 2})
+    assert all(v.state == REPRODUCED for v in t2.values()), {k: v.explain() for k, v in t2.items()}
+    # nothing learns: SimSiam spread out but at the collapsed rows' accuracy; chance-level rows alone prove nothing
+    t2 = get_table("004-table2").verdict({"simsiam": knn(13.0, 12.5, 13.5), "mirror": [COLLAPSED] * 3,
+                                          "naive": [COLLAPSED] * 3, "symmetric": [COLLAPSED] * 3})
+    assert t2["simsiam"].state == NOT_REPRODUCED and "FAILS" in t2["simsiam"].explain(), t2["simsiam"].explain()
     rows = {k: knn(acc, acc + 0.5, acc - 0.5) for k, acc in (("mlp", 90), ("fc_fc_bias", 89), ("tanh_fc", 88),
                                                              ("bias", 95))}
     t5 = get_table("004-table5").verdict(rows)
@@ -249,7 +261,7 @@ def test_a_run_directory_with_another_config_is_refused(tmp_path):
 def test_cli_list_and_bad_names(capsys):
     assert main(["repro", "--list"]) == 0
     out = capsys.readouterr().out
-    assert "004-table5" in out and "default --minutes" in out
+    assert "004-table5" in out and "resnet18 (default): 200 steps" in out and "convnet: 800 steps" in out
     assert main(["repro", "000-table9"]) == exit_codes.BAD_INPUT
     assert main(["repro"]) == exit_codes.BAD_INPUT
 
@@ -259,18 +271,19 @@ def test_cli_overrides_may_follow_options(monkeypatch, tmp_path):
 
     seen = {}
 
-    def fake_run_table(table, out, minutes=None, num_steps=None, overrides=(), seeds=3, dataset="?"):
+    def fake_run_table(table, out, minutes=None, num_steps=None, overrides=(), seeds=3, dataset="?", backbone="?"):
         seen.update(name=table.name, out=str(out), steps=num_steps, overrides=list(overrides), seeds=seeds,
-                    dataset=dataset)
+                    dataset=dataset, backbone=backbone)
         raise ValueError("stop here")
 
     monkeypatch.setattr(runner, "run_table", fake_run_table)
     argv = ["repro", "000-table1", "optim.momentum=0.8", "--out", str(tmp_path), "optim.base_lr=0.02", "--steps", "7"]
     assert main(argv) == exit_codes.BAD_INPUT
     assert seen == {"name": "000-table1", "out": str(tmp_path), "steps": 7,
-                    "overrides": ["optim.momentum=0.8", "optim.base_lr=0.02"], "seeds": 3, "dataset": "photodigits"}
-    assert main([*argv, "--seeds", "2", "--data", "digits"]) == exit_codes.BAD_INPUT and seen["seeds"] == 2
-    assert seen["dataset"] == "digits"
+                    "overrides": ["optim.momentum=0.8", "optim.base_lr=0.02"], "seeds": 3, "dataset": "photodigits",
+                    "backbone": "resnet18"}
+    assert main([*argv, "--seeds", "2", "--data", "digits", "--backbone", "convnet"]) == exit_codes.BAD_INPUT
+    assert seen["seeds"] == 2 and seen["dataset"] == "digits" and seen["backbone"] == "convnet"
     with pytest.raises(SystemExit) as e:  # a stray option is still an argparse error, not an override
         main(["repro", "000-table1", "--out", str(tmp_path), "--bogus"])
     assert e.value.code == 2
@@ -282,6 +295,10 @@ def test_seeds_and_seed_overrides_are_checked(tmp_path):
         run_table(monkeypatch_free, tmp_path, seeds=0)
     with pytest.raises(ValueError, match="sets train.seed itself"):
         run_table(monkeypatch_free, tmp_path, overrides=["train.seed=3"])
+    with pytest.raises(ValueError, match="from --backbone"):  # the shards are written at the backbone's size
+        run_table(monkeypatch_free, tmp_path, overrides=["data.image_size=64"])
+    with pytest.raises(ValueError, match="--backbone 'vgg'"):
+        run_table(monkeypatch_free, tmp_path, backbone="vgg")
 
 
 def test_json_thresholds_are_plain_numbers():
