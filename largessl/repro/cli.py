@@ -33,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "photographs, where a random encoder is far from a trained one; digits: sklearn's, near "
                         "the ceiling from random init)")
     p.add_argument("--backbone", default="resnet18", choices=["resnet18", "convnet"],
-                   help="resnet18 (default): torchvision's ResNet-18 on 32 px images, 200 steps per run, about 2 min "
+                   help="resnet18 (default): torchvision's ResNet-18 on 32 px images, 200 steps per run, about 1.7 min "
                         "a run on 2 CPU cores; convnet: a 3-conv network on 16 px images, each table's own length, "
                         "about 5x faster, where collapse shows but the accuracy claims do not (it learns less than "
                         "its random init scores)")

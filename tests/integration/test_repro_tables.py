@@ -31,7 +31,7 @@ BACKBONE = "convnet"
 here show at its scale; the accuracy claims need the default backbone (docs/repro.md)."""
 
 
-pytestmark = pytest.mark.slow  # 150 s on 2 cores: CI runs it (make test-slow), make test does not
+pytestmark = pytest.mark.slow  # 200 s on 2 cores (2026-12-04): CI runs it (make test-slow), make test does not
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,11 @@ def test_004_table2_naive_collapses_and_simsiam_does_not(out_dir):
                        backbone=BACKBONE)
     rows = _check_written(result, "004-table2")
     naive, simsiam = rows["naive"]["metrics"], rows["simsiam"]["metrics"]
-    assert not siam_collapsed(simsiam) and rows["simsiam"]["verdict"]["reproduced"], simsiam
+    assert not siam_collapsed(simsiam), simsiam
+    # its collapse check holds; its accuracy above the collapsing rows needs an interval, so on one seed: unresolved
+    v = rows["simsiam"]["verdict"]
+    assert v["state"] == "unresolved" and "not collapsed" in v["evidence"] and "[ok]" in v["evidence"], v
+    assert "kNN SimSiam − Naive ≥ 3 points" in v["evidence"] and "one seed, no interval" in v["evidence"], v
     # Naive Siamese collapses dimensionally, its centre growing. Measured over train.seed 0-3 with the
     # 3-layer projector: held-out RankMe 6-14 of 256 at 100 steps (seed 3 not yet below 12.8), 3.5-4.9 at
     # 200 (m_o 0.78-0.83, corr >= 0.99); SimSiam (seeds 0-1) 52-55, m_o <= 0.2. 200 steps (the full table runs 300)
