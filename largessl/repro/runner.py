@@ -219,13 +219,19 @@ def read_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return curves
 
 
+def backbone_knn(backbone: nn.Module, cfg: Config, train_m: Manifest, val_m: Manifest,
+                 k: tuple[int, ...]) -> dict[int, float]:
+    """Weighted kNN top-1 (%) per k of ``backbone``'s features, held-out images against the training images."""
+    device = torch.device("cpu")
+    tf, tl = extract_features(backbone, _eval_batches(cfg, train_m), device)
+    vf, vl = extract_features(backbone, _eval_batches(cfg, val_m), device)
+    return knn_accuracy(tf, tl, vf, vl, k=k, num_classes=train_m.num_classes)
+
+
 def evaluate(module: nn.Module, cfg: Config, train_m: Manifest, val_m: Manifest) -> tuple[dict[str, float],
                                                                                           torch.Tensor, torch.Tensor]:
     """kNN top-1 (k=20, 200) of backbone features and collapse indicators of held-out embeddings."""
-    device = torch.device("cpu")
-    tf, tl = extract_features(module.backbone, _eval_batches(cfg, train_m), device)
-    vf, vl = extract_features(module.backbone, _eval_batches(cfg, val_m), device)
-    acc = knn_accuracy(tf, tl, vf, vl, k=(20, 200), num_classes=train_m.num_classes)
+    acc = backbone_knn(module.backbone, cfg, train_m, val_m, (20, 200))
     z, labels = held_out_embeddings(module, cfg, val_m)
     m = collapse_metrics(z)
     out = {"knn": acc[20], "knn200": acc[200], "dim": float(z.shape[1]),
@@ -243,11 +249,7 @@ def random_init_knn(table: Table, train_url: str, val_url: str, out_dir: Path, s
     cfg = variant_config(table, table.variants[0], train_url, val_url, out_dir / "unused", 5, 1.0,
                          ("model.zero_init_residual=false",), seed, backbone)
     source, _, _ = load_source(RANDOM, cfg)
-    device = torch.device("cpu")
-    source.backbone.eval()
-    tf, tl = extract_features(source.backbone, _eval_batches(cfg, read_manifest(train_url)), device)
-    vf, vl = extract_features(source.backbone, _eval_batches(cfg, read_manifest(val_url)), device)
-    return float(knn_accuracy(tf, tl, vf, vl, k=(20,), num_classes=read_manifest(train_url).num_classes)[20])
+    return float(backbone_knn(source.backbone, cfg, read_manifest(train_url), read_manifest(val_url), (20,))[20])
 
 
 def run_variant(table: Table, variant: Variant, out_dir: Path, train_url: str, val_url: str, num_steps: int,

@@ -303,3 +303,23 @@ def test_seeds_and_seed_overrides_are_checked(tmp_path):
 
 def test_json_thresholds_are_plain_numbers():
     assert json.loads(json.dumps(THRESHOLDS)) == THRESHOLDS
+
+
+def test_random_init_floor_is_torchvisions_init_of_the_tables_backbone(monkeypatch, tmp_path):
+    # the floor is the stronger random init: torchvision's (zero_init_residual off), same backbone, size and seed
+    import largessl.eval.source as source
+    from largessl.repro.runner import random_init_knn
+
+    seen = {}
+
+    def fake_load_source(checkpoint, cfg):
+        seen.update(checkpoint=checkpoint, cfg=cfg)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(source, "load_source", fake_load_source)
+    with pytest.raises(RuntimeError, match="stop here"):
+        random_init_knn(get_table("000-table1"), "file:///x/t/manifest.json", "file:///x/v/manifest.json", tmp_path,
+                        seed=2, backbone="resnet18")
+    cfg = seen["cfg"]
+    assert seen["checkpoint"] == source.RANDOM and cfg.train.seed == 2
+    assert cfg.model.arch == "resnet18" and not cfg.model.zero_init_residual and cfg.data.image_size == 32
